@@ -26,8 +26,8 @@ import pandas as pd
 
 #: metrics of the baseline comparison table, in display order
 COMPARISON_METRICS = (
-    "policy.mean_at_k", "policy.pass_at_1", "policy.pass_at_4", "policy.pass_at_16",
-    "policy.unique_correct", "policy.coverage", "policy.tv_target", "policy.kl_target",
+    "policy.mean_at_k", "policy.p_correct_exact", "policy.p_correct_target", "policy.pass_at_1",
+    "policy.pass_at_4", "policy.pass_at_16", "policy.unique_correct", "policy.coverage", "policy.tv_target", "policy.kl_target",
     "policy.tv_rewarded", "policy.kl_rewarded", "train.wall_s", "train.steps", "train.tokens_generated",
 )
 

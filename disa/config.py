@@ -131,7 +131,9 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
         if train and train.get("path") and not (Path(root) / str(train.path)).exists():
             errors.append(f"task.train.path={train.path!r} does not exist (under task.root={root!r}); "
                           "allowed: a local jsonl/json/parquet file")
-        if cfg.task.get("root") and not Path(root).is_dir():
+        entries = ([train] if train else []) + list(cfg.task.get("eval_benchmarks") or [])
+        uses_files = any(isinstance(e, str) or e.get("path") for e in entries)  # hub datasets need no root
+        if cfg.task.get("root") and uses_files and not Path(root).is_dir():
             errors.append(f"task.root={root!r} is not a directory; allowed: the folder holding the benchmark files")
     else:
         from disa.tasks import TASK_NAMES
@@ -199,6 +201,10 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
     if "deepspeed" in strategy.lower() and not _installed("deepspeed"):
         errors.append(f"trainer.strategy={strategy!r} is not installed: trainer=deepspeed needs the 'deepspeed' extra: "
                       "pip install 'disa[deepspeed]' on a CUDA machine (or use trainer=ddp or trainer=fsdp)")
+    st = cfg.trainer.get("strategy")
+    if "fsdp" in strategy.lower() and isinstance(st, DictConfig) and st.get("state_dict_type", "full") != "full":
+        errors.append(f"trainer.strategy.state_dict_type={st.get('state_dict_type')!r} is not supported: the trained "
+                      "policy is saved as one transformers checkpoint gathered on rank 0; allowed: 'full'")
     rerun = any(k in strategy for k in _RERUN_STRATEGIES) and not any(k in strategy for k in ("spawn", "fork"))
     launcher = _local_sweep() if rerun else None
     if launcher:

@@ -82,6 +82,8 @@ def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> di
       answers (mode collapse shows up here).
 
     KL is ``KL(p* ‖ π)`` (mass-covering: large when the policy drops answers p* keeps).
+    ``p_correct_exact`` is the policy's probability of a correct answer, ``p_correct_target``
+    the target's (``P_ref e^β / Z``), the value a policy that matches ``p*`` reaches.
     """
     m = ref.merge(policy, on=["prompt_id", "answer"], suffixes=("_ref", "_pol"), validate="one_to_one")
     if len(m) != len(ref) or len(m) != len(policy):
@@ -101,5 +103,6 @@ def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> di
             "tv_rewarded": 0.5 * np.abs(np.exp(tc) - np.exp(pc)).sum(),
             "kl_rewarded": float(np.sum(np.exp(tc) * (tc - pc))),
             "p_correct_exact": float(np.exp(log_pp)),
+            "p_correct_target": float(np.exp(log_pr + beta - log_z)),  # what matching p* exactly would give
         })
     return {k: float(v) for k, v in pd.DataFrame(rows).mean().items()}

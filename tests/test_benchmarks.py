@@ -250,3 +250,69 @@ def test_apply_chat_template():
     assert apply_chat_template(tok, "hi", system="be brief") == (
         "<|system|>be brief\n<|user|>hi\n<|assistant|>"
     )
+
+
+# -- Hugging Face datasets -------------------------------------------------------------------
+_GSM8K_ROWS = [{"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
+               {"question": "What is 4*4?", "answer": "4*4=16\n#### 16"},
+               {"question": "Half of 10?", "answer": "#### 5"}]
+
+
+def test_dataset_saved_to_disk(tmp_path):
+    """A ``save_to_disk`` directory (what a machine without network is given), both a
+    ``DatasetDict`` (split chosen) and a single ``Dataset``; relative to the root."""
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_GSM8K_ROWS),
+                          "test": datasets.Dataset.from_list(_GSM8K_ROWS[:1])}).save_to_disk(tmp_path / "gsm8k")
+    spec = {"name": "gsm", "dataset": "gsm8k", "split": "train", "problem_field": "question",
+            "answer_field": "answer", "id_field": None, "answer_extraction": "gsm8k"}
+    df = load_benchmark(spec, root=tmp_path)
+    assert df.prompt_id.tolist() == ["gsm-0", "gsm-1", "gsm-2"]
+    assert df.gold.tolist() == ["5", "16", "5"]
+    assert df.problem.tolist() == [r["question"] for r in _GSM8K_ROWS]
+    with pytest.raises(ValueError, match=r"no split 'validation'; allowed: \['test', 'train'\]"):
+        load_benchmark({**spec, "split": "validation"}, root=tmp_path)
+
+    datasets.Dataset.from_list(_GSM8K_ROWS[1:]).save_to_disk(tmp_path / "single")
+    df = load_benchmark({**spec, "dataset": str(tmp_path / "single")})
+    assert df.gold.tolist() == ["16", "5"]
+
+
+def test_dataset_directory_of_data_files(tmp_path):
+    """A local directory of data files: ``datasets`` infers the split from the file name."""
+    pytest.importorskip("datasets")
+    (tmp_path / "bench").mkdir()
+    pd.DataFrame(_GSM8K_ROWS).to_parquet(tmp_path / "bench" / "test.parquet")
+    spec = {"name": "gsm", "dataset": str(tmp_path / "bench"), "problem_field": "question",
+            "answer_field": "answer", "id_field": None, "answer_extraction": "gsm8k"}
+    assert load_benchmark(spec).gold.tolist() == ["5", "16", "5"]
+
+
+def test_dataset_hub_id_arguments_and_failure(monkeypatch):
+    """A hub id goes to ``datasets.load_dataset`` with subset, split and revision (a recording
+    test double stands in for the hub here); a failure names the dataset and the way out."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(path, name=None, *, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        if path == "org/missing":
+            raise ConnectionError("offline")
+        return datasets.Dataset.from_list(_GSM8K_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    spec = {"name": "gsm", "dataset": "openai/gsm8k", "subset": "main", "split": "train", "revision": "abc123",
+            "problem_field": "question", "answer_field": "answer", "id_field": None, "answer_extraction": "gsm8k"}
+    assert load_benchmark(spec, root="/nonexistent", limit=2).gold.tolist() == ["5", "16"]
+    assert calls == [("openai/gsm8k", "main", "train", "abc123")]
+    with pytest.raises(RuntimeError, match=r"could not load dataset='org/missing'.*ConnectionError.*save_to_disk"):
+        load_benchmark({**spec, "dataset": "org/missing"})
+
+
+def test_spec_needs_exactly_one_source():
+    with pytest.raises(ValueError, match="exactly one of path .* and dataset"):
+        BenchmarkSpec.from_dict({"name": "x", "problem_field": "q"})
+    with pytest.raises(ValueError, match="exactly one of path .* and dataset"):
+        BenchmarkSpec.from_dict({"name": "x", "path": "a.jsonl", "dataset": "org/x", "problem_field": "q"})
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['splt'\]"):
+        BenchmarkSpec.from_dict({"name": "x", "dataset": "org/x", "splt": "test", "problem_field": "q"})

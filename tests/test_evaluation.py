@@ -123,6 +123,7 @@ def test_target_distances_by_hand():
     assert d["tv_rewarded"] == pytest.approx((_tv(tcp, pcp) + _tv(tcq, pcq)) / 2, rel=1e-10)
     assert d["kl_rewarded"] == pytest.approx((_kl(tcp, pcp) + _kl(tcq, pcq)) / 2, rel=1e-10)
     assert d["p_correct_exact"] == pytest.approx((0.4 + 0.7) / 2, rel=1e-12)
+    assert d["p_correct_target"] == pytest.approx((0.8 / zp + 1.0 / zq) / 2, rel=1e-12)
 
 
 def test_target_distances_zero_at_the_target():
@@ -136,6 +137,7 @@ def test_target_distances_zero_at_the_target():
     d = evaluation.target_distances(pol, ref, beta)
     for k in ("tv_target", "kl_target", "tv_rewarded", "kl_rewarded"):
         assert abs(d[k]) < 1e-12, k
+    assert d["p_correct_exact"] == pytest.approx(d["p_correct_target"], rel=1e-12)
     # π_ref is at distance 0 only conditionally on R
     d = evaluation.target_distances(ref, ref, beta)
     assert d["tv_rewarded"] < 1e-12 and d["tv_target"] > 0.1

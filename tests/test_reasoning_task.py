@@ -93,3 +93,36 @@ def test_smollm2_math_smoke_run(tmp_path):
     s = json.loads((tmp_path / "smol" / "summary.json").read_text())
     assert s["backbone"] == "smollm2-135m"
     assert "policy.macro.mean_at_k" in s and "policy.amc23.pass_at_1" in s
+
+
+def test_task_identity_follows_the_prompt_rows(tmp_path):
+    """The task's part of every cache key includes a digest of its rows: an edited benchmark
+    file gives a new key, the same rows at another root the same key."""
+    rows = [{"id": i, "problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(3)]
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+        (tmp_path / root / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = {"name": "toy", "path": "bench.jsonl", "problem_field": "problem", "answer_field": "answer",
+             "id_field": "id"}
+
+    def spec(root):
+        return BenchmarkTask("math", "math", None, [entry], root=str(tmp_path / root)).spec()
+
+    assert spec("a") == spec("b")
+    rows[1]["answer"] = "99"
+    (tmp_path / "b" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert spec("a")["data"] != spec("b")["data"]
+
+
+def test_math_hub_task_composes_without_a_benchmark_root(tmp_path):
+    """task=math_hub names hub datasets only: it validates even when task.root does not exist."""
+    from hydra import compose, initialize_config_dir
+
+    from disa.config import validate
+
+    conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["task=math_hub", f"task.root={tmp_path / 'absent'}"])
+    validate(cfg)
+    assert cfg.task.train.dataset == "openai/gsm8k" and cfg.task.train.path is None
+    assert [e.dataset for e in cfg.task.eval_benchmarks] == ["HuggingFaceH4/MATH-500", "HuggingFaceH4/aime_2024"]

@@ -4,6 +4,7 @@ script, and DDP on two CPU processes (slow)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_llama
@@ -308,3 +311,110 @@ def test_benchmark_quick_on_cuda(tmp_path):
     res = json.loads(out.read_text())
     assert res["meta"]["train_precision"] == "bf16-mixed" and res["meta"]["peak_flops"] > 0
     assert all(not r.get("oom") for r in res["steps"] + res["scoring"])
+
+
+class _StepRecorder(L.Callback):
+    """Saves, per rank, the gradients as the optimizer is about to step and the step's loss."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        torch.save(grads, self.out / f"grads-{trainer.global_rank}.pt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.save({"loss": outputs["loss"].detach(), "n": len(batch["reward"])},
+                   self.out / f"loss-{trainer.global_rank}.pt")
+
+
+def _one_disa_step(out, char_tok, frame, devices: int, batch_size: int) -> None:
+    from disa.training.data import TrajectoryDataModule
+    from disa.training.module import PolicyModule
+
+    policy = tiny_llama(len(char_tok), seed=3).train()
+    module = PolicyModule(policy, "disa", {"beta": 2.0}, functools.partial(torch.optim.SGD, lr=0.1), chunk_size=5)
+    data = TrajectoryDataModule(frame, batch_size, char_tok.pad_token_id, seed=11)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        max_steps=1, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[_StepRecorder(out)])
+    trainer.fit(module, datamodule=data)
+
+
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, char_tok):
+    """``trainer=ddp_sim``'s mechanics (DDP, 2 CPU processes, gloo): each rank takes its half of
+    the global batch from the step-addressed stream, and the all-reduced gradient equals the
+    single-process gradient on the whole global batch (DISA's loss is a mean over trajectories
+    and the halves are equal, so the mean of the ranks' means is the global mean)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 24
+    frame = pd.DataFrame({
+        "prompt_ids": [[char_tok.bos_token_id, *rng.integers(4, 10, size=rng.integers(1, 4)).tolist()] for _ in range(n)],
+        "completion_ids": [[*rng.integers(4, 10, size=rng.integers(1, 6)).tolist(), char_tok.eos_token_id]
+                           for _ in range(n)],
+        "reward": rng.integers(0, 2, size=n).astype(float),
+        "logp_ref": rng.normal(-8, 2, size=n),
+        "log_z_hat": rng.normal(0, 1, size=n),
+    })
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir(), ddp.mkdir()
+    _one_disa_step(single, char_tok, frame, devices=1, batch_size=8)
+    _one_disa_step(ddp, char_tok, frame, devices=2, batch_size=4)
+
+    ranks = [torch.load(ddp / f"loss-{r}.pt") for r in (0, 1)]
+    assert [r["n"] for r in ranks] == [4, 4]  # each rank trained on its half
+    whole = torch.load(single / "loss-0.pt")
+    assert whole["n"] == 8
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole["loss"], rtol=1e-5, atol=1e-6)
+    g1, g2 = torch.load(single / "grads-0.pt"), torch.load(ddp / "grads-0.pt")
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
+    # rank 1 holds the same all-reduced gradient
+    for name, g in torch.load(ddp / "grads-1.pt").items():
+        torch.testing.assert_close(g, g2[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_unsharded_policy_holds_the_gathered_weights(tmp_path, char_tok, lora):
+    """The path FSDP/ZeRO-3 take at the end of training: a full module state dict (policy
+    under ``policy.``, plus FlowRL's head) is loaded into a fresh copy of the backbone."""
+    from omegaconf import OmegaConf
+
+    from disa.training.online import LogZHead
+    from disa.training.run import _with_lora, unsharded_policy
+
+    tiny_llama(len(char_tok), seed=1).save_pretrained(tmp_path / "ref")
+    alg = OmegaConf.create({"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+                           if lora else {})
+    trained = tiny_llama(len(char_tok), seed=1)
+    if lora:
+        trained = _with_lora(trained, alg.lora)
+    with torch.no_grad():  # "training": every weight moves, the adapters' zero-initialised B too
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    holder = torch.nn.Module()
+    holder.policy, holder.log_z_head = trained, LogZHead(32)
+    state = holder.state_dict()
+    a_layer_1_key = next(k for k in state if "layers.1" in k)
+
+    rebuilt = unsharded_policy(str(tmp_path / "ref"), alg, state)
+    if lora:
+        rebuilt, trained = rebuilt.merge_and_unload(), trained.merge_and_unload()
+    expected = trained.state_dict()
+    got = rebuilt.state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+
+    del state[a_layer_1_key]
+    with pytest.raises(RuntimeError, match="does not match the backbone"):
+        unsharded_policy(str(tmp_path / "ref"), alg, state)
+
+
+def test_fsdp_state_dict_type_must_be_full(make_cfg):
+    cfg = make_cfg("trainer=fsdp", "trainer.strategy.state_dict_type=sharded")
+    with pytest.raises(ConfigError, match="state_dict_type='sharded'.*allowed: 'full'"):
+        validate(cfg)

@@ -1,5 +1,6 @@
-"""Benchmark loading: local files (jsonl / json / parquet) with a per-benchmark field mapping,
-gold answers extracted and checked at load time, and prompt templates.
+"""Benchmark loading: local files (jsonl / json / parquet) or Hugging Face datasets (a hub id
+or a local dataset directory) with a per-benchmark field mapping, gold answers extracted and
+checked at load time, and prompt templates.
 
 Public copies of the math benchmarks disagree on fields (``answer`` vs ``final_answer`` as a
 list, Minerva's answer only as the last ``\\boxed{}`` of its ``solution``, GSM8K's after
@@ -39,6 +40,7 @@ __all__ = [
     "benchmark_root",
     "extract_gold",
     "load_benchmark",
+    "load_dataset_records",
     "load_records",
     "render_prompt",
 ]
@@ -88,6 +90,41 @@ def load_records(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{p}: expected a JSON list of records or {{'data': [...]}}")
         return obj
     raise ValueError(f"{p}: unknown format (expected .jsonl, .json, .parquet, optionally .gz)")
+
+
+def load_dataset_records(dataset: str, subset: str | None = None, split: str = "test",
+                         revision: str | None = None) -> list[dict]:
+    """Rows of one split of a Hugging Face dataset.
+
+    ``dataset`` is a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
+    a local directory of data files (``datasets`` infers the splits from the file names), or
+    a hub id (``subset`` is the hub config name; pin ``revision`` for a reproducible table:
+    the rows also enter the cache keys, so an unpinned id that changes upstream makes new
+    artifacts rather than silently reusing old ones). Needs the ``datasets`` package.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"dataset={dataset!r} needs the 'datasets' package: pip install 'disa[math]' "
+                          "(or give a local jsonl/json/parquet file as path=...)") from e
+    where = f"dataset={dataset!r} (subset={subset!r}, split={split!r}, revision={revision!r})"
+    local = Path(dataset).expanduser()
+    if local.is_dir() and any((local / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{where}: no split {split!r}; allowed: {sorted(ds)}")
+            ds = ds[split]
+        return ds.to_list()
+    try:
+        ds = datasets.load_dataset(str(local) if local.is_dir() else dataset, subset, split=split, revision=revision)
+    except Exception as e:  # hub errors come in many types (offline, gated, missing split, ...)
+        raise RuntimeError(
+            f"could not load {where}: {type(e).__name__}: {e}. Without network access, save the dataset "
+            "elsewhere (`datasets.load_dataset(...).save_to_disk(DIR)`) and set dataset=DIR, or give a "
+            "local file as path=...; a populated cache also works with HF_DATASETS_OFFLINE=1"
+        ) from e
+    return ds.to_list()
 
 
 # --------------------------------------------------------------------------------------
@@ -169,7 +206,7 @@ class BenchmarkSpec:
     Attributes:
         name: prefix of every ``prompt_id`` (``"<name>-<id>"``).
         path: the file; relative paths are resolved against the ``root`` given to
-            :func:`load_benchmark`.
+            :func:`load_benchmark`. ``None`` when ``dataset`` is given.
         problem_field: field holding the problem statement.
         answer_field: field holding (or containing) the gold answer; ``None`` for code
             benchmarks graded only by tests.
@@ -181,10 +218,16 @@ class BenchmarkSpec:
             solution are ``extra_fields`` (see :data:`CODE_BENCHMARKS`).
         extra_fields: further fields copied as columns (e.g. ``entry_point``, ``level``).
         kind: ``"math"`` or ``"code"`` (informational, for the caller's dispatch).
+        dataset: instead of ``path``: a Hugging Face dataset, as a hub id or a local dataset
+            directory (relative ones are tried against ``root`` first); see
+            :func:`load_dataset_records`.
+        subset: the dataset's config name on the hub (e.g. ``"main"`` for GSM8K).
+        split: the split to read (``"test"`` by default).
+        revision: a hub commit, tag or branch; pin it for a reproducible table.
     """
 
     name: str
-    path: str
+    path: str | None
     problem_field: str
     answer_field: str | None = "answer"
     id_field: str | None = None
@@ -192,8 +235,15 @@ class BenchmarkSpec:
     tests_field: str | None = None
     extra_fields: tuple[str, ...] = ()
     kind: str = "math"
+    dataset: str | None = None
+    subset: str | None = None
+    split: str = "test"
+    revision: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError(f"{self.name}: give exactly one of path (a local file) and dataset (a Hugging Face "
+                             f"dataset id or directory); got path={self.path!r}, dataset={self.dataset!r}")
         if self.answer_extraction not in ANSWER_EXTRACTIONS:
             raise ValueError(
                 f"{self.name}: answer_extraction={self.answer_extraction!r}; "
@@ -204,7 +254,13 @@ class BenchmarkSpec:
         object.__setattr__(self, "extra_fields", tuple(self.extra_fields))
 
     def resolve(self, root: str | os.PathLike | None) -> BenchmarkSpec:
-        """A copy whose ``path`` is joined to ``root`` when relative."""
+        """A copy whose ``path`` is joined to ``root`` when relative (and ``dataset`` too, when
+        it names a directory there)."""
+        if self.dataset is not None:
+            local = Path(root).expanduser() / self.dataset if root is not None else None
+            if local is not None and not Path(self.dataset).is_absolute() and local.is_dir():
+                return replace(self, dataset=str(local))
+            return self
         p = Path(self.path).expanduser()
         if root is None or p.is_absolute():
             return replace(self, path=str(p))
@@ -213,7 +269,27 @@ class BenchmarkSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BenchmarkSpec:
         """Build from a config mapping (e.g. a Hydra node converted to a dict)."""
-        return cls(**dict(d))
+        d = dict(d)
+        d.setdefault("path", None)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"benchmark {d.get('name')!r}: unknown setting(s) {unknown}; "
+                             f"allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+    @property
+    def source(self) -> str:
+        """Where the records come from, for messages."""
+        if self.dataset is None:
+            return str(self.path)
+        extra = ", ".join(f"{k}={v}" for k, v in [("subset", self.subset), ("split", self.split),
+                                                   ("revision", self.revision)] if v)
+        return f"{self.dataset} [{extra}]"
+
+    def records(self) -> list[dict]:
+        if self.dataset is not None:
+            return load_dataset_records(self.dataset, self.subset, self.split, self.revision)
+        return load_records(self.path)
 
 
 #: Local copies (see ``shared/benchmarks/README.md``); paths relative to the benchmark root.
@@ -335,9 +411,9 @@ def load_benchmark(
     if not isinstance(spec, BenchmarkSpec):
         spec = BenchmarkSpec.from_dict(spec)
     spec = spec.resolve(root)
-    records = load_records(spec.path)
+    records = spec.records()
     if not records:
-        raise ValueError(f"{spec.name}: no records in {spec.path}")
+        raise ValueError(f"{spec.name}: no records in {spec.source}")
     if limit is not None:
         records = records[:limit]
 
@@ -348,7 +424,7 @@ def load_benchmark(
     empty_problem: list[str] = []
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
-            raise ValueError(f"{spec.name}: record {i} of {spec.path} is not an object")
+            raise ValueError(f"{spec.name}: record {i} of {spec.source} is not an object")
         raw_id = rec.get(spec.id_field) if spec.id_field else i
         rid = str(raw_id if raw_id is not None else i)
         needed = [spec.problem_field, spec.answer_field, spec.tests_field]
@@ -378,7 +454,7 @@ def load_benchmark(
                 row[f] = rec[f]
         rows.append(row)
 
-    where = f"{spec.name} ({spec.path})"
+    where = f"{spec.name} ({spec.source})"
     if missing_fields:
         detail = "; ".join(f"{f!r} in ids {_fmt_ids(ids)}" for f, ids in missing_fields.items())
         raise ValueError(f"{where}: missing field(s): {detail}")

@@ -12,6 +12,8 @@ refuses it with the prompt id, evaluation counts it as missing; it is never a ze
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +33,8 @@ from disa.tasks.benchmarks import (
 def _spec(entry: str | Mapping[str, Any], known: Mapping[str, BenchmarkSpec]) -> BenchmarkSpec:
     if isinstance(entry, str):
         if entry not in known:
-            raise ValueError(f"benchmark {entry!r} is not known; allowed: {sorted(known)} or a mapping with a path")
+            raise ValueError(f"benchmark {entry!r} is not known; allowed: {sorted(known)} or a mapping with a path "
+                             "or a dataset")
         return known[entry]
     return BenchmarkSpec.from_dict(entry)
 
@@ -49,13 +52,27 @@ class BenchmarkTask:
     eval_reward_mode: str = "strict"
     limit: int | None = None
     grader: Mapping[str, Any] = field(default_factory=dict)
-    version: int = 1
+    version: int = 2
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def spec(self) -> dict[str, Any]:
+        """The task's identity in cache keys: its settings and a digest of the prompt rows
+        themselves, so that an edited benchmark file or a hub dataset that changed upstream
+        gives new artifacts instead of silently reusing old ones."""
         return {"name": self.name, "kind": self.kind, "train": dict(self.train) if self.train else None,
                 "eval": [e if isinstance(e, str) else dict(e) for e in self.eval_benchmarks],
-                "root": self.root, "template": self.template, "eval_reward_mode": self.eval_reward_mode,
-                "limit": self.limit, "version": self.version}
+                "template": self.template, "eval_reward_mode": self.eval_reward_mode,
+                "limit": self.limit, "version": self.version, "data": self.data_digest()}
+
+    def data_digest(self) -> str:
+        if self._digest is None:
+            h = hashlib.sha256()
+            for split in ("train", "test") if self.train else ("test",):
+                df = self.prompts(split)
+                cols = [c for c in ("prompt_id", "prompt", "gold", "tests") if c in df]
+                h.update(json.dumps(df[cols].to_dict("records"), sort_keys=True, default=str).encode())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def _load(self, entries: Sequence, mode: str) -> pd.DataFrame:
         known = MATH_BENCHMARKS if self.kind == "math" else CODE_BENCHMARKS

@@ -100,14 +100,16 @@ class OnlinePolicyModule(L.LightningModule):
         """Sample a group per prompt from the current policy; score old/ref log-probs."""
         self.policy.eval()
         p_ids = [self.prompt_ids[i] for i in prompt_index]
-        seed = self.seed * 100_003 + int(self.global_step)
+        # Ranks sample different prompts (their share of the step's batch) and, with their
+        # own seed stream, would draw different groups even for the same prompt.
+        seed = self.seed * 100_003 + int(self.global_step) + self.global_rank * 2**40
         groups = self.sampler.sample(self.policy, self.tok, p_ids, self.group_size, self.settings, seed)
         completions = [c for g in groups for c in g]
         prompts_rep = [p for p in p_ids for _ in range(self.group_size)]
         rows = self.prompts.iloc[np.repeat(prompt_index, self.group_size)]
         texts = [completion_text(self.tok, c) for c in completions]
         reward = torch.as_tensor(self.task.rewards(rows, texts), dtype=torch.float32)
-        self.tokens_generated += sum(len(c) for c in completions)
+        self.tokens_generated += self._all_ranks(sum(len(c) for c in completions))
         batch = pack(prompts_rep, completions, self.tok.pad_token_id).to(self.device)
         out = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                "position_ids": batch.position_ids, "completion_mask": batch.completion_mask,
@@ -119,6 +121,13 @@ class OnlinePolicyModule(L.LightningModule):
         out["advantages"] = group_normalize(out["reward"], out["group_ids"], self.scale_rewards)
         self.policy.train()
         return out
+
+    def _all_ranks(self, count: int) -> int:
+        """``count`` summed over the ranks (tokens generated are a property of the whole run)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return count
+        return int(trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum"))
 
     # -- updates ----------------------------------------------------------------------------
     def loss_inputs(self, roll: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -174,7 +183,7 @@ class OnlinePolicyModule(L.LightningModule):
         if logged:
             self.log_dict({f"train/{k}": float(np.mean([m[k] for m in logged])) for k in logged[0]},
                           batch_size=n, prog_bar=False)
-        self.log("train/reward_mean", roll["reward"].mean(), batch_size=n)
+        self.log("train/reward_mean", roll["reward"].mean(), batch_size=n, sync_dist=True)
         self.log("train/tokens_generated", float(self.tokens_generated), batch_size=n)
 
     def configure_optimizers(self):

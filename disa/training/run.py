@@ -70,8 +70,8 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     else:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resumed else None)
     wall = time.perf_counter() - t0
+    final = _trained_policy(ctx, trainer, module)  # a collective under sharding: every rank calls it
     if trainer.global_rank == 0:
-        final = module.policy
         if alg.get("lora"):
             final = final.merge_and_unload()  # evaluation loads a plain transformers model
         final.save_pretrained(art.path / "policy")
@@ -80,6 +80,60 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     return {"wall_s": wall, "steps": int(trainer.global_step), "resumed": resumed,
             "trajectories": len(frame) if frame is not None else 0,
             "tokens_generated": int(getattr(module, "tokens_generated", 0)), "final": metrics}
+
+
+def _trained_policy(ctx, trainer: L.Trainer, module: L.LightningModule):
+    """The trained policy as a whole, unsharded model on rank 0 (None on other ranks).
+
+    Under DDP and ZeRO-1/2 every rank holds whole weights: that is ``module.policy``. Under
+    FSDP and ZeRO-3 each rank holds a shard, so the full state dict is gathered (a
+    collective: every rank must call this) and loaded on rank 0 into a fresh, unsharded
+    copy of the backbone.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        state = strategy.lightning_module_state_dict()  # state_dict_type=full: gathered on rank 0
+    elif getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
+                if trainer.global_rank == 0 else {}
+    else:
+        return module.policy
+    if trainer.global_rank != 0:
+        return None
+    return unsharded_policy(ctx.backbone.ref_path, ctx.cfg.algorithm, state)
+
+
+def unsharded_policy(ref_path, alg, module_state: dict[str, Any]):
+    """A fresh copy of the backbone (with the LoRA adapters when the algorithm uses them)
+    holding ``module_state``, a full state dict of the training module whose policy
+    weights are under ``policy.``; other entries (FlowRL's log Z head) are left out."""
+    prefix = "policy."
+    state = {k[len(prefix):]: v for k, v in module_state.items() if k.startswith(prefix)}
+    policy = load_model(ref_path, "float32")
+    if alg.get("lora"):
+        policy = _with_lora(policy, alg.lora)
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    # Tied output weights may be stored once; anything else missing is a gather gone wrong.
+    missing = [k for k in missing if k not in _tied_keys(policy)]
+    if missing or unexpected:
+        raise RuntimeError(f"gathered policy state does not match the backbone: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return policy
+
+
+def _tied_keys(policy) -> set[str]:
+    names = getattr(policy, "_tied_weights_keys", None) or []
+    if isinstance(names, dict):  # transformers 5: {target: source}
+        names = list(names)
+    keys = set(names)
+    for k in list(keys):  # LoRA wraps the model: the same keys behind the peft prefix
+        keys.add(f"base_model.model.{k}")
+    return keys if getattr(policy.config, "tie_word_embeddings", False) else set()
 
 
 def _with_lora(policy, lora_cfg):
