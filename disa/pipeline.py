@@ -125,12 +125,19 @@ def stage_sample(ctx: Context) -> dict[str, Artifact]:
                 chunk = prompts.iloc[list(rows)]
                 p_ids = [encode_prompt(tok, p, _chat(cfg)) for p in chunk.prompt]
                 comps = sampler.sample(model, tok, p_ids, K, settings, seed=_shard_seed(cfg.seed, comp, i))
-                art.write_shard(i, pd.DataFrame([
+                shard = pd.DataFrame([
                     {"prompt_id": pid, "component": comp, "sample_idx": j, "prompt_ids": p,
                      "completion_ids": c, "text": completion_text(tok, c),
                      "finished": bool(c) and c[-1] == tok.eos_token_id}
                     for pid, p, cs in zip(chunk.prompt_id, p_ids, comps) for j, c in enumerate(cs)
-                ]))
+                ])
+                # An engine that reports its own log-probs (vLLM) has them kept beside the
+                # trajectories, for the consistency check of the score stage; they never
+                # enter a weight or a loss.
+                own = getattr(sampler, "last_logprobs", None)
+                if own is not None:
+                    shard["sampler_logprob"] = [float(x) for group in own for x in group]
+                art.write_shard(i, shard)
             return {"sampler": settings.spec(), "rows": len(prompts) * K}
 
         arts[comp] = ctx.build("sample", spec, build)
@@ -181,9 +188,28 @@ def stage_score(ctx: Context, rollouts: dict[str, Artifact]) -> Artifact:
         anchoring.check_finite(out, ["reward", "logp_ref"])
         art.write_table("scores", out)
         art.remove_shards()
-        return {"rows": len(out)}
+        return {"rows": len(out), "sampler_agreement": sampler_agreement(out)}
 
     return ctx.build("score", spec, build)
+
+
+def sampler_agreement(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per component, how far the sampling engine's own log-probs (``sampler_logprob``, where
+    the engine reported them) are from the harness's scored ``logq_<component>``: the one
+    source of truth for weights and losses is the scorer, and a large gap means the engine
+    sampled from another model than the one scored (dtype, kernels, another checkpoint).
+    Components without any reported value are left out (never a NaN)."""
+    from disa.sampling.vllm import logprob_agreement
+
+    if "sampler_logprob" not in scores:
+        return {}
+    out = {}
+    for comp, g in scores.groupby("component", sort=True):
+        column = f"logq_{comp}"
+        agreement = logprob_agreement(g.sampler_logprob, g[column], g.n_tokens)
+        if agreement["compared"] > 0:
+            out[str(comp)] = agreement
+    return out
 
 
 def _score(model, tok, part: pd.DataFrame, s: SamplerSettings, cfg, desc: str) -> np.ndarray:

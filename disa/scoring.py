@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,8 +60,9 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     ids = torch.full((B, P + T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, P + T), dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, P - len(p) : P] = torch.as_tensor(p, dtype=torch.long)
-        ids[i, P : P + len(c)] = torch.as_tensor(c, dtype=torch.long)
+        # a copy: lists and the read-only arrays read from parquet go in alike
+        ids[i, P - len(p) : P] = torch.from_numpy(np.array(p, dtype=np.int64))
+        ids[i, P : P + len(c)] = torch.from_numpy(np.array(c, dtype=np.int64))
         attn[i, P - len(p) : P + len(c)] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     return Batch(ids, attn, pos, attn[:, P:].clone())

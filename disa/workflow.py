@@ -151,6 +151,8 @@ def _run_stages(ctx: pipeline.Context, summary: dict) -> dict[str, Any]:
             return out
         scores = pipeline.stage_score(ctx, rollouts)
         out["artifact.score"] = scores.key
+        for comp, agreement in scores.manifest().get("sampler_agreement", {}).items():
+            out |= {f"score.sampler_{k}.{comp}": v for k, v in agreement.items()}
         if last < 2:
             return out
         anchor = pipeline.stage_anchor(ctx, scores, oracle)

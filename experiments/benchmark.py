@@ -2,6 +2,8 @@
 one online update of FlowRL and GRPO, measured on the same tokens in one run.
 
     python experiments/benchmark.py                                     # CPU: embedded backbone
+    python experiments/benchmark.py --preset qwen-tiny --seq-lens 128,512 --tokens-per-step 2048
+                                                                        # CPU: Qwen2.5's vocabulary
     python experiments/benchmark.py --device cuda --preset qwen0.5b --seq-lens 1024,2048,4096
     python experiments/benchmark.py --quick --out /tmp/b.json           # seconds (tests)
 
@@ -102,7 +104,10 @@ def build_model(preset: str, max_len: int, quick: bool = False):
         return embedded_model(max_len)
     from transformers import Qwen2ForCausalLM
 
-    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if quick else {}
+    # qwen-tiny: Qwen2.5's vocabulary on a 2-layer, 64-wide body, so that on a CPU the
+    # vocabulary projection dominates a step as it does for the real model on a GPU
+    tiny = quick or preset == "qwen-tiny"
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if tiny else {}
     return Qwen2ForCausalLM(qwen_config(4096 if quick else QWEN_VOCAB, max_position_embeddings=max(max_len, 64),
                                         **shape))
 
@@ -604,8 +609,9 @@ def _progress(res: dict, S: int) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", choices=["embedded", "qwen0.5b"], default=None,
-                   help="embedded: the embedded backbone's shape; qwen0.5b: Qwen2.5-0.5B's shape, random weights "
+    p.add_argument("--preset", choices=["embedded", "qwen-tiny", "qwen0.5b"], default=None,
+                   help="embedded: the embedded backbone's shape; qwen-tiny: Qwen2.5's vocabulary (151,936) on a "
+                        "2-layer, 64-wide body (CPU); qwen0.5b: Qwen2.5-0.5B's shape; random weights "
                         "(default: qwen0.5b on cuda, embedded on cpu)")
     p.add_argument("--seq-lens", default=None, help="comma-separated sequence lengths (prompt + completion)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: tokens-per-step / seq_len)")

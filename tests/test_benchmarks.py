@@ -316,3 +316,20 @@ def test_spec_needs_exactly_one_source():
         BenchmarkSpec.from_dict({"name": "x", "path": "a.jsonl", "dataset": "org/x", "problem_field": "q"})
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['splt'\]"):
         BenchmarkSpec.from_dict({"name": "x", "dataset": "org/x", "splt": "test", "problem_field": "q"})
+
+
+def test_row_slices_give_disjoint_sources(tmp_path):
+    """``start``/``stop`` select source rows before ``limit``; ids without an id field are the
+    source row numbers, so a training slice and a held-out slice never share one."""
+    rows = [{"q": f"What is {i}+1?", "a": f"#### {i + 1}"} for i in range(10)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"path": "g.jsonl", "problem_field": "q", "answer_field": "a", "id_field": None,
+            "answer_extraction": "gsm8k"}
+    train = load_benchmark({"name": "g", **base, "stop": 6}, root=tmp_path)
+    test = load_benchmark({"name": "g", **base, "start": 6}, root=tmp_path, limit=3)
+    assert train.prompt_id.tolist() == [f"g-{i}" for i in range(6)]
+    assert test.prompt_id.tolist() == ["g-6", "g-7", "g-8"] and test.gold.tolist() == ["7", "8", "9"]
+    with pytest.raises(ValueError, match=r"no records in .* rows \[20, None\)"):
+        load_benchmark({"name": "g", **base, "start": 20}, root=tmp_path)
+    with pytest.raises(ValueError, match=r"start=5, stop=5; allowed: integers 0 <= start < stop"):
+        BenchmarkSpec.from_dict({"name": "g", **base, "start": 5, "stop": 5})

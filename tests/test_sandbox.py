@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -235,6 +236,106 @@ def test_grade_functional():
     assert grade_functional(cheat, "twoSum", tests).passed == 0
 
 
+# -- hostile programs ------------------------------------------------------------------------
+needs_landlock = pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="no Landlock in this kernel")
+needs_signal_scope = pytest.mark.skipif(sandbox.landlock_abi() < 6, reason="Landlock ABI < 6: no signal scoping")
+
+
+@needs_landlock
+def test_writes_outside_the_working_directory_refused(tmp_path):
+    target = tmp_path / "escaped"
+    for src in (f"open({str(target)!r}, 'w').write('x')", f"import os\nos.mkdir({str(target)!r})",
+                f"import os\nos.symlink('/etc', {str(target)!r})"):
+        r = run_program(src)
+        assert r.status == "error" and "PermissionError" in r.stderr and r.writes_confined, src
+        assert not target.exists()
+    # inside its working directory a program still creates, renames and removes files
+    r = run_program("import os\nopen('f', 'w').write('x')\nos.mkdir('d')\nos.rename('f', 'd/g')\n"
+                    "print(open('d/g').read())\nos.remove('d/g')\nos.rmdir('d')\nopen(os.devnull, 'w').write('ok')")
+    assert r.ok and r.stdout.strip() == "x", r.stderr
+
+
+@needs_signal_scope
+def test_program_cannot_signal_the_harness():
+    for src in ("os.kill(os.getppid(), signal.SIGKILL)", "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
+                f"os.kill({os.getpid()}, signal.SIGTERM)"):
+        r = run_program("import os, signal\n" + src)
+        assert r.status == "error" and "PermissionError" in r.stderr and r.signals_confined, src
+    # this test process (the harness) is alive: the assertions above ran after each attempt
+
+
+_FORK_LOOP = (
+    "import os, time\nn = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n"
+    "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(5)\n        os._exit(0)\n"
+    "    n += 1\nprint(n, flush=True)\n"
+)
+needs_process_limit = pytest.mark.skipif(
+    sandbox.pids_cgroup_base() is None and not (network_isolation_available() and os.geteuid() != 0),
+    reason="neither a pids cgroup nor RLIMIT_NPROC in a user namespace is available")
+
+
+@needs_process_limit
+def test_process_count_limited_and_nothing_left_behind():
+    """At most ``max_processes`` processes at once (the program and 7 children); every one is
+    gone afterwards, including a child that left the process group with ``setsid``."""
+    r = run_program(_FORK_LOOP, max_processes=8, timeout_s=10)
+    assert r.ok and r.stdout.strip() == "7" and r.processes_limited
+    escapee = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    print(os.getpid(), flush=True)\n"
+               "    time.sleep(60)\ntime.sleep(1)\n")
+    r = run_program(escapee, timeout_s=5)
+    pid = int(r.stdout.split()[0])
+    if sandbox.pids_cgroup_base() is not None:  # the cgroup catches what the process group does not
+        deadline = time.monotonic() + 5
+        while not _gone_or_zombie(pid):
+            assert time.monotonic() < deadline, "a setsid child outlived its sandbox"
+            time.sleep(0.05)
+        assert not [p for p in os.listdir(sandbox.pids_cgroup_base()) if p.startswith("disa-sandbox-")]
+    else:
+        os.kill(pid, signal.SIGKILL)
+
+
+@needs_process_limit
+def test_fork_bomb_contained():
+    t0 = time.monotonic()
+    r = run_program("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+                    timeout_s=2)
+    assert r.status == "timeout" and r.processes_limited
+    assert time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 5  # every member of the group is dead (zombies wait for init)
+    while _live_group_members(r.pid):
+        assert time.monotonic() < deadline, _live_group_members(r.pid)
+        time.sleep(0.05)
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    members = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(d))
+    return members
+
+
+def test_hostile_programs_score_zero_with_the_reason(repo):
+    """The grading report's hostile programs through the stdin/stdout grader: each scores 0,
+    with the status expected of it, and writes nothing outside its sandbox; those whose guard
+    this machine lacks are reported as not run."""
+    sys.path.insert(0, str(repo / "experiments"))
+    import grading_report
+
+    rows = grading_report.containment(timeout_s=2.0)
+    assert [r["program"] for r in rows] == [h.name for h in grading_report.HOSTILE]
+    have = grading_report.guards()
+    for r, h in zip(rows, grading_report.HOSTILE):
+        assert r["reward"] == 0.0 and not r["escaped_file"], r
+        assert r["status"] == (h.status if not h.needs or have[h.needs] else "skipped"), r
+        assert r["reason"], r
+
+
 # -- HumanEval+ ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def he_tasks() -> dict[str, dict]:
@@ -311,3 +412,13 @@ def test_grade_many_mixed_kinds(he_tasks):
     assert [g.all_passed for g in grades] == [True, True, True]
     with pytest.raises(ValueError, match="problems"):
         grade_many(problems, comps[:1])
+
+
+def test_every_humaneval_canonical_solution_passes(he_tasks):
+    """Every task of the local HumanEval+ copy: its canonical solution passes all its base
+    and plus inputs (expected outputs come from the canonical solution, run in the sandbox)."""
+    tasks = list(he_tasks.values())
+    grades = grade_many(tasks, [t["canonical_solution"] for t in tasks], workers=2)
+    failed = [(t["task_id"], g.statuses[:3], g.detail[:200]) for t, g in zip(tasks, grades) if not g.all_passed]
+    assert not failed
+    assert sum(g.total for g in grades) == sum(len(t["base_input"]) + len(t["plus_input"]) for t in tasks)

@@ -418,3 +418,34 @@ def test_fsdp_state_dict_type_must_be_full(make_cfg):
     cfg = make_cfg("trainer=fsdp", "trainer.strategy.state_dict_type=sharded")
     with pytest.raises(ConfigError, match="state_dict_type='sharded'.*allowed: 'full'"):
         validate(cfg)
+
+
+def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypatch):
+    """An engine that reports its own log-probs (as vLLM does) has them stored beside the
+    rollouts and compared per component with the scored ``logq``: the summary shows ~0 for an
+    engine that samples the scored model and the offset for one that does not. The engine
+    here is a test double: HF ``generate`` plus log-probs computed by the scorer, shifted by
+    0.25 nats per sequence for the proposal (a stand-in for a mismatched checkpoint)."""
+    import disa.pipeline as pipeline
+    from disa.sampling.hf import HFSampler
+    from disa.scoring import sequence_logprobs
+    from test_faults import run_inproc
+
+    class ReportingSampler(HFSampler):
+        def sample(self, model, tok, prompt_ids, n, settings, seed):
+            groups = super().sample(model, tok, prompt_ids, n, settings, seed)
+            lp = sequence_logprobs(model, [p for p in prompt_ids for _ in range(n)], [c for g in groups for c in g],
+                                   tok.pad_token_id, temperature=settings.temperature, top_k=settings.top_k,
+                                   top_p=settings.top_p).tolist()
+            shift = 0.25 if "proposal" in str(model.name_or_path) else 0.0
+            self.last_logprobs = [[x + shift for x in lp[i * n:(i + 1) * n]] for i in range(len(prompt_ids))]
+            return groups
+
+    monkeypatch.setattr(pipeline, "build_sampler", lambda cfg: ReportingSampler(int(cfg.sampler.batch_size)))
+    run_inproc(tmp_path / "cache", tmp_path / "run0", "stage=sample")
+    summary = run_inproc(tmp_path / "cache", tmp_path / "run1", "stage=score")
+    assert summary["score.sampler_compared.ref"] == summary["score.sampler_compared.proposal"] > 0
+    assert summary["score.sampler_max_abs_diff.ref"] < 1e-4
+    assert summary["score.sampler_max_abs_diff.proposal"] == pytest.approx(0.25, abs=1e-4)
+    scores = pd.read_parquet(next((tmp_path / "cache" / "score").rglob("scores.parquet")))
+    assert scores.sampler_logprob.notna().all()

@@ -224,6 +224,9 @@ class BenchmarkSpec:
         subset: the dataset's config name on the hub (e.g. ``"main"`` for GSM8K).
         split: the split to read (``"test"`` by default).
         revision: a hub commit, tag or branch; pin it for a reproducible table.
+        start, stop: the rows ``[start, stop)`` of the source (Python slice semantics,
+            before any ``limit``), so that one file can give a training source and a
+            disjoint held-out set.
     """
 
     name: str
@@ -239,8 +242,14 @@ class BenchmarkSpec:
     subset: str | None = None
     split: str = "test"
     revision: str | None = None
+    start: int = 0
+    stop: int | None = None
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.start, int) and self.start >= 0) or not (
+                self.stop is None or (isinstance(self.stop, int) and self.stop > self.start)):
+            raise ValueError(f"{self.name}: start={self.start!r}, stop={self.stop!r}; allowed: integers "
+                             "0 <= start < stop (stop null: to the end)")
         if (self.path is None) == (self.dataset is None):
             raise ValueError(f"{self.name}: give exactly one of path (a local file) and dataset (a Hugging Face "
                              f"dataset id or directory); got path={self.path!r}, dataset={self.dataset!r}")
@@ -411,9 +420,10 @@ def load_benchmark(
     if not isinstance(spec, BenchmarkSpec):
         spec = BenchmarkSpec.from_dict(spec)
     spec = spec.resolve(root)
-    records = spec.records()
+    records = spec.records()[spec.start:spec.stop]
     if not records:
-        raise ValueError(f"{spec.name}: no records in {spec.source}")
+        raise ValueError(f"{spec.name}: no records in {spec.source}"
+                         + (f" rows [{spec.start}, {spec.stop})" if spec.start or spec.stop else ""))
     if limit is not None:
         records = records[:limit]
 
@@ -424,9 +434,10 @@ def load_benchmark(
     empty_problem: list[str] = []
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
-            raise ValueError(f"{spec.name}: record {i} of {spec.source} is not an object")
-        raw_id = rec.get(spec.id_field) if spec.id_field else i
-        rid = str(raw_id if raw_id is not None else i)
+            raise ValueError(f"{spec.name}: record {spec.start + i} of {spec.source} is not an object")
+        row_no = spec.start + i  # the row of the source, whatever slice was taken
+        raw_id = rec.get(spec.id_field) if spec.id_field else row_no
+        rid = str(raw_id if raw_id is not None else row_no)
         needed = [spec.problem_field, spec.answer_field, spec.tests_field]
         absent = [f for f in [f for f in needed if f] + list(spec.extra_fields) if f not in rec]
         for f in absent:

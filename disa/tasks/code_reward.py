@@ -437,7 +437,10 @@ def grade_stdio(
             return CodeGrade(0, total, statuses, error=res.stderr[-500:])
         if res.status != "ok":
             statuses.append(res.status)
-            detail = detail or f"{res.status}: {res.stderr[-300:]}"
+            why = res.stderr[-300:].strip() or (
+                f"still running after {timeout_s} s: its process group was killed" if res.status == "timeout"
+                else f"exit status {res.returncode}")
+            detail = detail or f"{res.status}: {why}"
         elif normalize_output(res.stdout) == normalize_output(str(t.get("output", ""))):
             statuses.append("passed")
         else:

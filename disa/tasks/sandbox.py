@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = [
     "ExecResult",
@@ -62,6 +63,13 @@ STATUSES = ("ok", "error", "timeout", "memory", "file_size", "killed", "sandbox_
 _BOOTSTRAP = r"""
 import json, os, resource, sys
 spec = json.loads(sys.argv[1])
+if spec.get("cgroup"):  # before anything else: every process the program starts counts
+    try:
+        with open(spec["cgroup"] + "/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:
+        sys.stderr.write("sandbox: could not join the pids cgroup: " + str(e) + "\n")
+        sys.exit(121)
 for name, (soft, hard) in spec["limits"].items():
     res = getattr(resource, name, None)
     if res is None:
@@ -70,8 +78,41 @@ for name, (soft, hard) in spec["limits"].items():
     if cur_hard != resource.RLIM_INFINITY:
         soft, hard = min(soft, cur_hard), min(hard, cur_hard)
     resource.setrlimit(res, (soft, hard))
+if spec.get("writable") is not None:
+    # Landlock: from here on, this process and its children may create, write, remove or
+    # rename files only beneath the listed directories (and write /dev/null), and (ABI 6+)
+    # may not signal processes outside the sandbox. Reads stay allowed everywhere.
+    # Requested because the parent detected Landlock: any failure fails closed.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    fs = 0x1FF2 | (0x2000 if abi >= 2 else 0) | (0x4000 if abi >= 3 else 0)
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    attr = (ctypes.c_uint64 * 3)(fs, 0, 0x2 if abi >= 6 else 0)
+    ruleset = libc.syscall(444, attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
+
+    class Beneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
+
+    rules = [(d, fs) for d in spec["writable"]] + [("/dev/null", 0x2 | (0x4000 if abi >= 3 else 0))]
+    ok = ruleset >= 0
+    for path, allowed in rules:
+        if ok:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            ok = libc.syscall(445, ruleset, 1, ctypes.byref(Beneath(allowed, fd)), ctypes.c_uint32(0)) == 0
+            os.close(fd)
+    ok = ok and libc.prctl(38, 1, 0, 0, 0) == 0 and libc.syscall(446, ruleset, ctypes.c_uint32(0)) == 0
+    if not ok:
+        sys.stderr.write("sandbox: landlock confinement failed: " + os.strerror(ctypes.get_errno()) + "\n")
+        sys.exit(121)
 os.execv(spec["python"], [spec["python"], *spec["flags"], *sys.argv[2:]])
 """
+
+#: exit status of the bootstrap when the requested confinement could not be applied
+_CONFINE_FAILED = 121
+#: processes a sandboxed program may have at once where a limit can be enforced
+DEFAULT_MAX_PROCESSES = 64
 
 _UNSHARE_LOCK = threading.Lock()
 _UNSHARE_PREFIX: list[str] | None = None  # cached result of the detection; [] = unavailable
@@ -98,6 +139,9 @@ class ExecResult:
     truncated: bool = False  # stdout or stderr was longer than ``max_output_bytes``
     pid: int | None = None  # pid (= process-group id) of the program, for diagnostics
     info: dict = field(default_factory=dict)
+    writes_confined: bool = False  # writes outside the working directory were refused (Landlock)
+    signals_confined: bool = False  # signals to processes outside the sandbox were refused
+    processes_limited: bool = False  # a process-count limit applied (pids cgroup or RLIMIT_NPROC)
 
     @property
     def ok(self) -> bool:
@@ -126,6 +170,96 @@ def _detect_unshare() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return prefix if probe.returncode == 0 else []
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 where there is none (not Linux, too old, off)."""
+    global _LANDLOCK_ABI
+    if _LANDLOCK_ABI is None:
+        _LANDLOCK_ABI = 0
+        if sys.platform.startswith("linux") and not os.environ.get("DISA_SANDBOX_NO_LANDLOCK"):
+            import ctypes
+
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(None, use_errno=True)
+                _LANDLOCK_ABI = max(0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))))
+    return _LANDLOCK_ABI
+
+
+_LANDLOCK_ABI: int | None = None
+_CGROUP_LOCK = threading.Lock()
+_PIDS_BASE: list[str | None] = []  # [] = not detected yet; [None] = unavailable
+
+
+def _own_pids_cgroup() -> str | None:
+    """The directory of this process's cgroup under which a child with a ``pids.max`` can
+    be made: the v1 ``pids`` hierarchy, or cgroup v2 where ``pids`` is delegated to children."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        v1 = f"/sys/fs/cgroup/pids{path.rstrip('/')}"
+        if "pids" in controllers.split(",") and os.path.isdir(v1):
+            return v1
+    for line in lines:
+        if line.startswith("0::"):
+            path = line[3:].rstrip("/")
+            for mount in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                with contextlib.suppress(OSError):
+                    if "pids" in Path(f"{mount}{path}/cgroup.subtree_control").read_text().split():
+                        return f"{mount}{path}"
+    return None
+
+
+def pids_cgroup_base() -> str | None:
+    """Where per-run ``pids`` cgroups can be created (usually only as root), detected once
+    by creating and removing a probe cgroup; None where that is not possible."""
+    with _CGROUP_LOCK:
+        if not _PIDS_BASE:
+            base = None if os.environ.get("DISA_SANDBOX_NO_CGROUP") or not sys.platform.startswith("linux") \
+                else _own_pids_cgroup()
+            if base is not None:
+                probe = os.path.join(base, f"disa-probe-{os.getpid()}")
+                try:
+                    os.mkdir(probe)
+                    with open(os.path.join(probe, "pids.max"), "w") as f:
+                        f.write("1")
+                except OSError:
+                    base = None
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(probe)
+            _PIDS_BASE.append(base)
+        return _PIDS_BASE[0]
+
+
+def _make_pids_cgroup(limit: int) -> str | None:
+    base = pids_cgroup_base()
+    if base is None:
+        return None
+    path = tempfile.mkdtemp(prefix="disa-sandbox-", dir=base)  # cgroupfs: mkdir makes a cgroup
+    with open(os.path.join(path, "pids.max"), "w") as f:
+        f.write(str(int(limit)))
+    return path
+
+
+def _remove_pids_cgroup(path: str) -> None:
+    """Kill whatever is left in the cgroup (also processes that left the process group with
+    ``setsid``) and remove it; a cgroup still busy after a second is left for the OS."""
+    for _ in range(50):
+        with contextlib.suppress(OSError):
+            for pid in Path(path, "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(pid), signal.SIGKILL)
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
 
 
 def network_isolation_available() -> bool:
@@ -220,6 +354,7 @@ def run_program(
     args: list[str] | None = None,
     env: Mapping[str, str] | None = None,
     isolate_network: bool = True,
+    confine_writes: bool = True,
     require_network_isolation: bool = False,
     site_packages: bool = False,
     python: str | None = None,
@@ -235,13 +370,22 @@ def run_program(
             main guard, this one stops a program that forks CPU burners).
         file_size_mb: largest file the program may write, stdout/stderr included.
         max_open_files: ``RLIMIT_NOFILE``.
-        max_processes: ``RLIMIT_NPROC`` when set. Off by default: the limit counts all
-            processes of the (real) user on the machine, not only the sandbox's.
+        max_processes: most processes the program may have at once (a fork bomb fails to
+            fork past it). Enforced by a ``pids`` cgroup where one can be created (as root,
+            where ``RLIMIT_NPROC`` does not apply), else by ``RLIMIT_NPROC`` inside the user
+            namespace (it then counts only the sandbox's processes). ``None``: 64 where
+            either is available, else no limit (``RLIMIT_NPROC`` outside a namespace would
+            count every process of the user). Set explicitly without either, it is
+            ``RLIMIT_NPROC`` for the whole user.
         max_output_bytes: stdout and stderr are each returned up to this many bytes.
         files: extra files (name -> content) to place in the working directory.
         args: command-line arguments for the program.
         env: extra environment variables (the environment is otherwise minimal).
         isolate_network: use ``unshare -rn`` when available.
+        confine_writes: where the kernel has Landlock, refuse writes (and creating,
+            removing or renaming files) outside the working directory and, from Landlock
+            ABI 6 on, signals to processes outside the sandbox (the harness survives a
+            program that tries to kill its parent).
         require_network_isolation: raise ``RuntimeError`` instead of running with network.
         site_packages: let the program import installed packages (drops ``-S``).
         python: interpreter to use; default ``sys.executable``.
@@ -267,8 +411,13 @@ def run_program(
         "RLIMIT_NOFILE": (max_open_files, max_open_files),
         "RLIMIT_CORE": (0, 0),
     }
-    if max_processes is not None:
-        limits["RLIMIT_NPROC"] = (max_processes, max_processes)
+    nproc = int(max_processes) if max_processes is not None else DEFAULT_MAX_PROCESSES
+    # As root RLIMIT_NPROC is ignored: a pids cgroup (made below) limits instead. Inside the
+    # user namespace RLIMIT_NPROC counts the sandbox's processes only; outside, every
+    # process of the user, so there it applies only when asked for.
+    use_cgroup = pids_cgroup_base() is not None
+    if not use_cgroup and (prefix or max_processes is not None):
+        limits["RLIMIT_NPROC"] = (nproc, nproc)
     flags = ["-I"] if site_packages else ["-I", "-S"]
 
     root = tempfile.mkdtemp(prefix="disa-sandbox-")
@@ -279,7 +428,9 @@ def run_program(
     os.mkdir(work_dir)
     isolated = bool(prefix)
     t0 = time.monotonic()
+    cgroup = None
     try:
+        cgroup = _make_pids_cgroup(nproc) if use_cgroup else None
         script = os.path.join(io_dir, "main.py")
         with open(script, "w", encoding="utf-8") as f:
             f.write(source)
@@ -296,7 +447,9 @@ def run_program(
             f.write(stdin)
         out_path = os.path.join(io_dir, "stdout")
         err_path = os.path.join(io_dir, "stderr")
-        spec = json.dumps({"limits": limits, "python": python, "flags": flags})
+        abi = landlock_abi() if confine_writes else 0
+        spec = json.dumps({"limits": limits, "python": python, "flags": flags,
+                           "writable": [work_dir] if abi else None, "cgroup": cgroup})
         cmd = [*prefix, python, "-I", "-S", "-c", _BOOTSTRAP, spec, script, *(args or [])]
 
         # Files rather than pipes: no reader threads, no pipe deadlock, and RLIMIT_FSIZE
@@ -345,6 +498,12 @@ def run_program(
         if isolated and rc != 0 and "unshare:" in stderr[:500] and not stdout:
             # unshare itself failed (e.g. namespaces disabled since detection).
             status = "sandbox_error"
-        return ExecResult(status, stdout, stderr, rc, wall, isolated, t_out or t_err, proc.pid)
+        if rc == _CONFINE_FAILED and stderr.startswith("sandbox: could not"):
+            status = "sandbox_error"
+        return ExecResult(status, stdout, stderr, rc, wall, isolated, t_out or t_err, proc.pid,
+                          writes_confined=abi >= 1, signals_confined=abi >= 6,
+                          processes_limited=cgroup is not None or "RLIMIT_NPROC" in limits)
     finally:
+        if cgroup is not None:
+            _remove_pids_cgroup(cgroup)
         _rmtree(root)
