@@ -426,10 +426,11 @@ def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypa
     engine that samples the scored model and the offset for one that does not. The engine
     here is a test double: HF ``generate`` plus log-probs computed by the scorer, shifted by
     0.25 nats per sequence for the proposal (a stand-in for a mismatched checkpoint)."""
+    from test_faults import run_inproc
+
     import disa.pipeline as pipeline
     from disa.sampling.hf import HFSampler
     from disa.scoring import sequence_logprobs
-    from test_faults import run_inproc
 
     class ReportingSampler(HFSampler):
         def sample(self, model, tok, prompt_ids, n, settings, seed):
