@@ -420,13 +420,12 @@ def test_fsdp_state_dict_type_must_be_full(make_cfg):
         validate(cfg)
 
 
-def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypatch):
+def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypatch, make_cfg):
     """An engine that reports its own log-probs (as vLLM does) has them stored beside the
     rollouts and compared per component with the scored ``logq``: the summary shows ~0 for an
     engine that samples the scored model and the offset for one that does not. The engine
     here is a test double: HF ``generate`` plus log-probs computed by the scorer, shifted by
     0.25 nats per sequence for the proposal (a stand-in for a mismatched checkpoint)."""
-    from test_faults import run_inproc
 
     import disa.pipeline as pipeline
     from disa.sampling.hf import HFSampler
@@ -443,8 +442,13 @@ def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypa
             return groups
 
     monkeypatch.setattr(pipeline, "build_sampler", lambda cfg: ReportingSampler(int(cfg.sampler.batch_size)))
-    run_inproc(tmp_path / "cache", tmp_path / "run0", "stage=sample")
-    summary = run_inproc(tmp_path / "cache", tmp_path / "run1", "stage=score")
+    from disa.workflow import run
+
+    def stage(name: str) -> dict:
+        return run(make_cfg("debug=fast", f"cache_dir={tmp_path / 'cache'}", f"stage={name}"), tmp_path / name)
+
+    stage("sample")
+    summary = stage("score")
     assert summary["score.sampler_compared.ref"] == summary["score.sampler_compared.proposal"] > 0
     assert summary["score.sampler_max_abs_diff.ref"] < 1e-4
     assert summary["score.sampler_max_abs_diff.proposal"] == pytest.approx(0.25, abs=1e-4)
