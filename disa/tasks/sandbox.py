@@ -17,17 +17,26 @@ the untrusted code runs,
 * no network where the OS allows it: ``unshare -rn`` (an unprivileged user + network
   namespace with only a downed loopback). Whether that works is detected once per process
   and cached; where it does not, the program runs with the network and the result says
-  ``network_isolated=False``.
+  ``network_isolated=False``;
+* where the kernel has Landlock (Linux 5.13+): no creating, writing, removing or renaming
+  files outside the working directory, and (Landlock ABI 6, Linux 6.12+) no signals to
+  processes outside the sandbox, so a program cannot kill the harness
+  (``writes_confined``, ``signals_confined``);
+* at most 64 processes at once (``max_processes``): a per-run ``pids`` cgroup where one can
+  be made (as root, where ``RLIMIT_NPROC`` does not apply; the cgroup also finds children
+  that left the process group with ``setsid``), else ``RLIMIT_NPROC`` inside the user
+  namespace, where it counts only the sandbox's processes (``processes_limited``).
 
 The limits are applied by a tiny bootstrap interpreter that calls ``setrlimit`` and then
 ``exec``-s the real interpreter, rather than by ``subprocess``'s ``preexec_fn``: ``preexec_fn``
 runs Python code between ``fork`` and ``exec`` and is documented as unsafe when the parent
 has threads, and graders call :func:`run_program` from thread pools.
 
-This is a guard against accidents (infinite loops, memory bombs, stray file writes, a
-program that deletes its working directory, a network call), not a hardened security
-boundary: code running as root without namespaces could raise its own limits, and a program
-that calls ``setsid`` can leave the process group. Use a container or VM for adversarial code.
+This is a guard against accidents and careless or reward-hacking programs (infinite loops,
+fork and memory bombs, stray file writes, a network call, killing the parent), not a
+hardened security boundary: the program still reads what the harness's user may read, and
+on a kernel without Landlock or namespaces the corresponding guards are missing (each result
+says which applied). Use a container or VM for adversarial code.
 """
 
 from __future__ import annotations
