@@ -22,6 +22,7 @@ writes the runs under each run directory for a later ``wandb sync``.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ def _is_wandb(lg: Any) -> bool:
 def log_summary(loggers: list, summary: dict[str, Any]) -> None:
     numeric = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for lg in loggers:
+        _learn_csv_header(lg)
         lg.log_metrics(numeric)
         if _is_wandb(lg):
             run = lg.experiment
@@ -100,6 +102,25 @@ def log_summary(loggers: list, summary: dict[str, Any]) -> None:
             log_wandb_tables(run, Path(lg.save_dir))
             log_wandb_artifacts(run, Path(lg.save_dir), Path(run.config["cache_dir"]), summary)
         lg.save()
+
+
+def _learn_csv_header(lg: Any) -> None:
+    """Teach a CSV logger the columns already in its file. Under ``trainer.strategy=ddp_spawn``
+    the training metrics are written by a spawned process's copy of the logger; the main
+    process's copy, appending the summary, must know that header, or Lightning's rewrite of
+    the file (on new columns) fails on the rows it does not know."""
+    if type(lg).__name__ != "CSVLogger":
+        return
+    writer = lg.experiment  # created when the hyperparameters were logged, in this process
+    path = getattr(writer, "metrics_file_path", None)
+    if path is None or not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    unknown = [k for k in header if k not in writer.metrics_keys]
+    if unknown:
+        writer.metrics_keys.extend(unknown)
+        writer.metrics_keys.sort()
 
 
 def sample_rows(run_dir: Path) -> tuple[list[str], list[list]]:

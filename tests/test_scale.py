@@ -303,6 +303,25 @@ def test_ddp_sim_one_run_dir_one_summary(tmp_path):
     assert (run / "policy" / "config.json").exists()
 
 
+@pytest.mark.slow
+def test_local_sweep_with_ddp_spawn(tmp_path):
+    """A local ``-m`` sweep with a 2-process trainer (``trainer.strategy=ddp_spawn``): one run
+    directory and summary per job, offline and online algorithms, with the step and token
+    counts of the spawned training processes (not the main process's idle trainer)."""
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "-m", "debug=fast", "trainer=ddp_sim",
+                           "trainer.strategy=ddp_spawn", "algorithm=disa,grpo", "logger=csv",
+                           f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=tmp_path, env={**_env(), "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
+    assert [s["algorithm"] for s in summaries] == ["disa", "grpo"]
+    assert all(s["train.steps"] == 5 for s in summaries)
+    assert summaries[0]["train.tokens_generated"] == 0 < summaries[1]["train.tokens_generated"]
+    for s in summaries:  # the trained weights came back: the policy is not π_ref
+        assert s["policy.tv_target"] != s["ref.tv_target"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_benchmark_quick_on_cuda(tmp_path):

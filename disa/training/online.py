@@ -214,10 +214,18 @@ def prompt_loader(module: OnlinePolicyModule, n_prompts: int, prompts_per_step: 
     :class:`disa.training.data.StepBatches`); on resume r = global_step // updates_per_rollout."""
     from disa.training.data import StepBatches
 
-    def rollouts_done() -> int:
-        trainer = module._trainer
-        return int(trainer.global_step) // module.updates if trainer is not None else 0
-
     stream = StepBatches(n_prompts, prompts_per_step, seed, drop_last=n_prompts >= prompts_per_step,
-                         start=rollouts_done)
+                         start=_RolloutsDone(module))
     return DataLoader(stream, batch_size=None, collate_fn=torch.tensor)
+
+
+class _RolloutsDone:
+    """Rollouts the module has trained on (0 before fit); a class rather than a closure so
+    that the loader pickles (``trainer.strategy=ddp_spawn`` sends it to other processes)."""
+
+    def __init__(self, module: OnlinePolicyModule):
+        self.module = module
+
+    def __call__(self) -> int:
+        trainer = self.module._trainer
+        return int(trainer.global_step) // self.module.updates if trainer is not None else 0

@@ -59,7 +59,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
                                  every_n_train_steps=int(cfg.train.checkpoint_every))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoint], logger=ctx.loggers or False,
+        cfg.trainer, callbacks=[checkpoint, _Progress()], logger=ctx.loggers or False,
         default_root_dir=str(art.path), enable_model_summary=False, **trainer_overrides,
     )
     last = ckpt_dir / "last.ckpt"
@@ -76,10 +76,25 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
             final = final.merge_and_unload()  # evaluation loads a plain transformers model
         final.save_pretrained(art.path / "policy")
         tok.save_pretrained(art.path / "policy")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    return {"wall_s": wall, "steps": int(trainer.global_step), "resumed": resumed,
-            "trajectories": len(frame) if frame is not None else 0,
-            "tokens_generated": int(getattr(module, "tokens_generated", 0)), "final": metrics}
+    # Counts come from the logged metrics: under ddp_spawn the training ran in other processes
+    # and only the weights and callback metrics come back to this one.
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {k: v for k, v in logged.items() if k.startswith("train/") and k not in _Progress.KEYS}
+    return {"wall_s": wall, "steps": int(logged.get("train/optimizer_steps", trainer.global_step)),
+            "resumed": resumed, "trajectories": len(frame) if frame is not None else 0,
+            "tokens_generated": int(logged.get("train/tokens_generated", getattr(module, "tokens_generated", 0))),
+            "final": metrics}
+
+
+class _Progress(L.Callback):
+    """Logs the optimizer steps taken so far after every batch (the trainer's own counter
+    stays in the training processes under ddp_spawn)."""
+
+    KEYS = ("train/optimizer_steps", "train/tokens_generated")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log("train/optimizer_steps", float(trainer.global_step), on_step=True, on_epoch=False,
+                      batch_size=1)
 
 
 def _trained_policy(ctx, trainer: L.Trainer, module: L.LightningModule):
