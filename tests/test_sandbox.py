@@ -422,3 +422,22 @@ def test_every_humaneval_canonical_solution_passes(he_tasks):
     failed = [(t["task_id"], g.statuses[:3], g.detail[:200]) for t, g in zip(tasks, grades) if not g.all_passed]
     assert not failed
     assert sum(g.total for g in grades) == sum(len(t["base_input"]) + len(t["plus_input"]) for t in tasks)
+
+
+@pytest.mark.skipif(sandbox.pids_cgroup_base() is None, reason="no pids cgroup can be created here")
+def test_stale_cgroups_of_a_killed_harness_are_removed():
+    """A cgroup named after a harness process that no longer exists (killed mid-run) is
+    removed at the next detection; one of a live process is kept."""
+    base = sandbox.pids_cgroup_base()
+    dead = 2**22 + 12345  # above pid_max: no such process
+    stale = os.path.join(base, f"disa-sandbox-{dead}-abc")
+    live = os.path.join(base, f"disa-sandbox-{os.getppid()}-abc")
+    os.mkdir(stale)
+    os.mkdir(live)
+    try:
+        sandbox._remove_stale_cgroups(base)
+        assert not os.path.exists(stale) and os.path.exists(live)
+    finally:
+        for p in (stale, live):
+            if os.path.exists(p):
+                os.rmdir(p)

@@ -240,15 +240,29 @@ def pids_cgroup_base() -> str | None:
                 finally:
                     with contextlib.suppress(OSError):
                         os.rmdir(probe)
+            if base is not None:
+                _remove_stale_cgroups(base)
             _PIDS_BASE.append(base)
         return _PIDS_BASE[0]
+
+
+def _remove_stale_cgroups(base: str) -> None:
+    """Remove the per-run cgroups a killed harness left behind (named after its pid); one
+    still holding processes is emptied first."""
+    for name in os.listdir(base):
+        parts = name.split("-")
+        if name.startswith("disa-sandbox-") and len(parts) >= 4 and parts[2].isdigit():
+            pid = int(parts[2])
+            if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                _remove_pids_cgroup(os.path.join(base, name))
 
 
 def _make_pids_cgroup(limit: int) -> str | None:
     base = pids_cgroup_base()
     if base is None:
         return None
-    path = tempfile.mkdtemp(prefix="disa-sandbox-", dir=base)  # cgroupfs: mkdir makes a cgroup
+    # cgroupfs: mkdir makes a cgroup; the pid in the name lets a later run clean up after a kill
+    path = tempfile.mkdtemp(prefix=f"disa-sandbox-{os.getpid()}-", dir=base)
     with open(os.path.join(path, "pids.max"), "w") as f:
         f.write(str(int(limit)))
     return path
