@@ -54,6 +54,8 @@ class BenchmarkTask:
     grader: Mapping[str, Any] = field(default_factory=dict)
     version: int = 2
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    # loaded once per split: the stages, the rewards and the cache keys all ask for the rows
+    _frames: dict[str, pd.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def spec(self) -> dict[str, Any]:
         """The task's identity in cache keys: its settings and a digest of the prompt rows
@@ -89,13 +91,16 @@ class BenchmarkTask:
         return render_prompt(row["problem"], self.template)
 
     def prompts(self, split: str) -> pd.DataFrame:
-        if split == "train":
-            if not self.train:
-                raise ValueError(f"task={self.name} has no training source: set task.train.path")
-            return self._load([self.train], "strict")
-        if split == "test":
-            return self._load(self.eval_benchmarks, self.eval_reward_mode)
-        raise ValueError(f"split={split!r}; allowed: ['train', 'test']")
+        if split not in self._frames:
+            if split == "train":
+                if not self.train:
+                    raise ValueError(f"task={self.name} has no training source: set task.train.path")
+                self._frames[split] = self._load([self.train], "strict")
+            elif split == "test":
+                self._frames[split] = self._load(self.eval_benchmarks, self.eval_reward_mode)
+            else:
+                raise ValueError(f"split={split!r}; allowed: ['train', 'test']")
+        return self._frames[split].copy()
 
     def rewards(self, prompts: pd.DataFrame, completions: list[str]) -> np.ndarray:
         if self.kind == "math":
