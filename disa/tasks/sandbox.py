@@ -87,14 +87,14 @@ for name, (soft, hard) in spec["limits"].items():
     if cur_hard != resource.RLIM_INFINITY:
         soft, hard = min(soft, cur_hard), min(hard, cur_hard)
     resource.setrlimit(res, (soft, hard))
-if spec.get("writable") is not None:
+if spec.get("landlock_abi"):
     # Landlock: from here on, this process and its children may create, write, remove or
     # rename files only beneath the listed directories (and write /dev/null), and (ABI 6+)
     # may not signal processes outside the sandbox. Reads stay allowed everywhere.
-    # Requested because the parent detected Landlock: any failure fails closed.
+    # Requested because the parent detected Landlock (its ABI is passed): failure fails closed.
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    abi = spec["landlock_abi"]
     fs = 0x1FF2 | (0x2000 if abi >= 2 else 0) | (0x4000 if abi >= 3 else 0)
     size = 8 if abi < 4 else (16 if abi < 6 else 24)
     attr = (ctypes.c_uint64 * 3)(fs, 0, 0x2 if abi >= 6 else 0)
@@ -471,8 +471,8 @@ def run_program(
         out_path = os.path.join(io_dir, "stdout")
         err_path = os.path.join(io_dir, "stderr")
         abi = landlock_abi() if confine_writes else 0
-        spec = json.dumps({"limits": limits, "python": python, "flags": flags,
-                           "writable": [work_dir] if abi else None, "cgroup": cgroup})
+        spec = json.dumps({"limits": limits, "python": python, "flags": flags, "landlock_abi": abi,
+                           "writable": [work_dir], "cgroup": cgroup})
         cmd = [*prefix, python, "-I", "-S", "-c", _BOOTSTRAP, spec, script, *(args or [])]
 
         # Files rather than pipes: no reader threads, no pipe deadlock, and RLIMIT_FSIZE
