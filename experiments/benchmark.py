@@ -131,6 +131,22 @@ def random_batch(B: int, P: int, T: int, vocab: int, device, seed: int = 0) -> t
 
 
 # -- measuring ---------------------------------------------------------------------------------
+def measure(fn: Callable[[], Any], device: torch.device, args, *, tokens: int, flops_per_token: float,
+            peak: float, warm_call: bool = False) -> dict[str, Any]:
+    """Peak memory, median time, tokens/s and MFU of ``fn`` (which processes ``tokens``
+    tokens), or ``{"oom": True}`` where it ran out of GPU memory."""
+    try:
+        if warm_call:
+            fn()
+        mem = peak_memory(fn, device)
+        sec = timed(fn, device, args.warmup, args.reps)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"oom": True}
+    return {"seconds": sec, "tokens_per_s": tokens / sec, "mfu": flops_per_token * tokens / sec / peak,
+            "peak_mem_mib": mem / 2**20}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -418,29 +434,14 @@ def run(args) -> dict[str, Any]:
         for name, fn in step_fns(model, opt, batch, cache, args.chunk_size, amp).items():
             if name == "naive" and args.skip_naive:
                 continue
-            try:
-                fn()  # optimizer state exists before memory is measured
-                mem = peak_memory(fn, device)
-                sec = timed(fn, device, args.warmup, args.reps)
-            except torch.OutOfMemoryError:
+            # first call outside the measurement: the optimizer state exists before memory is measured
+            row = measure(fn, device, args, tokens=tokens, flops_per_token=6 * N, peak=peak, warm_call=True)
+            if row.get("oom"):
                 opt.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                res["steps"].append({"seq_len": S, "batch": B, "method": name, "oom": True})
-                continue
-            res["steps"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name, "seconds": sec,
-                                 "tokens_per_s": tokens / sec, "mfu": 6 * N * tokens / sec / peak,
-                                 "peak_mem_mib": mem / 2**20})
+            res["steps"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name} | row)
         for name, fn in score_fns(scorer, batch.to(device), args.chunk_size).items():
-            try:
-                mem = peak_memory(fn, device)
-                sec = timed(fn, device, args.warmup, args.reps)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                res["scoring"].append({"seq_len": S, "batch": B, "method": name, "oom": True})
-                continue
-            res["scoring"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name, "seconds": sec,
-                                   "tokens_per_s": tokens / sec, "mfu": 2 * N * tokens / sec / peak,
-                                   "peak_mem_mib": mem / 2**20})
+            row = measure(fn, device, args, tokens=tokens, flops_per_token=2 * N, peak=peak)
+            res["scoring"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name} | row)
         _progress(res, S)
 
     res["memory"] = memory_comparison(args, device, amp)
