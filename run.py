@@ -8,6 +8,7 @@ trained policy's Mean@k so that Hydra sweepers can optimise it.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import hydra
@@ -20,7 +21,7 @@ OmegaConf.register_new_resolver("disa_uid", lambda: uuid.uuid4().hex[:6], use_ca
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from disa.workflow import run
+    from disa.job import run
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summary = run(cfg, HydraConfig.get().runtime.output_dir)
@@ -28,4 +29,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from disa.config import upgrade_overrides
+
+    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # settings renamed this release keep working, with a warning
     main()

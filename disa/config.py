@@ -3,19 +3,70 @@
 Every problem is reported at once, each naming the setting, the value given and what is
 allowed. Unknown config-group options are caught earlier by Hydra itself, which lists the
 available ones.
+
+Settings renamed in this release (:data:`RENAMED`) keep working for one release with their
+old spelling: on the command line (:func:`upgrade_overrides`, called by ``run.py`` before
+Hydra parses it) and in config files (:func:`upgrade_config`), each with a deprecation
+warning naming the new spelling.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 STAGE_CHOICES = ("all", "sample", "score", "anchor", "train", "evaluate")
+
+#: old spelling → new spelling, accepted (with a warning) until the next release
+RENAMED = {
+    "train.checkpoint_every": "checkpoint.every_n_steps",
+    "train.gradient_checkpointing": "checkpoint.activations",
+    "train.chunk_size": "scoring.chunk_size",
+    "sampler.score_batch_size": "scoring.batch_size",
+}
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"the setting {old} is now {new}; the old spelling stops working in the next release",
+                  FutureWarning, stacklevel=3)
+
+
+def upgrade_overrides(args: list[str]) -> list[str]:
+    """Command-line overrides with every renamed setting spelled the new way (``key=value``,
+    ``+key=value``, ``++key=value``, ``~key``), warning once per renamed key."""
+    out = []
+    for arg in args:
+        m = re.match(r"^(~|\+\+|\+)?([\w.]+)(=.*)?$", arg)
+        if m and m.group(2) in RENAMED:
+            _deprecated(m.group(2), RENAMED[m.group(2)])
+            arg = (m.group(1) or "") + RENAMED[m.group(2)] + (m.group(3) or "")
+        out.append(arg)
+    return out
+
+
+def upgrade_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the renamed settings a config file still sets moved to their new place
+    (a warning each); a block left empty by the move is removed."""
+    for old, new in RENAMED.items():
+        value = OmegaConf.select(cfg, old, default="<absent>")
+        if value == "<absent>":
+            continue
+        _deprecated(old, new)
+        parent, key = old.rsplit(".", 1)
+        with open_dict(cfg):
+            OmegaConf.update(cfg, new, value, force_add=True)
+            node = OmegaConf.select(cfg, parent)
+            node.pop(key)
+            if parent == "train" and len(node) == 0:
+                cfg.pop("train")
+    return cfg
 
 
 class ConfigError(ValueError):
@@ -37,6 +88,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("stage", lambda v: v in STAGE_CHOICES, f"one of {list(STAGE_CHOICES)}"),
     ("proposal.kind", lambda v: v in ("ref", "model", "mixture"), "one of ['ref', 'model', 'mixture']"),
     ("proposal.strength", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1] (mixture weight λ)"),
+    ("scoring.batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("scoring.chunk_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("proposal.num_samples", lambda v: _int(v) and v >= 1, "an integer K >= 1"),
     ("proposal.min_ess", lambda v: _num(v) and v >= 1, "a number >= 1"),
     ("sampler.engine", lambda v: v in ("hf", "vllm"), "one of ['hf', 'vllm']"),
@@ -53,8 +106,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("eval.sampler.top_k", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     ("algorithm.batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("trainer.max_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("train.checkpoint_every", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("train.gradient_checkpointing", lambda v: isinstance(v, bool), "true or false"),
+    ("checkpoint.every_n_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("checkpoint.activations", lambda v: isinstance(v, bool), "true or false"),
     ("backbone.kind", lambda v: v in ("embedded", "hf", "gguf"), "one of ['embedded', 'hf', 'gguf']"),
 ]
 
@@ -103,6 +156,18 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
                 "(minibatches are whole groups of one rollout)")
     if cfg.algorithm.loss not in LOSSES:
         errors.append(f"algorithm.loss={cfg.algorithm.loss!r} is not registered; allowed: {sorted(LOSSES)}")
+    elif "beta" not in bad:
+        try:
+            LOSSES[cfg.algorithm.loss].make_options(OmegaConf.to_container(cfg.algorithm.loss_args, resolve=True),
+                                                    beta=float(cfg.beta))
+        except (TypeError, ValueError) as e:
+            errors.append(str(e))
+    # ref and model are the two ends of the mixture: their λ is fixed, never silently replaced
+    fixed = {"ref": 0.0, "model": 1.0}.get(cfg.proposal.kind)
+    if fixed is not None and "proposal.strength" not in bad and float(cfg.proposal.strength) != fixed:
+        errors.append(f"proposal.strength={cfg.proposal.strength!r} with proposal.kind={cfg.proposal.kind!r} is "
+                      f"invalid; allowed: {fixed} (proposal={cfg.proposal.kind} samples with λ = {fixed:g}; "
+                      "use proposal=mixture to choose λ)")
     if cfg.backbone.kind == "hf" and "backbone.kind" not in bad:
         from disa.models import HUB_ID
 

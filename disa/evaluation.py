@@ -1,7 +1,7 @@
 """Evaluation metrics: Mean@k, unbiased pass@k, diversity, exact distance to the target.
 
-All functions are pure (DataFrames / arrays in, numbers out); :mod:`disa.pipeline` does the
-sampling and caching.
+All functions are pure (DataFrames / arrays in, numbers out); the evaluate stage
+(:mod:`disa.stages.evaluate`) does the sampling and caching.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from disa.anchor.theory import exact_log_z
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -93,7 +95,7 @@ def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> di
         lr, lp = g.logp_ref.to_numpy(np.float64), g.logp_pol.to_numpy(np.float64)
         log_pr, log_pp = np.logaddexp.reduce(lr), np.logaddexp.reduce(lp)
         log_rest_r, log_rest_p = _log1mexp(log_pr), _log1mexp(log_pp)
-        log_z = np.logaddexp(log_rest_r, log_pr + beta)
+        log_z = exact_log_z(log_pr, beta)
         target = np.append(lr + beta - log_z, log_rest_r - log_z)  # log p* on the partition
         pol = np.append(lp, log_rest_p)
         tc, pc = lr - log_pr, lp - log_pp  # conditional on R
@@ -106,3 +108,38 @@ def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> di
             "p_correct_target": float(np.exp(log_pr + beta - log_z)),  # what matching p* exactly would give
         })
     return {k: float(v) for k, v in pd.DataFrame(rows).mean().items()}
+
+
+def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
+                   rewarded: pd.DataFrame | None = None, ref_rewarded: pd.DataFrame | None = None) -> dict[str, float]:
+    """Every evaluation metric of one policy from its ``samples`` (columns ``prompt_id, text,
+    reward, n_tokens``, optionally ``benchmark``).
+
+    Samples whose grading failed (NaN reward) are left out and counted in
+    ``reward_missing``; with several benchmarks, every metric is also reported per benchmark
+    (``{benchmark}.{metric}``) and macro-averaged (``macro.{metric}``). On an enumerable task,
+    ``ref_rewarded`` (π_ref's rewarded-set log-probs) gives the set sizes for ``coverage``,
+    and with the policy's own ``rewarded`` table the exact distances to p*
+    (:func:`target_distances`), over the evaluated prompts.
+    """
+    missing = samples.reward.isna()
+    graded = samples[~missing]
+    if graded.empty:
+        raise ValueError("every evaluation sample failed grading; see the grader settings (task.grader)")
+    sizes = ref_rewarded.groupby("prompt_id").size() if ref_rewarded is not None else None
+    m = sample_metrics(graded, list(pass_k), sizes)
+    if "benchmark" in graded and graded.benchmark.nunique() > 1:
+        per = {b: sample_metrics(g, list(pass_k)) for b, g in graded.groupby("benchmark")}
+        for b, mb in per.items():
+            m |= {f"{b}.{k}": v for k, v in mb.items()}
+        for k in ("mean_at_k", *(f"pass_at_{j}" for j in pass_k)):
+            vals = [mb[k] for mb in per.values() if k in mb]
+            if len(vals) == len(per):
+                m[f"macro.{k}"] = float(sum(vals) / len(vals))
+    if rewarded is not None and ref_rewarded is not None:
+        ids = set(samples.prompt_id)
+        m |= target_distances(rewarded[rewarded.prompt_id.isin(ids)], ref_rewarded[ref_rewarded.prompt_id.isin(ids)],
+                              float(beta))
+    m["tokens_generated"] = int(samples.n_tokens.sum())
+    m["reward_missing"] = int(missing.sum())
+    return m

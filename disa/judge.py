@@ -39,14 +39,18 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from disa.tokenization import encode_prompt
+
 __all__ = [
     "HFJudge",
     "Judge",
     "JudgeError",
     "OpenAICompatibleJudge",
+    "build_judge",
     "build_judge_prompt",
     "distinct_from_score",
     "judge_diversity",
+    "judge_metrics",
     "parse_judgement",
     "summarize_judgements",
 ]
@@ -309,16 +313,11 @@ class HFJudge:
         if self._model is None:
             self._load()
         tok, model = self._tok, self._model
-        from disa.tasks.benchmarks import apply_chat_template
-
-        text = apply_chat_template(tok, prompt)
-        enc = tok(text, return_tensors="pt", add_special_tokens=not tok.chat_template)
-        ids = enc["input_ids"]
+        ids = torch.tensor([encode_prompt(tok, prompt, chat=True)])
         if self.max_input_tokens and ids.shape[1] > self.max_input_tokens:
             raise JudgeError(f"judge prompt has {ids.shape[1]} tokens > {self.max_input_tokens}")
         ids = ids.to(model.device)
-        mask = enc.get("attention_mask")
-        mask = mask.to(model.device) if mask is not None else torch.ones_like(ids)
+        mask = torch.ones_like(ids)  # one unpadded sequence
         sample = self.temperature > 0
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with torch.no_grad():
@@ -425,3 +424,30 @@ def summarize_judgements(df: pd.DataFrame) -> dict[str, float | int]:
         "mean_distinct": mean("distinct"),
         "mean_distinct_fraction": mean("distinct_fraction"),
     }
+
+
+def build_judge(judge_cfg) -> Judge:
+    """The judge an ``eval.judge`` config names (``kind``: ``openai`` or ``hf``)."""
+    if judge_cfg.kind == "openai":
+        return OpenAICompatibleJudge(judge_cfg.base_url, judge_cfg.model,
+                                     api_key_env=judge_cfg.get("api_key_env", "OPENAI_API_KEY"))
+    if judge_cfg.kind == "hf":
+        return HFJudge(judge_cfg.model)
+    raise ValueError(f"eval.judge.kind={judge_cfg.kind!r}; allowed: ['openai', 'hf']")
+
+
+def judge_metrics(judge: Judge, samples: pd.DataFrame, problems: pd.DataFrame, max_chars: int = 4000,
+                  workers: int = 1) -> dict[str, float]:
+    """Strategy diversity of each evaluation prompt's k responses (``samples``: ``prompt_id,
+    text``) to its problem (``problems``: ``prompt_id`` and ``problem`` or ``prompt``).
+    Failed or unparsable judgements are counted in ``judge_missing`` and left out of the
+    means; with none scored, no mean is reported."""
+    problems = problems.set_index("prompt_id")
+    column = "problem" if "problem" in problems else "prompt"
+    items = [{"prompt_id": pid, "problem": problems.loc[pid, column], "responses": g.text.tolist()}
+             for pid, g in samples.groupby("prompt_id", sort=False)]
+    s = summarize_judgements(judge_diversity(judge, items, max_chars_per_response=max_chars, workers=workers))
+    out = {"judge_missing": s["n_missing"], "judge_scored": s["n_scored"]}
+    if s["n_scored"]:
+        out |= {"judge_score": s["mean_score"], "judge_distinct_fraction": s["mean_distinct_fraction"]}
+    return out

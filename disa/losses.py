@@ -1,13 +1,18 @@
 """Loss functions of every algorithm, behind one registry, plus their shared building blocks.
 
-Every loss is ``loss(logp, mask, batch, cfg) -> (loss, metrics)``:
+The contract (one for all losses):
 
-- ``logp [B, T]``: the current policy's per-token log-probs of the completion tokens (has grad);
-  where ``mask`` is 0 it may hold any finite value and is ignored.
-- ``mask [B, T]``: 1 (or True) on completion tokens.
-- ``batch``: named tensors, documented per loss. Everything that comes from a cache, an old
-  policy or the reference is ``.detach()``-ed here, so no gradient can ever reach it.
-- ``cfg``: a mapping (plain dict or OmegaConf ``DictConfig``) read with ``cfg.get``.
+- every loss is ``loss(logp, mask, batch, options) -> (loss, metrics)``;
+- ``logp [B, T]``: the current policy's per-token log-probs of the completion tokens (has
+  grad); where ``mask`` is 0 it may hold any finite value and is ignored;
+- ``mask [B, T]``: 1 (or True) on completion tokens;
+- ``batch``: named tensors from :data:`BATCH_FIELDS`, the one schema every training loop
+  builds batches in. Each loss is registered with the fields it reads (``needs``, which may
+  depend on its options), so a loop builds exactly those and nothing is adapted privately.
+  Everything that comes from a cache, an old policy or the reference is ``.detach()``-ed
+  here, so no gradient can ever reach it;
+- ``options``: the loss's own frozen dataclass (``algorithm.loss_args``; DISA also takes
+  the run's β), built and checked by :meth:`LossSpec.make_options` before any work starts.
 
 ``loss`` is a scalar tensor; ``metrics`` maps names to detached python floats.
 """
@@ -15,13 +20,28 @@ Every loss is ``loss(logp, mask, batch, cfg) -> (loss, metrics)``:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-LossFn = Callable[[Tensor, Tensor, Mapping[str, Tensor], Mapping[str, Any]], tuple[Tensor, dict[str, float]]]
-LOSSES: dict[str, LossFn] = {}
+#: The batch schema: field → (shape, meaning). ``B`` trajectories, ``T`` completion positions.
+BATCH_FIELDS: dict[str, tuple[str, str]] = {
+    "reward": ("[B]", "verifiable reward r(q, o)"),
+    "log_z_hat": ("[B]", "the frozen anchor log Ẑ(q) of the trajectory's prompt"),
+    "log_z": ("[B]", "a learned log Z_φ(q) (FlowRL's head; has grad)"),
+    "logp_ref_seq": ("[B]", "Σ_t log π_ref(o_t | q, o_<t)"),
+    "logp_ref_tok": ("[B, T]", "log π_ref per completion token"),
+    "logp_old_seq": ("[B]", "Σ_t log π_old, the policy that sampled the rollout"),
+    "logp_old_tok": ("[B, T]", "log π_old per completion token"),
+    "advantages": ("[B]", "group-normalised rewards (see group_normalize)"),
+    "group_ids": ("[B]", "integer id of the rollout group (prompt) of each trajectory"),
+}
+#: fields that only a reference-model forward pass gives (the cache holds logp_ref_seq too)
+REFERENCE_FIELDS = frozenset({"logp_ref_seq", "logp_ref_tok"})
+
+LossFn = Callable[[Tensor, Tensor, Mapping[str, Tensor], Any], tuple[Tensor, dict[str, float]]]
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCALES = ("group", "batch", "none")
 # exp() of a log-ratio is evaluated on at most this magnitude (as verl does), so that a
@@ -29,21 +49,76 @@ SCALES = ("group", "batch", "none")
 MAX_LOG_RATIO = 20.0
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: add the function to :data:`LOSSES` under ``name``."""
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function, its options and the batch fields it reads."""
 
+    name: str
+    fn: LossFn
+    options: type  #: frozen dataclass of the loss's settings
+    needs: Callable[[Any], frozenset[str]]  #: options → the BATCH_FIELDS the loss reads
+
+    def make_options(self, loss_args: Mapping[str, Any] | None = None, beta: float | None = None) -> Any:
+        """The options from ``algorithm.loss_args``; ``beta`` (the run's β) goes to the losses
+        that declare it. Unknown keys are an error naming the allowed ones."""
+        names = {f.name for f in fields(self.options)}
+        given = dict(loss_args or {})
+        unknown = sorted(set(given) - (names - {"beta"}))
+        if unknown:
+            raise ValueError(f"algorithm.loss_args has {unknown}, which the {self.name!r} loss does not take; "
+                             f"allowed: {sorted(names - {'beta'})}" + (" (β is the top-level `beta`)"
+                                                                        if "beta" in unknown else ""))
+        if "beta" in names:
+            given["beta"] = beta
+        return self.options(**given)
+
+    def reads_reference(self, options: Any) -> bool:
+        """Whether the loss reads reference log-probs (offline they come from the cache;
+        online only a reference forward pass gives them)."""
+        return bool(self.needs(options) & REFERENCE_FIELDS)
+
+    def __reduce__(self):
+        # pickled by name (ddp_spawn sends the module to other processes): the registry is
+        # the loss's identity, and its needs functions are lambdas
+        return get_loss, (self.name,)
+
+    def __call__(self, logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: Any
+                 ) -> tuple[Tensor, dict[str, float]]:
+        check_batch(self.needs(options), batch, len(logp))
+        return self.fn(logp, mask, batch, options)
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, options: type, needs: Callable[[Any], frozenset[str] | set[str]]
+                  ) -> Callable[[LossFn], LossFn]:
+    """Decorator: add the function to :data:`LOSSES` under ``name`` with its options class and
+    the batch fields it reads."""
     def add(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
+        LOSSES[name] = LossSpec(name, fn, options, lambda o: frozenset(needs(o)))
         return fn
 
     return add
 
 
-def get_loss(name: str) -> LossFn:
+def get_loss(name: str) -> LossSpec:
     """The registered loss ``name``; ``ValueError`` listing the valid names otherwise."""
     if name not in LOSSES:
         raise ValueError(f"algorithm.loss={name!r} is not registered; allowed: {sorted(LOSSES)}")
     return LOSSES[name]
+
+
+def check_batch(needs: frozenset[str], batch: Mapping[str, Tensor], B: int) -> None:
+    """Refuse a batch that lacks a field the loss reads or holds it in the wrong shape."""
+    missing = sorted(needs - set(batch))
+    if missing:
+        raise KeyError(f"the loss needs batch fields {missing}; got {sorted(batch)}")
+    for name in needs:
+        shape, x = BATCH_FIELDS[name][0], batch[name]
+        dims = 2 if shape == "[B, T]" else 1
+        if x.dim() != dims or x.shape[0] != B:
+            raise ValueError(f"batch[{name!r}] has shape {list(x.shape)}; the schema says {shape} with B={B}")
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -130,19 +205,13 @@ def _const(batch: Mapping[str, Tensor], key: str, like: Tensor, mask: Tensor | N
     return x if mask is None else torch.where(mask, x, torch.zeros_like(x))
 
 
-def _opt(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
-    """``cfg[key]``, or ``default`` when absent or null."""
-    value = cfg.get(key)
-    return default if value is None else value
-
-
-def _clip_range(cfg: Mapping[str, Any], low: float, high: float) -> tuple[float, float]:
+def _clip_range(options: Any, low: float, high: float) -> tuple[float, float]:
     """``(ε_low, ε_high)``: ``clip_eps_low``/``clip_eps_high`` override ``clip_eps``, which
     overrides the defaults ``low``/``high``."""
-    eps = cfg.get("clip_eps")
-    if eps is not None:
-        low = high = float(eps)
-    return float(_opt(cfg, "clip_eps_low", low)), float(_opt(cfg, "clip_eps_high", high))
+    if options.clip_eps is not None:
+        low = high = float(options.clip_eps)
+    pick = lambda v, default: float(default if v is None else v)  # noqa: E731
+    return pick(options.clip_eps_low, low), pick(options.clip_eps_high, high)
 
 
 def _clipped_surrogate(ratio: Tensor, adv: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
@@ -160,46 +229,66 @@ def _floats(**values: Tensor | float) -> dict[str, float]:
 # -- losses ------------------------------------------------------------------------------------
 
 
-@register_loss("disa")
-def disa_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+def _agg_mode(mode: str) -> None:
+    if mode not in AGG_MODES:
+        raise ValueError(f"algorithm.loss_args.loss_agg_mode={mode!r}; allowed: {list(AGG_MODES)}")
+
+
+@dataclass(frozen=True)
+class DisaOptions:
+    beta: float  #: the run's inverse temperature β (top-level ``beta``, not a loss_args key)
+    length_normalize: bool = False  #: ablation: divide the log-ratio by |o| (changes the fixed point)
+
+    def __post_init__(self):
+        if self.beta is None:
+            raise ValueError("the disa loss needs β (the top-level `beta` setting)")
+
+
+@register_loss("disa", DisaOptions, needs=lambda o: {"log_z_hat", "logp_ref_seq", "reward"})
+def disa_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: DisaOptions
+              ) -> tuple[Tensor, dict[str, float]]:
     """DISA: trajectory balance against the frozen offline anchor ``log Ẑ(q)``.
 
-    ``δ = log Ẑ + Σ_t logp − logp_ref − β·r``, ``L = mean δ²``. Its minimiser is
+    ``δ = log Ẑ + Σ_t logp − logp_ref_seq − β·r``, ``L = mean δ²``. Its minimiser is
     ``π(o|q) = π_ref(o|q) exp(β r) / Ẑ(q)``, the KL-regularised optimum, wherever the cached
     trajectories come from (the squared residual is zero per trajectory there).
 
-    batch: ``log_z_hat [B]`` (frozen anchor), ``logp_ref [B]`` (summed reference log-prob),
-    ``reward [B]``. cfg: ``beta`` (required), ``length_normalize`` (default False).
+    ``length_normalize=True`` (an ablation) uses ``(Σ_t logp − logp_ref_seq)/|o|`` instead: its
+    fixed point is no longer the target above, since the anchor was estimated for the
+    unnormalised log-ratio.
 
-    ``length_normalize=True`` (an ablation) uses ``(Σ_t logp − logp_ref)/|o|`` instead: its fixed
-    point is no longer the target above, since the anchor was estimated for the unnormalised
-    log-ratio.
-
-    Example (B=1, T=2, β=1): logp=[[-1, -2]], mask=[[1, 1]], log_z_hat=[0.5], logp_ref=[-2.5],
+    Example (B=1, T=2, β=1): logp=[[-1, -2]], mask=[[1, 1]], log_z_hat=[0.5], logp_ref_seq=[-2.5],
     reward=[1] → δ = 0.5 − 3 + 2.5 − 1 = −1, L = 1.
     """
-    beta = cfg.get("beta")
-    if beta is None:
-        raise ValueError("the disa loss needs cfg['beta'] (the inverse temperature β)")
     x, m, length = _prepare(logp, mask)
-    log_ratio = x.sum(-1) - _const(batch, "logp_ref", x)  # [B]
-    if cfg.get("length_normalize", False):
+    log_ratio = x.sum(-1) - _const(batch, "logp_ref_seq", x)  # [B]
+    if options.length_normalize:
         log_ratio = log_ratio / length
     reward = _const(batch, "reward", x)
-    delta = _const(batch, "log_z_hat", x) + log_ratio - float(beta) * reward  # [B]
+    delta = _const(batch, "log_z_hat", x) + log_ratio - float(options.beta) * reward  # [B]
     loss = delta.pow(2).mean()
     return loss, _floats(loss=loss, delta_mean=delta.mean(), delta_abs_mean=delta.abs().mean(),
                          log_ratio_mean=log_ratio.mean(), reward_mean=reward.mean())
 
 
-@register_loss("flowrl")
-def flowrl_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class FlowRLOptions:
+    beta_f: float = 15.0  #: FlowRL's reward scale β_f (the paper's default)
+    clip_eps: float | None = 0.2  #: importance weight clipped to [1−ε, 1+ε]
+    clip_eps_low: float | None = None  #: overrides clip_eps below
+    clip_eps_high: float | None = None  #: overrides clip_eps above
+
+
+@register_loss("flowrl", FlowRLOptions, needs=lambda o: {"log_z", "logp_ref_seq", "logp_old_seq", "reward", "group_ids"})
+def flowrl_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: FlowRLOptions
+                ) -> tuple[Tensor, dict[str, float]]:
     """FlowRL (arXiv 2509.15207): trajectory balance with a learned ``log Z_φ(q)``.
 
-    ``δ = log Z_φ + (Σ_t logp)/|o| − logp_ref/|o| − β_f·r̂``, ``r̂`` the group-normalised reward,
-    ``w = clip(exp(Σ_t logp − logp_old), 1−ε_low, 1+ε_high)`` detached, ``L = mean w·δ²``.
-    The 1/|o| keeps long sequences from dominating the residual; the detached, clipped weight
-    corrects for sampling from the old policy without letting one trajectory blow up the step.
+    ``δ = log Z_φ + (Σ_t logp)/|o| − logp_ref_seq/|o| − β_f·r̂``, ``r̂`` the group-normalised
+    reward, ``w = clip(exp(Σ_t logp − logp_old_seq), 1−ε_low, 1+ε_high)`` detached,
+    ``L = mean w·δ²``. The 1/|o| keeps long sequences from dominating the residual; the
+    detached, clipped weight corrects for sampling from the old policy without letting one
+    trajectory blow up the step.
 
     This matches ``compute_flowrl_objective`` of the public code (as recalled: masked-mean log-probs,
     ``log_w`` = masked *sum* of the token log-ratios, ``exp(log_w).detach()`` clamped to
@@ -208,21 +297,16 @@ def flowrl_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], cfg: Ma
     minibatching; here it is normalised inside the loss over the groups present in ``batch``,
     so the caller must pass whole groups for the two to agree.
 
-    batch: ``log_z [B]`` (the head's output; has grad), ``logp_ref [B]``, ``logp_old [B]``
-    (summed log-probs), ``reward [B]``, ``group_ids [B]``. cfg: ``beta_f`` (15.0), ``clip_eps``
-    (0.2), optional ``clip_eps_low``/``clip_eps_high``.
-
-    Example (B=2 one group, T=1, β_f=1): logp=[[-1], [-1]], log_z=[0, 0], logp_ref=[-1, -1],
-    logp_old=[-1, -1], reward=[1, 0] → r̂ ≈ [0.707, −0.707], w = 1, L ≈ 0.5.
+    Example (B=2 one group, T=1, β_f=1): logp=[[-1], [-1]], log_z=[0, 0], logp_ref_seq=[-1, -1],
+    logp_old_seq=[-1, -1], reward=[1, 0] → r̂ ≈ [0.707, −0.707], w = 1, L ≈ 0.5.
     """
     x, m, length = _prepare(logp, mask)
-    beta_f = float(_opt(cfg, "beta_f", 15.0))
-    low, high = _clip_range(cfg, 0.2, 0.2)
+    low, high = _clip_range(options, 0.2, 0.2)
     seq = x.sum(-1)  # [B]
     log_z = batch["log_z"].to(x.dtype)  # deliberately not detached: this trains the head
     r_hat = group_normalize(_const(batch, "reward", x), batch["group_ids"].to(x.device), "group")
-    delta = log_z + (seq - _const(batch, "logp_ref", x)) / length - beta_f * r_hat
-    raw_w = torch.exp(seq.detach() - _const(batch, "logp_old", x))
+    delta = log_z + (seq - _const(batch, "logp_ref_seq", x)) / length - float(options.beta_f) * r_hat
+    raw_w = torch.exp(seq.detach() - _const(batch, "logp_old_seq", x))
     w = raw_w.clamp(1 - low, 1 + high)
     loss = (w * delta.pow(2)).mean()
     return loss, _floats(loss=loss, delta_mean=delta.mean(), delta_abs_mean=delta.abs().mean(),
@@ -230,84 +314,108 @@ def flowrl_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], cfg: Ma
                          clip_frac=((raw_w < 1 - low) | (raw_w > 1 + high)).float().mean())
 
 
-@register_loss("grpo")
-def grpo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class GRPOOptions:
+    clip_eps: float | None = 0.2  #: ratio clipped to [1−ε, 1+ε]
+    clip_eps_low: float | None = None  #: overrides clip_eps below
+    clip_eps_high: float | None = None  #: overrides clip_eps above (DAPO's clip-higher)
+    kl_coef: float = 0.0  #: weight of the k3 KL to π_ref; > 0 makes the loss read logp_ref_tok
+    loss_agg_mode: str = "token-mean"  #: see aggregate()
+    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (default T)
+
+    def __post_init__(self):
+        _agg_mode(self.loss_agg_mode)
+        if not self.kl_coef >= 0:
+            raise ValueError(f"algorithm.loss_args.kl_coef={self.kl_coef!r}; allowed: a number >= 0")
+
+
+@register_loss("grpo", GRPOOptions,
+               needs=lambda o: {"logp_old_tok", "advantages"} | ({"logp_ref_tok"} if o.kl_coef > 0 else set()))
+def grpo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: GRPOOptions
+              ) -> tuple[Tensor, dict[str, float]]:
     """GRPO: PPO's clipped surrogate per token with a sequence-level advantage, optional k3 KL.
 
-    ``ρ = exp(logp − logp_old)``, per token ``−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)
+    ``ρ = exp(logp − logp_old_tok)``, per token ``−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)
     + kl_coef·k3``, ``k3 = exp(ref − logp) − (ref − logp) − 1`` (unbiased, non-negative KL
-    estimate), reduced by :func:`aggregate`.
+    estimate), reduced by :func:`aggregate`. ``logp_ref_tok`` is read iff ``kl_coef > 0``;
+    the ``kl`` metric is reported whenever the batch holds it.
 
-    batch: ``logp_old [B, T]``, ``advantages [B]``, ``logp_ref [B, T]`` (needed iff
-    ``kl_coef > 0``; used for the ``kl`` metric whenever present). cfg: ``clip_eps`` (0.2),
-    ``clip_eps_low``/``clip_eps_high``, ``kl_coef`` (0.0), ``loss_agg_mode`` ("token-mean"),
-    ``norm_len`` (None).
-
-    Example (B=1, T=1, A=1, ε=0.2): logp − logp_old = log 1.5 → ρ = 1.5 is clipped to 1.2,
+    Example (B=1, T=1, A=1, ε=0.2): logp − logp_old_tok = log 1.5 → ρ = 1.5 is clipped to 1.2,
     loss = −1.2 with zero gradient, clip_frac = 1.
     """
     x, m, _ = _prepare(logp, mask)
-    low, high = _clip_range(cfg, 0.2, 0.2)
-    kl_coef = float(_opt(cfg, "kl_coef", 0.0))
-    mode, norm_len = _opt(cfg, "loss_agg_mode", "token-mean"), cfg.get("norm_len")
-    log_ratio = x - _const(batch, "logp_old", x, m)
+    low, high = _clip_range(options, 0.2, 0.2)
+    kl_coef = float(options.kl_coef)
+    log_ratio = x - _const(batch, "logp_old_tok", x, m)
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
     adv = _const(batch, "advantages", x).unsqueeze(-1)  # [B, 1]
     per_token, clipped = _clipped_surrogate(ratio, adv, low, high)
     metrics: dict[str, Tensor | float] = {}
-    if kl_coef > 0 or "logp_ref" in batch:
-        d = (_const(batch, "logp_ref", x, m) - x).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    if "logp_ref_tok" in batch:
+        d = (_const(batch, "logp_ref_tok", x, m) - x).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         k3 = torch.exp(d) - d - 1  # [B, T]
         metrics["kl"] = aggregate(k3, m, "token-mean")
         if kl_coef > 0:
             per_token = per_token + kl_coef * k3
-    loss = aggregate(per_token, m, mode, norm_len)
+    loss = aggregate(per_token, m, options.loss_agg_mode, options.norm_len)
     return loss, _floats(loss=loss, clip_frac=aggregate(clipped.to(x.dtype), m, "token-mean"),
                          ratio_mean=aggregate(ratio, m, "token-mean"), **metrics)
 
 
-@register_loss("gspo")
-def gspo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class GSPOOptions:
+    clip_eps: float | None = None  #: both sides at once (else the two below)
+    clip_eps_low: float | None = 3e-4  #: sequence ratio clipped below at 1 − this
+    clip_eps_high: float | None = 4e-4  #: and above at 1 + this
+
+
+@register_loss("gspo", GSPOOptions, needs=lambda o: {"logp_old_tok", "advantages"})
+def gspo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: GSPOOptions
+              ) -> tuple[Tensor, dict[str, float]]:
     """GSPO: the clipped surrogate on a sequence-level, length-normalised ratio. No KL.
 
-    ``s = exp(mean over valid tokens of (logp − logp_old))`` (gradient flows through s),
+    ``s = exp(mean over valid tokens of (logp − logp_old_tok))`` (gradient flows through s),
     per sequence ``−min(sA, clip(s, 1−ε_low, 1+ε_high)A)``, ``L`` = mean over the B sequences.
     The geometric mean keeps s near 1 whatever the length, hence the paper's narrow range.
-
-    batch: ``logp_old [B, T]``, ``advantages [B]``. cfg: ``clip_eps_low`` (3e-4),
-    ``clip_eps_high`` (4e-4), or ``clip_eps`` for both.
 
     Example (B=1, T=2, A=1): log-ratios [0.001, 0.001] → s = e^0.001 ≈ 1.001, clipped to
     1.0004: loss = −1.0004 with zero gradient.
     """
     x, m, length = _prepare(logp, mask)
-    low, high = _clip_range(cfg, 3e-4, 4e-4)
-    mean_log_ratio = (x - _const(batch, "logp_old", x, m)).sum(-1) / length  # [B]
+    low, high = _clip_range(options, 3e-4, 4e-4)
+    mean_log_ratio = (x - _const(batch, "logp_old_tok", x, m)).sum(-1) / length  # [B]
     ratio = torch.exp(mean_log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     per_seq, clipped = _clipped_surrogate(ratio, _const(batch, "advantages", x), low, high)
     loss = per_seq.mean()
     return loss, _floats(loss=loss, clip_frac=clipped.to(x.dtype).mean(), ratio_mean=ratio.mean())
 
 
-@register_loss("sft")
-def sft_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class SFTOptions:
+    reward_threshold: float = 0.5  #: a trajectory is a target iff its reward exceeds this
+    loss_agg_mode: str = "token-mean"  #: see aggregate()
+    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (default T)
+
+    def __post_init__(self):
+        _agg_mode(self.loss_agg_mode)
+
+
+@register_loss("sft", SFTOptions, needs=lambda o: {"reward"})
+def sft_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: SFTOptions
+             ) -> tuple[Tensor, dict[str, float]]:
     """LoRA-SFT distillation: NLL ``−logp`` on the tokens of rewarded trajectories only.
 
     A trajectory is a target iff ``reward > reward_threshold``; the others are dropped before
     :func:`aggregate` (so "mean over sequences" means over the targets). With no target in the
     batch the loss is a graph-connected 0, so the optimizer step is a harmless no-op.
 
-    batch: ``reward [B]``. cfg: ``reward_threshold`` (0.5), ``loss_agg_mode`` ("token-mean"),
-    ``norm_len`` (None).
-
     Example: logp=[[-1, -3], [-7, -7]], mask all 1, reward=[1, 0] → loss = 2 (row 2 ignored).
     """
     x, m, _ = _prepare(logp, mask)
-    used = _const(batch, "reward", x) > float(_opt(cfg, "reward_threshold", 0.5))  # [B]
+    used = _const(batch, "reward", x) > float(options.reward_threshold)  # [B]
     n_used = int(used.sum())
     if n_used == 0:
         loss = x.sum() * 0
     else:
-        mode = _opt(cfg, "loss_agg_mode", "token-mean")
-        loss = aggregate(-x[used], m[used], mode, cfg.get("norm_len"))
+        loss = aggregate(-x[used], m[used], options.loss_agg_mode, options.norm_len)
     return loss, _floats(loss=loss, n_used=n_used, used_frac=n_used / max(len(used), 1))

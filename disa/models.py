@@ -1,10 +1,11 @@
-"""Backbone and tokenizer loading: the embedded character-level model, or a local HF model.
+"""Backbone loading: the embedded character-level model, or a local HF / GGUF model.
 
 The embedded backbone is a tiny Llama-architecture causal LM with a character-level
 tokenizer that is a real ``PreTrainedTokenizerFast`` (``save_pretrained``/``from_pretrained``
-round-trip). It is pre-trained on the spot (seeded, cached) on the embedded task's corpus:
-a short run on noisy data gives ``π_ref`` (right sometimes), and a continuation on cleaner
-data gives the stronger proposal checkpoint. No downloads.
+round-trip, see :mod:`disa.tokenization`). It is pre-trained on the spot (seeded, cached) on
+the task's corpus of (prompt, completion) pairs: a short run on noisy data gives ``π_ref``
+(right sometimes), and a continuation on cleaner data gives the stronger proposal
+checkpoint. No downloads.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from disa.cache import Cache, spec_key
-
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+from disa.tokenization import SPECIAL_TOKENS, build_char_tokenizer
 
 
 @dataclass(frozen=True)
@@ -40,39 +40,6 @@ class Backbone:
         """Load one of this backbone's models with its dtype and attention settings."""
         kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
         return load_model(path, self.dtype, device, **kwargs)
-
-
-# -- tokenizer ---------------------------------------------------------------------------
-def build_char_tokenizer(alphabet: str):
-    """A character-level fast tokenizer: one token per character, ``<bos>`` prepended."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + list(alphabet))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # join characters back without spaces
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:  # many causal LMs ship without one; padding is masked anyway
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
 
 
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
@@ -133,23 +100,36 @@ def embedded_config(vocab_size: int, cfg) -> object:
     )
 
 
-def _pretrain(model, tok, texts: list[str], steps: int, batch_size: int, lr: float, seed: int, desc: str):
-    """Plain next-token training on ``"prompt=completion<eos>"`` strings, loss on the
-    completion only so that the model learns ``π(o|q)``, not the prompt distribution."""
+def _pretrain(
+    model,
+    tok,
+    pairs: list[tuple[str, str]],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+):
+    """Plain next-token training on (prompt, completion) pairs, loss on the completion and its
+    EOS only, so that the model learns ``π(o|q)``, not the prompt distribution."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng = np.random.default_rng(seed)
     model.train()
     for _ in tqdm(range(steps), desc=desc, leave=False):
-        batch = [texts[i] for i in rng.integers(0, len(texts), batch_size)]
-        enc = tok([t + tok.eos_token for t in batch], return_tensors="pt", padding=True)
-        labels = enc.input_ids.clone()
-        labels[enc.attention_mask == 0] = -100
-        eq = tok.convert_tokens_to_ids("=")
-        # mask everything up to and including "=" (the prompt)
-        prompt_part = (enc.input_ids == eq).int().flip(1).cumsum(1).flip(1) > 0
-        labels[prompt_part] = -100
+        batch = [pairs[i] for i in rng.integers(0, len(pairs), batch_size)]
+        # left padding ends each row with its completion and EOS; the char tokenizer's tokens
+        # of p + c are p's then c's, so the rest of the row is prompt or padding
+        n_completion = torch.tensor(
+            [len(tok(c + tok.eos_token, add_special_tokens=False).input_ids) for _, c in batch]
+        )
+        # the padded call comes last: the saved tokenizer.json records the padding of the
+        # latest call, and it is part of the checkpoints' fingerprints
+        enc = tok([p + c + tok.eos_token for p, c in batch], return_tensors="pt", padding=True)
+        width = enc.input_ids.shape[1]
+        is_completion = torch.arange(width) >= width - n_completion[:, None]  # [B, width]
+        labels = enc.input_ids.masked_fill(~is_completion, -100)
         loss = model(**enc, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,10 +141,10 @@ def _pretrain(model, tok, texts: list[str], steps: int, batch_size: int, lr: flo
 
 
 def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
-    """Pre-train (or reuse) the embedded reference and proposal checkpoints."""
+    """Pre-train (or reuse) the embedded reference and proposal checkpoints on ``task``:
+    its ``alphabet`` is the tokenizer's vocabulary, its ``corpus(rng, size, p_correct)`` the
+    (prompt, completion) pairs trained on (see :class:`disa.tasks.sumpairs.SumPairsTask`)."""
     from transformers import LlamaForCausalLM
-
-    from disa.tasks.embedded import ALPHABET
 
     b = cfg.backbone
     spec = {
@@ -177,7 +157,7 @@ def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
     def build(art):
         t0 = time.time()
         torch.manual_seed(b.pretrain.seed)
-        tok = build_char_tokenizer(ALPHABET)
+        tok = build_char_tokenizer(task.alphabet)
         model = LlamaForCausalLM(embedded_config(len(tok), b))
         rng = np.random.default_rng(b.pretrain.seed)
         p = b.pretrain

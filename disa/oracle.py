@@ -1,4 +1,4 @@
-"""Exact quantities on tasks whose rewarded set is enumerable (the embedded task).
+"""Exact quantities on tasks whose rewarded set is enumerable (the sumpairs task).
 
 Teacher forcing over every rewarded completion gives ``log π(o|q)`` for each of them, hence
 the exact ``P_π(correct|q)``, the exact ``log Z`` (for π_ref) and exact distances between a
@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from disa.scoring import sequence_logprobs
+from disa.tokenization import encode_prompt
 
 
 def rewarded_logprobs(model, tokenizer, task, prompts: pd.DataFrame, batch_size: int = 512,
@@ -22,7 +23,7 @@ def rewarded_logprobs(model, tokenizer, task, prompts: pd.DataFrame, batch_size:
     rows, p_ids, c_ids = [], [], []
     eos = tokenizer.eos_token_id
     for _, prompt in prompts.iterrows():
-        p = tokenizer(prompt.prompt).input_ids
+        p = encode_prompt(tokenizer, prompt.prompt)
         for ans in task.rewarded_set(prompt):
             rows.append((prompt.prompt_id, ans))
             p_ids.append(p)

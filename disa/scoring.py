@@ -217,6 +217,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    chunk_size: int = 2048,
     progress: str | None = None,
 ) -> torch.Tensor:
     """Summed completion log-probs ``[N]`` (float64) for many pairs, batched by length so
@@ -230,6 +231,6 @@ def sequence_logprobs(
     for s in tqdm(starts, desc=progress, disable=progress is None, leave=False):
         idx = order[s : s + batch_size]
         batch = pack([prompts[i] for i in idx], [completions[i] for i in idx], pad_id).to(device)
-        lp = token_logprobs(model, batch, temperature=temperature, top_k=top_k, top_p=top_p)
+        lp = token_logprobs(model, batch, temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size)
         out[idx] = lp.double().sum(-1).cpu()
     return out

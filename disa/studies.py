@@ -1,9 +1,10 @@
 """Studies that reuse one rollout cache: many estimates from disjoint blocks of cached samples.
 
-A study runs inside a job (``study.name`` in the config, see :func:`run_study`) after the
-anchor stage, reads the scored rollouts, writes its tables into the run directory and
-returns flat ``study.*`` entries for ``summary.json``; with ``study.stop`` (the default)
-the job ends there, without training or evaluation.
+The functions here are pure (tables in, tables out). A study runs inside a job
+(``study.name`` in the config) as the study stage after the anchor (:mod:`disa.stages.study`),
+which reads the scored rollouts, writes these tables into the run directory and returns flat
+``study.*`` entries for ``summary.json``; with ``study.stop`` (the default) the job ends
+there, without training or evaluation.
 
 ``bias_variance`` (``python run.py experiment=anchor_bias_variance``) measures the IS
 estimator against the exact ``log Z`` over a grid K × β × λ, with no training. The rollouts
@@ -19,7 +20,7 @@ samples with ``sample_idx ∈ [r·K, r·K + K_c)``, ``(K_ref, K_prop) = split_co
 Per replicate: ``log_z_hat``, the anchor's diagnostics (ESS, the delta-method ``se`` and
 ``bias_delta``) and the error against the exact ``log_z``. Per (prompt, β, λ), the
 population quantities from all K_max samples of each component, against which the
-delta-method curves of :mod:`disa.analysis` are drawn:
+delta-method curves of :mod:`disa.anchor.theory` are drawn:
 
 - ``ess_frac_pop`` = Z²/E_μ[w²], the large-K limit of Kish's ESS/K (what the anchor's
   ``se`` estimates: the variance of i.i.d. draws from μ_λ);
@@ -29,21 +30,24 @@ delta-method curves of :mod:`disa.analysis` are drawn:
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from disa import analysis
 from disa import anchor as anchoring
-
-log = logging.getLogger(__name__)
+from disa.anchor import theory
 
 #: columns of the scores table a study reads
-_SCORE_COLUMNS = ("prompt_id", "component", "sample_idx", "reward", "logp_ref", "logq_ref", "logq_proposal")
+_SCORE_COLUMNS = (
+    "prompt_id",
+    "component",
+    "sample_idx",
+    "reward",
+    "logp_ref",
+    "logq_ref",
+    "logq_proposal",
+)
 
 
 def _available(scores: pd.DataFrame) -> dict[str, int]:
@@ -51,8 +55,9 @@ def _available(scores: pd.DataFrame) -> dict[str, int]:
     return scores.groupby(["component", "prompt_id"]).size().groupby(level=0).min().to_dict()
 
 
-def replicate_blocks(scores: pd.DataFrame, K: int, strength: float, max_replicates: int | None = None
-                     ) -> tuple[pd.DataFrame, float, int]:
+def replicate_blocks(
+    scores: pd.DataFrame, K: int, strength: float, max_replicates: int | None = None
+) -> tuple[pd.DataFrame, float, int]:
     """The samples of every replicate of sample size K at strength λ.
 
     Returns ``(rows, λ_eff, R)``: ``rows`` has a ``replicate`` column in ``0..R−1`` and is
@@ -65,21 +70,27 @@ def replicate_blocks(scores: pd.DataFrame, K: int, strength: float, max_replicat
     need = {c: k for c, k in (("ref", k_ref), ("proposal", k_prop)) if k > 0}
     missing = [c for c in need if c not in avail]
     if missing:
-        raise ValueError(f"strength λ={strength} needs samples from the {missing} component(s), which the "
-                         f"rollout cache lacks (it has {sorted(avail)}); use proposal=mixture, or λ=0 only")
+        raise ValueError(
+            f"strength λ={strength} needs samples from the {missing} component(s), which the "
+            f"rollout cache lacks (it has {sorted(avail)}); use proposal=mixture, or λ=0 only"
+        )
     R = min(avail[c] // K for c in need)
     if max_replicates is not None:
         R = min(R, int(max_replicates))
     in_block = scores.sample_idx % K
     keep = scores.sample_idx < R * K
-    keep &= ((scores.component == "ref") & (in_block < k_ref)) | ((scores.component == "proposal") & (in_block < k_prop))
+    keep &= ((scores.component == "ref") & (in_block < k_ref)) | (
+        (scores.component == "proposal") & (in_block < k_prop)
+    )
     rows = scores[keep].assign(replicate=lambda d: d.sample_idx // K)
     rows = rows.sort_values(["prompt_id", "replicate", "component", "sample_idx"], kind="stable")
     return rows.reset_index(drop=True), k_prop / K, R
 
 
 def _log_mu(rows: pd.DataFrame, lam: float) -> np.ndarray:
-    return anchoring.mixture_log_density(rows.logq_ref, rows.logq_proposal if lam > 0 else None, lam)
+    return anchoring.mixture_log_density(
+        rows.logq_ref, rows.logq_proposal if lam > 0 else None, lam
+    )
 
 
 def population_ess(scores: pd.DataFrame, beta: float, lam: float, log_z: pd.Series) -> pd.DataFrame:
@@ -90,17 +101,22 @@ def population_ess(scores: pd.DataFrame, beta: float, lam: float, log_z: pd.Seri
     rows = scores[scores.component.isin(comps)]
     log_w = anchoring.log_weights(rows.reward, rows.logp_ref, _log_mu(rows, lam), beta)
     w = np.exp(log_w - log_z.reindex(rows.prompt_id).to_numpy())  # w/Z
-    g = pd.DataFrame({"prompt_id": rows.prompt_id.to_numpy(), "component": rows.component.to_numpy(),
-                      "w": w, "w2": w**2}).groupby(["prompt_id", "component"])
+    g = pd.DataFrame(
+        {
+            "prompt_id": rows.prompt_id.to_numpy(),
+            "component": rows.component.to_numpy(),
+            "w": w,
+            "w2": w**2,
+        }
+    ).groupby(["prompt_id", "component"])
     mom = pd.DataFrame({"m2": g.w2.mean(), "var": g.w.var(ddof=1)}).reset_index()
     mom["frac"] = mom.component.map({"ref": 1.0 - lam, "proposal": lam})
-    per = mom.assign(m2=mom.m2 * mom.frac, var=mom["var"] * mom.frac).groupby("prompt_id")[["m2", "var"]].sum()
+    per = (
+        mom.assign(m2=mom.m2 * mom.frac, var=mom["var"] * mom.frac)
+        .groupby("prompt_id")[["m2", "var"]]
+        .sum()
+    )
     return pd.DataFrame({"ess_frac_pop": 1.0 / per.m2, "ess_frac_strat": 1.0 / (1.0 + per["var"])})
-
-
-def _exact_mc(log_z: float, beta: float, K: int) -> tuple[float, float]:
-    p = math.expm1(log_z) / math.expm1(beta)  # from log Z = log(1 + P(e^β − 1))
-    return analysis.binary_mc_moments(K, min(max(p, 0.0), 1.0), beta)
 
 
 def bias_variance_table(
@@ -126,7 +142,9 @@ def bias_variance_table(
     reward), the exact ``exact_bias, exact_var`` (NaN otherwise).
     """
     scores = scores[[c for c in _SCORE_COLUMNS if c in scores]]
-    binary_ref = bool(scores.reward.isin([0, 1]).all() and np.allclose(scores.logq_ref, scores.logp_ref))
+    binary_ref = bool(
+        scores.reward.isin([0, 1]).all() and np.allclose(scores.logq_ref, scores.logp_ref)
+    )
     frames, skipped, pop_cache, exact_cache = [], [], {}, {}
     for lam in strength:
         for k in K:
@@ -143,43 +161,55 @@ def bias_variance_table(
                 b = float(b)
                 log_w = anchoring.log_weights(rows.reward, rows.logp_ref, log_mu, b).reshape(-1, k)
                 diag = pd.DataFrame([anchoring.is_diagnostics(lw) for lw in log_w])
-                log_z = pd.Series(anchoring.exact_log_z(log_p_correct.to_numpy(), b), index=log_p_correct.index)
+                log_z = pd.Series(
+                    theory.exact_log_z(log_p_correct.to_numpy(), b), index=log_p_correct.index
+                )
                 if (b, lam_eff) not in pop_cache:
                     pop = population_ess(scores, b, lam_eff, log_z)
                     if lam_eff == 0 and binary_ref:  # exact, where the rewarded set gives P
-                        p = np.expm1(log_z) / math.expm1(b)
-                        exact_frac = analysis.binary_ess_frac(p.reindex(pop.index).to_numpy(), b)
+                        p = theory.p_correct_from_log_z(log_z.reindex(pop.index).to_numpy(), b)
+                        exact_frac = theory.binary_ess_frac(p, b)
                         pop = pop.assign(ess_frac_pop=exact_frac, ess_frac_strat=exact_frac)
                     pop_cache[b, lam_eff] = pop
                 pop = pop_cache[b, lam_eff].reindex(pids)
-                part = pd.DataFrame({
-                    "prompt_id": pids, "K": int(k), "beta": b, "strength": float(lam),
-                    "strength_effective": lam_eff, "replicate": reps,
-                    "log_z_hat": [anchoring.log_z_hat(lw) for lw in log_w],
-                    "log_z": log_z.reindex(pids).to_numpy(),
-                })
+                part = pd.DataFrame(
+                    {
+                        "prompt_id": pids,
+                        "K": int(k),
+                        "beta": b,
+                        "strength": float(lam),
+                        "strength_effective": lam_eff,
+                        "replicate": reps,
+                        "log_z_hat": [anchoring.log_z_hat(lw) for lw in log_w],
+                        "log_z": log_z.reindex(pids).to_numpy(),
+                    }
+                )
                 part["error"] = part.log_z_hat - part.log_z
                 part[["ess", "ess_frac", "max_weight", "se", "bias_delta"]] = diag[
-                    ["ess", "ess_frac", "max_weight", "se", "bias"]].to_numpy()
+                    ["ess", "ess_frac", "max_weight", "se", "bias"]
+                ].to_numpy()
                 part["covered"] = part.error.abs() <= 2 * part.se
                 part["n_rewarded"] = n_rewarded
                 part["ess_frac_pop"] = pop.ess_frac_pop.to_numpy()
                 part["ess_frac_strat"] = pop.ess_frac_strat.to_numpy()
-                part["pred_bias"] = analysis.predicted_bias(k, part.ess_frac_strat)
-                part["pred_var"] = analysis.predicted_var(k, part.ess_frac_strat)
-                part["pred_var_iid"] = analysis.predicted_var(k, part.ess_frac_pop)
+                part["pred_bias"] = theory.predicted_bias(k, part.ess_frac_strat)
+                part["pred_var"] = theory.predicted_var(k, part.ess_frac_strat)
+                part["pred_var_iid"] = theory.predicted_var(k, part.ess_frac_pop)
                 exact = (np.nan, np.nan)
                 if lam_eff == 0 and binary_ref:
                     for pid in np.unique(pids):
                         if (pid, k, b) not in exact_cache:
-                            exact_cache[pid, k, b] = _exact_mc(float(log_z[pid]), b, int(k))
+                            p = float(theory.p_correct_from_log_z(log_z[pid], b))
+                            exact_cache[pid, k, b] = theory.binary_mc_moments(int(k), p, b)
                     exact = np.array([exact_cache[pid, k, b] for pid in pids]).T
                 part["exact_bias"], part["exact_var"] = exact[0], exact[1]
                 frames.append(part)
     if not frames:
-        raise ValueError(f"no (K, λ) setting has {min_replicates} disjoint replicates in the rollout cache "
-                         f"(samples per prompt and component: {_available(scores)}); lower study.K or raise "
-                         "proposal.num_samples")
+        raise ValueError(
+            f"no (K, λ) setting has {min_replicates} disjoint replicates in the rollout cache "
+            f"(samples per prompt and component: {_available(scores)}); lower study.K or raise "
+            "proposal.num_samples"
+        )
     return pd.concat(frames, ignore_index=True), skipped
 
 
@@ -197,88 +227,64 @@ def summarize_bias_variance(table: pd.DataFrame) -> pd.DataFrame:
       rewarded sample (where the sample ESS says nothing about the missing tail).
     """
     keys = ["K", "beta", "strength", "strength_effective"]
-    t = table.assign(sq_error=table.error**2, se2=table.se**2,
-                     pred_mse=table.pred_bias**2 + table.pred_var, no_reward=table.n_rewarded == 0)
+    t = table.assign(
+        sq_error=table.error**2,
+        se2=table.se**2,
+        pred_mse=table.pred_bias**2 + table.pred_var,
+        no_reward=table.n_rewarded == 0,
+    )
     g = t.groupby(keys, sort=True)
-    out = g.agg(prompts=("prompt_id", "nunique"), replicates=("replicate", "nunique"),
-                mean_log_z=("log_z", "mean"), bias=("error", "mean"), mse=("sq_error", "mean"),
-                coverage=("covered", "mean"), pred_bias=("pred_bias", "mean"), pred_var=("pred_var", "mean"),
-                pred_mse=("pred_mse", "mean"), pred_var_iid=("pred_var_iid", "mean"),
-                plugin_bias=("bias_delta", "mean"), plugin_var=("se2", "mean"),
-                exact_bias=("exact_bias", "mean"), exact_var=("exact_var", "mean"),
-                ess_frac=("ess_frac", "mean"), ess_frac_pop=("ess_frac_pop", "mean"),
-                ess_frac_strat=("ess_frac_strat", "mean"), no_reward=("no_reward", "mean"))
+    out = g.agg(
+        prompts=("prompt_id", "nunique"),
+        replicates=("replicate", "nunique"),
+        mean_log_z=("log_z", "mean"),
+        bias=("error", "mean"),
+        mse=("sq_error", "mean"),
+        coverage=("covered", "mean"),
+        pred_bias=("pred_bias", "mean"),
+        pred_var=("pred_var", "mean"),
+        pred_mse=("pred_mse", "mean"),
+        pred_var_iid=("pred_var_iid", "mean"),
+        plugin_bias=("bias_delta", "mean"),
+        plugin_var=("se2", "mean"),
+        exact_bias=("exact_bias", "mean"),
+        exact_var=("exact_var", "mean"),
+        ess_frac=("ess_frac", "mean"),
+        ess_frac_pop=("ess_frac_pop", "mean"),
+        ess_frac_strat=("ess_frac_strat", "mean"),
+        no_reward=("no_reward", "mean"),
+    )
     out["bias_se"] = g.error.std(ddof=1) / np.sqrt(g.size())
     # variance within each prompt (across its replicates), then averaged over prompts
     out["var"] = t.groupby([*keys, "prompt_id"]).log_z_hat.var(ddof=1).groupby(level=keys).mean()
-    order = ["prompts", "replicates", "mean_log_z", "bias", "bias_se", "pred_bias", "plugin_bias", "exact_bias",
-             "var", "pred_var", "pred_var_iid", "plugin_var", "exact_var", "mse", "pred_mse", "coverage",
-             "ess_frac", "ess_frac_pop", "ess_frac_strat", "no_reward"]
+    order = [
+        "prompts",
+        "replicates",
+        "mean_log_z",
+        "bias",
+        "bias_se",
+        "pred_bias",
+        "plugin_bias",
+        "exact_bias",
+        "var",
+        "pred_var",
+        "pred_var_iid",
+        "plugin_var",
+        "exact_var",
+        "mse",
+        "pred_mse",
+        "coverage",
+        "ess_frac",
+        "ess_frac_pop",
+        "ess_frac_strat",
+        "no_reward",
+    ]
     return out[order].reset_index()
 
 
-def _describe_skipped(skipped: list[tuple[int, float]]) -> str:
+def describe_skipped(skipped: list[tuple[int, float]]) -> str:
     """``"λ=0: K=256; λ=0.5: K=128,256"``."""
     by_lam: dict[float, list[int]] = {}
     for k, lam in skipped:
         by_lam.setdefault(lam, []).append(k)
     return "; ".join(f"λ={lam:g}: K=" + ",".join(map(str, ks)) for lam, ks in by_lam.items())
-
-
-def bias_variance(ctx, scores, oracle) -> dict[str, Any]:
-    """The study of this module's docstring: writes ``bias_variance.parquet`` (tidy),
-    ``bias_variance_agg.{parquet,csv}`` into the run directory; returns ``study.*``."""
-    from disa.oracle import log_p_correct
-
-    if scores is None:
-        raise ValueError("study.name=bias_variance needs the scored proposal rollouts; "
-                         f"algorithm={ctx.cfg.algorithm.name!r} is online, use stage=anchor")
-    if oracle is None:
-        raise ValueError(f"study.name=bias_variance needs the exact log Z; task={ctx.cfg.task.name!r} "
-                         "has no enumerable rewarded set")
-    s = ctx.cfg.study
-    table, skipped = bias_variance_table(
-        scores.read_table("scores"), log_p_correct(oracle.read_table("rewarded")),
-        K=[int(k) for k in s.K], beta=[float(b) for b in s.beta], strength=[float(x) for x in s.strength],
-        max_replicates=s.get("max_replicates"), min_replicates=int(s.get("min_replicates", 2)),
-    )
-    agg = summarize_bias_variance(table)
-    table.to_parquet(ctx.run_dir / "bias_variance.parquet", index=False)
-    agg.to_parquet(ctx.run_dir / "bias_variance_agg.parquet", index=False)
-    agg.to_csv(ctx.run_dir / "bias_variance_agg.csv", index=False, float_format="%.6g")
-    if skipped:
-        log.warning("bias_variance: fewer than %s disjoint replicates in the cache, skipped %s",
-                    s.get("min_replicates", 2), _describe_skipped(skipped))
-    ratio = (agg["var"] / agg.pred_var).replace([np.inf, -np.inf], np.nan).dropna()
-    return {
-        "study.name": "bias_variance",
-        "study.rows": int(len(table)),
-        "study.settings": int(len(agg)),
-        "study.skipped": _describe_skipped(skipped),
-        "study.coverage_2se": float(table.covered.mean()),
-        "study.mean_abs_error": float(table.error.abs().mean()),
-        "study.median_var_ratio": float(ratio.median()) if len(ratio) else 0.0,
-    }
-
-
-#: name → study function ``(ctx, scores, oracle) -> flat dict``
-STUDIES: dict[str, Callable[..., dict[str, Any]]] = {"bias_variance": bias_variance}
-
-
-def run_study(ctx, scores, oracle) -> dict[str, Any]:
-    """Run the study named by ``cfg.study.name`` (timed as ``time.study_s``)."""
-    s = ctx.cfg.study
-    name = s.get("name")
-    if name not in STUDIES:
-        raise ValueError(f"study.name={name!r} is not known; allowed: {sorted(STUDIES)}")
-    errors = []
-    for key, ok, allowed in (("K", lambda v: isinstance(v, int) and v >= 1, "integers >= 1"),
-                             ("beta", lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
-                             ("strength", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "numbers in [0, 1]")):
-        values = list(s.get(key) or [])
-        if not values or not all(ok(v) and not isinstance(v, bool) for v in values):
-            errors.append(f"study.{key}={values!r} is invalid; allowed: a non-empty list of {allowed}")
-    if errors:
-        raise ValueError("invalid study configuration:\n  - " + "\n  - ".join(errors))
-    with ctx.timed("study"):
-        return STUDIES[name](ctx, scores, oracle)

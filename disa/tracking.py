@@ -23,7 +23,6 @@ writes the runs under each run directory for a later ``wandb sync``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import sys
@@ -38,8 +37,8 @@ log = logging.getLogger(__name__)
 #: rows of evaluation samples per policy in the W&B table: the first few prompts × samples
 TABLE_PROMPTS, TABLE_SAMPLES_PER_PROMPT = 8, 3
 
-#: summary-key prefix of a cache artifact → its W&B artifact type
-_CACHE_ARTIFACTS = {"artifact.sample.": "rollouts", "artifact.score": "scores"}
+#: stage of a cache artifact → its W&B artifact type (logged by reference, never uploaded)
+_BY_REFERENCE = {"sample": "rollouts", "score": "scores"}
 
 
 def sweep_name() -> str | None:
@@ -91,7 +90,10 @@ def _is_wandb(lg: Any) -> bool:
     return type(lg).__name__ == "WandbLogger"
 
 
-def log_summary(loggers: list, summary: dict[str, Any]) -> None:
+def log_summary(loggers: list, summary: dict[str, Any], artifacts: dict[str, Any] | None = None) -> None:
+    """The flat summary to every logger; to W&B also the sample tables and, of ``artifacts``
+    (the cache artifacts the job built or reused, by label: ``sample.ref``, ``score``,
+    ``anchor``, ...), the rollouts, scores and anchor."""
     numeric = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for lg in loggers:
         _learn_csv_header(lg)
@@ -100,7 +102,7 @@ def log_summary(loggers: list, summary: dict[str, Any]) -> None:
             run = lg.experiment
             run.summary.update(summary)
             log_wandb_tables(run, Path(lg.save_dir))
-            log_wandb_artifacts(run, Path(lg.save_dir), Path(run.config["cache_dir"]), summary)
+            log_wandb_artifacts(run, artifacts or {}, summary)
         lg.save()
 
 
@@ -158,41 +160,30 @@ def log_wandb_tables(run: Any, run_dir: Path) -> None:
         run.log(tables)
 
 
-def log_wandb_artifacts(run: Any, run_dir: Path, cache_dir: Path, summary: dict[str, Any]) -> None:
-    """The job's cached rollouts and scores (by reference) and its anchor table (the file).
+def log_wandb_artifacts(run: Any, artifacts: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The job's cached rollouts and scores (by reference) and its anchor table (the file),
+    named after their cache keys, with the spec that determined each as metadata.
 
     An artifact this job built is logged as its output; one it reused from the cache is
     marked as its input (online runs; offline runs log both kinds, W&B dedupes them).
     """
     import wandb
 
-    cache_dir = cache_dir.resolve()
-    for key, value in summary.items():
-        prefix = next((p for p in _CACHE_ARTIFACTS if key.startswith(p)), None)
-        if prefix is None:
+    for label, cached in artifacts.items():
+        stage = label.split(".")[0]
+        reused = bool(summary.get(f"reused.{stage}"))
+        spec = cached.manifest().get("spec", {})
+        if stage in _BY_REFERENCE:
+            art = wandb.Artifact(f"{label.replace('.', '-')}-{cached.key}", type=_BY_REFERENCE[stage],
+                                 metadata={"stage": stage, "key": cached.key, "spec": spec})
+            art.add_reference(f"file://{cached.path}", checksum=False)  # large: recorded, never uploaded
+        elif stage == "anchor":
+            meta = {k: v for k, v in summary.items() if k.startswith("anchor.")}
+            art = wandb.Artifact(f"anchor-{cached.key}", type="anchor", metadata={"key": cached.key, "spec": spec, **meta})
+            art.add_file(str(cached.path / "anchor.parquet"))
+        else:
             continue
-        stage = key.removeprefix("artifact.").split(".")[0]
-        label = key.removeprefix("artifact.").replace(".", "-")  # sample-ref, score
-        path = cache_dir / stage / value
-        art = wandb.Artifact(f"{label}-{value}", type=_CACHE_ARTIFACTS[prefix],
-                             metadata={"stage": stage, "key": value, "spec": _spec(path)})
-        art.add_reference(f"file://{path}", checksum=False)  # large: recorded, never uploaded
-        _log_artifact(run, art, reused=bool(summary.get(f"reused.{stage}")))
-    anchor = run_dir / "anchor.parquet"
-    if "artifact.anchor" in summary and anchor.exists():
-        key = summary["artifact.anchor"]
-        meta = {k: v for k, v in summary.items() if k.startswith("anchor.")}
-        art = wandb.Artifact(f"anchor-{key}", type="anchor",
-                             metadata={"key": key, "spec": _spec(cache_dir / "anchor" / key), **meta})
-        art.add_file(str(anchor))
-        _log_artifact(run, art, reused=bool(summary.get("reused.anchor")))
-
-
-def _spec(path: Path) -> dict:
-    try:
-        return json.loads((path / "manifest.json").read_text()).get("spec", {})
-    except (OSError, ValueError):
-        return {}
+        _log_artifact(run, art, reused=reused)
 
 
 def _log_artifact(run: Any, art: Any, reused: bool) -> None:

@@ -91,12 +91,13 @@ def embedded_model(max_len: int):
     from omegaconf import OmegaConf
     from transformers import LlamaForCausalLM
 
-    from disa.models import build_char_tokenizer, embedded_config
-    from disa.tasks.embedded import ALPHABET
+    from disa.models import embedded_config
+    from disa.tasks.sumpairs import SumPairsTask
+    from disa.tokenization import build_char_tokenizer
 
     b = OmegaConf.load(REPO / "conf" / "backbone" / "embedded.yaml")
     b.max_length = max(int(b.max_length), max_len)
-    return LlamaForCausalLM(embedded_config(len(build_char_tokenizer(ALPHABET)), b))
+    return LlamaForCausalLM(embedded_config(len(build_char_tokenizer(SumPairsTask.alphabet)), b))
 
 
 def build_model(preset: str, max_len: int, quick: bool = False):
@@ -125,7 +126,7 @@ def random_batch(B: int, P: int, T: int, vocab: int, device, seed: int = 0) -> t
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, P + T), generator=g)
     batch = pack(ids[:, :P].tolist(), ids[:, P:].tolist(), pad_id=0).to(device)
-    cache = {"log_z_hat": torch.rand(B, generator=g), "logp_ref": -T * 5 * torch.rand(B, generator=g),
+    cache = {"log_z_hat": torch.rand(B, generator=g), "logp_ref_seq": -T * 5 * torch.rand(B, generator=g),
              "reward": (torch.rand(B, generator=g) < 0.3).float()}
     return batch, {k: v.to(device) for k, v in cache.items()}
 
@@ -240,7 +241,7 @@ def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp) -> dict[str
 
     def disa_step():
         with amp():
-            loss, _ = disa(token_logprobs(model, batch, chunk_size=chunk), mask, cache, {"beta": 2.0})
+            loss, _ = disa(token_logprobs(model, batch, chunk_size=chunk), mask, cache, disa.make_options({}, beta=2.0))
         finish(loss)
 
     def sft_chunked():
@@ -257,7 +258,7 @@ def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp) -> dict[str
 
     def naive():
         with amp():
-            loss, _ = disa(_naive_logprobs(model, batch), mask, cache, {"beta": 2.0})
+            loss, _ = disa(_naive_logprobs(model, batch), mask, cache, disa.make_options({}, beta=2.0))
         finish(loss)
 
     return {"disa": disa_step, "sft_chunked": sft_chunked, "sft_hf": sft_hf, "naive": naive}
@@ -320,12 +321,13 @@ def online_update(algorithm: str, model_factory, B: int, P: int, T: int, group: 
     from omegaconf import OmegaConf
 
     from disa.sampling import SamplerSettings
-    from disa.training.online import LogZHead, OnlinePolicyModule, _adapt
-    from disa.training.run import needs_reference
+    from disa.training.online import LogZHead, OnlinePolicyModule
 
     alg = OmegaConf.load(REPO / "conf" / "algorithm" / f"{algorithm}.yaml")
+    loss = get_loss(alg.loss)
+    options = loss.make_options(OmegaConf.to_container(alg.loss_args, resolve=True), beta=2.0)
     policy = model_factory().to(device).train()
-    ref = model_factory().to(device).eval() if needs_reference(alg) else None
+    ref = model_factory().to(device).eval() if loss.reads_reference(options) else None
     n_prompts = B // group
     g = torch.Generator().manual_seed(seed)
     prompt_ids = {f"p{i}": torch.randint(3, policy.config.vocab_size, (P,), generator=g).tolist()
@@ -333,12 +335,12 @@ def online_update(algorithm: str, model_factory, B: int, P: int, T: int, group: 
     frame = pd.DataFrame({"prompt_id": list(prompt_ids), "prompt": list(prompt_ids)})
     task = type("RandomReward", (), {"rewards": lambda self, rows, texts: (torch.rand(len(texts), generator=g)
                                                                            < 0.3).float().tolist()})()
-    head = LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), 0.0) if algorithm == "flowrl" else None
+    needs_head = "log_z" in loss.needs(options)
+    head = LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), 0.0) if needs_head else None
     sampler = _FixedLengthSampler(T, amp)
-    loss_cfg = {**OmegaConf.to_container(alg.loss_args, resolve=True), "beta": 2.0}
     module = OnlinePolicyModule(
-        policy, ref, _IdTokenizer(prompt_ids), task, frame, sampler, SamplerSettings(max_new_tokens=T), alg.loss,
-        loss_cfg, lambda p: torch.optim.AdamW(p, lr=1e-6), group_size=group, updates_per_rollout=1,
+        policy, ref, _IdTokenizer(prompt_ids), task, frame, sampler, SamplerSettings(max_new_tokens=T), loss,
+        options, lambda p: torch.optim.AdamW(p, lr=1e-6), group_size=group, updates_per_rollout=1,
         minibatch_size=B, scale_rewards=str(alg.get("scale_rewards", "group")), log_z_head=head, seed=seed,
     ).to(device)
     opt = module.configure_optimizers()
@@ -354,9 +356,9 @@ def online_update(algorithm: str, model_factory, B: int, P: int, T: int, group: 
         idx = module.minibatch_index(roll["input_ids"].shape[0], torch.Generator().manual_seed(seed))
         with amp():
             logp, mask, batch = module.loss_inputs(roll, idx.to(device))
-            loss, _ = module.loss_fn(logp, mask, _adapt(module.loss_name, batch), module.loss_cfg)
+            value, _ = module.loss(logp, mask, batch, module.options)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         sync(device)
@@ -618,7 +620,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: tokens-per-step / seq_len)")
     p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per step when --batch is not given")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens of every sequence")
-    p.add_argument("--chunk-size", type=int, default=2048, help="train.chunk_size of token_logprobs")
+    p.add_argument("--chunk-size", type=int, default=2048, help="scoring.chunk_size of token_logprobs")
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
                    help="training precision (scoring then in bf16 or float32); default bf16-mixed on cuda, 32-true on cpu")
     p.add_argument("--warmup", type=int, default=2)

@@ -150,8 +150,8 @@ HOSTILE: tuple[Hostile, ...] = (
 
 
 def guards() -> dict[str, bool]:
-    """Which of the sandbox's guards this machine has (see :mod:`disa.tasks.sandbox`)."""
-    from disa.tasks.sandbox import landlock_abi, network_isolation_available, pids_cgroup_base
+    """Which of the sandbox's guards this machine has (see :mod:`disa.sandbox`)."""
+    from disa.sandbox import landlock_abi, network_isolation_available, pids_cgroup_base
 
     net = network_isolation_available()
     return {"network": net, "writes": landlock_abi() >= 1, "signals": landlock_abi() >= 6,

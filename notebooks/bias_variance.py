@@ -20,8 +20,8 @@
 # Empirical (markers): bias, variance and MSE of `log Ẑ − log Z`, and the coverage of
 # `log Ẑ ± 2 se` (the anchor's own delta-method s.e.). Predicted (dashed): the delta method
 # at the population ESS, `bias ≈ −(1/ess − 1)/(2K)`, `var ≈ (1/ess − 1)/K`
-# (`disa.analysis.predicted_bias`, `predicted_var`). For plain Monte Carlo (λ = 0) and a
-# binary reward, the exact finite-K values are dotted (`disa.analysis.binary_mc_moments`).
+# (`disa.anchor.theory.predicted_bias`, `predicted_var`). For plain Monte Carlo (λ = 0) and a
+# binary reward, the exact finite-K values are dotted (`disa.anchor.theory.binary_mc_moments`).
 #
 # Run directory: `$DISA_SWEEP_DIR`, else the newest run holding `bias_variance_agg.parquet`
 # under `outputs/` or `multirun/`. The figures are saved there as PNG.

@@ -54,7 +54,7 @@ def plot_against(runs: pd.DataFrame, axis: str, other: str | None) -> plt.Figure
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False)
     by = [axis] + ([other] if other else [])
     refs = [m.replace("policy.", "ref.") for m in metrics if m.startswith("policy.")]
-    agg = analysis.aggregate(runs, by, metrics + refs)
+    agg = analysis.mean_se(runs, by, metrics + refs)
     for ax, m in zip(axes.flat, metrics):
         for val, d in agg.groupby(other) if other else [(None, agg)]:
             label = None if other is None else f"{AXES.get(other, other).split()[0]}={val:g}"
@@ -93,5 +93,5 @@ for d, runs in sweeps.items():
 tables = []
 for runs in sweeps.values():
     swept = [a for a in AXES if a in analysis.varying(runs)] or ["beta"]
-    tables.append(analysis.aggregate(runs, swept, [m for m in METRICS if m in runs]))
+    tables.append(analysis.mean_se(runs, swept, [m for m in METRICS if m in runs]))
 pd.concat(tables, ignore_index=True).round(4)

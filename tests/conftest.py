@@ -40,7 +40,7 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def char_tok():
     """Character tokenizer over "abcdef": ids 0..3 are <pad>, <bos>, <eos>, <unk>."""
-    from disa.models import build_char_tokenizer
+    from disa.tokenization import build_char_tokenizer
 
     return build_char_tokenizer("abcdef")
 

@@ -1,5 +1,5 @@
-"""disa.analysis (loaders, seed aggregation, theory curves) and disa.studies against
-hand-built frames, brute-force enumeration and Monte Carlo."""
+"""disa.analysis (loaders, seed statistics), the theory curves of disa.anchor.theory and
+disa.studies against hand-built frames, brute-force enumeration and Monte Carlo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,14 +17,19 @@ import pytest
 
 from disa import analysis, studies
 from disa import anchor as anchoring
+from disa.anchor import theory
 
 
 # -- seed aggregation ----------------------------------------------------------------------
-def test_aggregate_mean_and_se_by_hand():
-    df = pd.DataFrame({"algorithm": ["a", "a", "a", "b", "b", "c"],
-                       "m": [1.0, 2.0, 4.0, 10.0, 14.0, 5.0],
-                       "partial": [1.0, np.nan, 3.0, 2.0, 2.0, np.nan]})
-    agg = analysis.aggregate(df, ["algorithm"], ["m", "partial", "absent"]).set_index("algorithm")
+def test_mean_se_by_hand():
+    df = pd.DataFrame(
+        {
+            "algorithm": ["a", "a", "a", "b", "b", "c"],
+            "m": [1.0, 2.0, 4.0, 10.0, 14.0, 5.0],
+            "partial": [1.0, np.nan, 3.0, 2.0, 2.0, np.nan],
+        }
+    )
+    agg = analysis.mean_se(df, ["algorithm"], ["m", "partial", "absent"]).set_index("algorithm")
     # a: mean 7/3, sd² = ((−4/3)² + (−1/3)² + (5/3)²)/2 = 7/3
     assert agg.loc["a", "m.mean"] == pytest.approx(7 / 3)
     assert agg.loc["a", "m.se"] == pytest.approx(math.sqrt(7 / 3) / math.sqrt(3))
@@ -38,8 +44,15 @@ def test_aggregate_mean_and_se_by_hand():
 
 
 def test_pass_at_k_curves_long_table():
-    df = pd.DataFrame({"algorithm": ["a", "a"], "ref.pass_at_1": [0.1, 0.3], "ref.pass_at_4": [0.5, 0.5],
-                       "policy.pass_at_1": [0.2, 0.4], "policy.pass_at_4": [0.6, 0.8]})
+    df = pd.DataFrame(
+        {
+            "algorithm": ["a", "a"],
+            "ref.pass_at_1": [0.1, 0.3],
+            "ref.pass_at_4": [0.5, 0.5],
+            "policy.pass_at_1": [0.2, 0.4],
+            "policy.pass_at_4": [0.6, 0.8],
+        }
+    )
     c = analysis.pass_at_k_curves(df).set_index(["model", "k"])
     assert c.loc[("policy", 4), "mean"] == pytest.approx(0.7)
     assert c.loc[("policy", 4), "se"] == pytest.approx(np.std([0.6, 0.8], ddof=1) / math.sqrt(2))
@@ -50,13 +63,24 @@ def test_pass_at_k_curves_long_table():
 # -- loading run directories ---------------------------------------------------------------
 def _fake_run(path, beta, seed, prompts=("p0", "p1")):
     path.mkdir(parents=True)
-    (path / "summary.json").write_text(json.dumps(
-        {"algorithm": "disa", "beta": beta, "seed": seed, "proposal.strength": 0.5, "policy.mean_at_k": beta / 10}))
-    pd.DataFrame({"prompt_id": list(prompts), "log_z_hat": [0.1 * beta, 0.2], "beta": beta}).to_parquet(
-        path / "anchor.parquet")
+    (path / "summary.json").write_text(
+        json.dumps(
+            {
+                "algorithm": "disa",
+                "beta": beta,
+                "seed": seed,
+                "proposal.strength": 0.5,
+                "policy.mean_at_k": beta / 10,
+            }
+        )
+    )
+    pd.DataFrame(
+        {"prompt_id": list(prompts), "log_z_hat": [0.1 * beta, 0.2], "beta": beta}
+    ).to_parquet(path / "anchor.parquet")
     (path / "csv" / "version_0").mkdir(parents=True)
-    pd.DataFrame({"step": [0, 1], "train/loss": [1.0, 0.5]}).to_csv(path / "csv" / "version_0" / "metrics.csv",
-                                                                    index=False)
+    pd.DataFrame({"step": [0, 1], "train/loss": [1.0, 0.5]}).to_csv(
+        path / "csv" / "version_0" / "metrics.csv", index=False
+    )
     # W&B's own copy of a run file must never be read as a run's table
     (path / "wandb" / "files").mkdir(parents=True)
     (path / "wandb" / "files" / "anchor.parquet").write_bytes(b"not parquet")
@@ -95,13 +119,26 @@ def test_latest_run_and_sweep(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="DISA_SWEEP_DIR"):
         analysis.latest_run("bias_variance_agg.parquet")
     monkeypatch.setenv("DISA_SWEEP_DIR", f"/x{os.pathsep}/y")
-    assert analysis.sweep_dirs_from_env() == [analysis.Path("/x"), analysis.Path("/y")]
+    assert analysis.sweep_dirs_from_env() == [Path("/x"), Path("/y")]
 
 
 def test_load_wandb_reads_summaries_through_the_api():
-    runs = [SimpleNamespace(id=f"r{i}", name=f"g/{i}", group="g", job_type="all", state="finished",
-                            summary={"beta": b, "policy.mean_at_k": m, "_step": 3, "eval_samples": {"_type": "table"}})
-            for i, (b, m) in enumerate([(1.0, 0.2), (2.0, 0.3)])]
+    runs = [
+        SimpleNamespace(
+            id=f"r{i}",
+            name=f"g/{i}",
+            group="g",
+            job_type="all",
+            state="finished",
+            summary={
+                "beta": b,
+                "policy.mean_at_k": m,
+                "_step": 3,
+                "eval_samples": {"_type": "table"},
+            },
+        )
+        for i, (b, m) in enumerate([(1.0, 0.2), (2.0, 0.3)])
+    ]
     calls = []
 
     class FakeApi:
@@ -117,18 +154,20 @@ def test_load_wandb_reads_summaries_through_the_api():
 
 
 # -- theory ----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("P", "beta"), [(0.0, 2.0), (0.05, 1.0), (0.3, 4.0), (1.0, 8.0), (0.12, 2.0)])
+@pytest.mark.parametrize(
+    ("P", "beta"), [(0.0, 2.0), (0.05, 1.0), (0.3, 4.0), (1.0, 8.0), (0.12, 2.0)]
+)
 def test_binary_ess_frac_by_enumeration(P, beta):
     # weights e^{βr}: E w and E w² by enumerating r ∈ {0, 1}
     ew = (1 - P) + P * math.exp(beta)
     ew2 = (1 - P) + P * math.exp(2 * beta)
-    assert analysis.binary_ess_frac(P, beta) == pytest.approx(ew**2 / ew2, rel=1e-12)
+    assert theory.binary_ess_frac(P, beta) == pytest.approx(ew**2 / ew2, rel=1e-12)
     # its minimum over P is 4e^β/(e^β + 1)², at P = 1/(e^β + 1)
     p_star = 1 / (math.exp(beta) + 1)
     lowest = 4 * math.exp(beta) / (math.exp(beta) + 1) ** 2
-    assert analysis.binary_ess_frac(p_star, beta) == pytest.approx(lowest, rel=1e-12)
+    assert theory.binary_ess_frac(p_star, beta) == pytest.approx(lowest, rel=1e-12)
     grid = np.concatenate([np.linspace(0, 1, 2001), np.geomspace(1e-8, 1, 2001)])
-    assert analysis.binary_ess_frac(grid, beta).min() >= lowest * (1 - 1e-12)
+    assert theory.binary_ess_frac(grid, beta).min() >= lowest * (1 - 1e-12)
 
 
 def test_binary_mc_moments_by_enumerating_every_outcome():
@@ -139,7 +178,7 @@ def test_binary_mc_moments_by_enumerating_every_outcome():
         v = anchoring.log_z_hat(beta * np.array(rs, float))
         mean += prob * v
         second += prob * v * v
-    bias, var = analysis.binary_mc_moments(K, P, beta)
+    bias, var = theory.binary_mc_moments(K, P, beta)
     assert bias == pytest.approx(mean - math.log1p(P * math.expm1(beta)), abs=1e-12)
     assert var == pytest.approx(second - mean**2, abs=1e-12)
 
@@ -149,23 +188,26 @@ def test_delta_method_against_monte_carlo():
     (few rewarded samples expected) it overstates the bias, the exact sum does not."""
     rng = np.random.default_rng(0)
     P, beta, K, reps = 0.2, 2.0, 256, 4000
-    frac = analysis.binary_ess_frac(P, beta)
+    frac = theory.binary_ess_frac(P, beta)
     r = rng.random((reps, K)) < P
     sims = np.array([anchoring.log_z_hat(beta * row) for row in r.astype(float)])
     log_z = math.log1p(P * math.expm1(beta))
-    assert sims.var() == pytest.approx(float(analysis.predicted_var(K, frac)), rel=0.1)
-    assert sims.mean() - log_z == pytest.approx(float(analysis.predicted_bias(K, frac)), abs=3 * sims.std() / math.sqrt(reps))
-    bias, var = analysis.binary_mc_moments(K, P, beta)
-    assert var == pytest.approx(float(analysis.predicted_var(K, frac)), rel=0.05)
-    assert bias == pytest.approx(float(analysis.predicted_bias(K, frac)), rel=0.1)
+    assert sims.var() == pytest.approx(float(theory.predicted_var(K, frac)), rel=0.1)
+    assert sims.mean() - log_z == pytest.approx(
+        float(theory.predicted_bias(K, frac)), abs=3 * sims.std() / math.sqrt(reps)
+    )
+    bias, var = theory.binary_mc_moments(K, P, beta)
+    assert var == pytest.approx(float(theory.predicted_var(K, frac)), rel=0.05)
+    assert bias == pytest.approx(float(theory.predicted_bias(K, frac)), rel=0.1)
     # the Kish ESS of a sample converges to the population fraction
     w = np.exp(beta * r[:64].ravel())
     assert (w.sum() ** 2 / (w**2).sum()) / w.size == pytest.approx(frac, rel=0.05)
     # small K: the delta method's bias is far below the exact one
-    bias4, _ = analysis.binary_mc_moments(4, 0.02, 4.0)
-    assert analysis.predicted_bias(4, analysis.binary_ess_frac(0.02, 4.0)) < 3 * bias4 < 0
-    assert analysis.predicted_mse(K, frac) == pytest.approx(analysis.predicted_bias(K, frac) ** 2
-                                                            + analysis.predicted_var(K, frac))
+    bias4, _ = theory.binary_mc_moments(4, 0.02, 4.0)
+    assert theory.predicted_bias(4, theory.binary_ess_frac(0.02, 4.0)) < 3 * bias4 < 0
+    assert theory.predicted_mse(K, frac) == pytest.approx(
+        theory.predicted_bias(K, frac) ** 2 + theory.predicted_var(K, frac)
+    )
 
 
 # -- the bias-variance study on a discrete world ----------------------------------------------
@@ -180,9 +222,18 @@ def _scores(k_max: int, prompts=("a", "b"), seed=0) -> pd.DataFrame:
     for pid in prompts:
         for comp, dist in (("ref", P_REF), ("proposal", Q_PROP)):
             for j, o in enumerate(rng.choice(len(dist), size=k_max, p=dist)):
-                rows.append({"prompt_id": pid, "component": comp, "sample_idx": j, "reward": REWARD[o],
-                             "logp_ref": math.log(P_REF[o]), "logq_ref": math.log(P_REF[o]),
-                             "logq_proposal": math.log(Q_PROP[o]), "text": str(o)})
+                rows.append(
+                    {
+                        "prompt_id": pid,
+                        "component": comp,
+                        "sample_idx": j,
+                        "reward": REWARD[o],
+                        "logp_ref": math.log(P_REF[o]),
+                        "logq_ref": math.log(P_REF[o]),
+                        "logq_proposal": math.log(Q_PROP[o]),
+                        "text": str(o),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -207,17 +258,25 @@ def test_replicate_blocks_are_disjoint_and_stratified():
 
 def test_bias_variance_table_reuses_the_anchor_estimator():
     scores = _scores(16)
-    table, skipped = studies.bias_variance_table(scores, LOG_P_CORRECT, K=[4, 8, 32], beta=[1.5], strength=[0.0, 0.5])
+    table, skipped = studies.bias_variance_table(
+        scores, LOG_P_CORRECT, K=[4, 8, 32], beta=[1.5], strength=[0.0, 0.5]
+    )
     assert skipped == [(32, 0.0), (32, 0.5)]
     assert len(table) == 2 * (4 + 2) * 2  # prompts × replicates of K=4 and K=8 × λ
     # one replicate recomputed from the anchor's own builder on exactly its samples
-    row = table[(table.K == 8) & (table.strength == 0.5) & (table.replicate == 1) & (table.prompt_id == "b")].iloc[0]
-    block = scores[(scores.prompt_id == "b") & (scores.sample_idx >= 8) & (scores.sample_idx < 12)].copy()
+    row = table[
+        (table.K == 8) & (table.strength == 0.5) & (table.replicate == 1) & (table.prompt_id == "b")
+    ].iloc[0]
+    block = scores[
+        (scores.prompt_id == "b") & (scores.sample_idx >= 8) & (scores.sample_idx < 12)
+    ].copy()
     block["sample_idx"] -= 8
     a = anchoring.build_anchor(block, beta=1.5, K=8, strength=0.5, log_p_correct=LOG_P_CORRECT)
     assert row.log_z_hat == pytest.approx(a.log_z_hat.iloc[0], abs=1e-12)
     assert row.se == pytest.approx(a.se.iloc[0]) and row.bias_delta == pytest.approx(a.bias.iloc[0])
-    assert row.log_z == pytest.approx(a.log_z.iloc[0]) and row.error == pytest.approx(a.error.iloc[0])
+    assert row.log_z == pytest.approx(a.log_z.iloc[0]) and row.error == pytest.approx(
+        a.error.iloc[0]
+    )
     assert table[table.strength == 0.0].exact_var.notna().all()
     assert table[table.strength == 0.5].exact_var.isna().all()
     agg = studies.summarize_bias_variance(table)
@@ -232,7 +291,9 @@ def test_bias_variance_follows_the_exact_stratified_variance():
     coverage is near 95% where the ESS is large."""
     beta, lam, K = 1.5, 0.5, 16
     scores = _scores(16 * 400, prompts=("a",), seed=1)
-    table, _ = studies.bias_variance_table(scores, LOG_P_CORRECT.iloc[:1], K=[K], beta=[beta], strength=[lam])
+    table, _ = studies.bias_variance_table(
+        scores, LOG_P_CORRECT.iloc[:1], K=[K], beta=[beta], strength=[lam]
+    )
     agg = studies.summarize_bias_variance(table).iloc[0]
     mu = (1 - lam) * P_REF + lam * Q_PROP
     w = P_REF * np.exp(beta * REWARD) / mu

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from disa import anchor
+from disa.anchor import theory
 
 # -- a small discrete world: 6 outcomes, binary reward, a reference and a proposal ---------
 REWARD = np.array([0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
@@ -59,7 +60,9 @@ def test_log_z_hat_stable_far_from_zero(shift):
 
 def test_log_z_hat_mixed_huge_range():
     # one weight e^1000, one e^-1000: log mean = 1000 - log 2 (the small one is negligible)
-    assert anchor.log_z_hat(np.array([1000.0, -1000.0])) == pytest.approx(1000 - math.log(2), abs=1e-12)
+    assert anchor.log_z_hat(np.array([1000.0, -1000.0])) == pytest.approx(
+        1000 - math.log(2), abs=1e-12
+    )
 
 
 def test_is_diagnostics_by_hand():
@@ -90,10 +93,30 @@ def test_is_diagnostics_equal_weights_is_exactly_zero():
     assert d["bias"] == 0.0 and d["se"] == 0.0
 
 
+def test_is_diagnostics_is_the_delta_method_at_the_sample_ess():
+    rng = np.random.default_rng(0)
+    for K in (2, 5, 32, 257):
+        for scale in (1e-9, 0.1, 1.0, 5.0):  # near-equal weights up to one dominant weight
+            d = anchor.is_diagnostics(rng.normal(0.0, scale, K))
+            assert d["bias"] == pytest.approx(
+                float(theory.predicted_bias(K, d["ess_frac"])), rel=1e-12, abs=1e-300
+            )
+            assert d["se"] == pytest.approx(
+                math.sqrt(theory.predicted_var(K, d["ess_frac"])), rel=1e-12
+            )
+            # and the explicit formulas of the docstring, with the rounding guard
+            excess = max(K / d["ess"] - 1.0, 0.0)
+            assert d["bias"] == pytest.approx(-excess / (2 * K), rel=1e-12, abs=1e-300)
+            assert d["se"] == pytest.approx(math.sqrt(excess / K), rel=1e-12, abs=1e-300)
+            assert d["bias"] <= 0.0 <= d["se"]
+
+
 def test_mixture_log_density_by_hand():
     lr, lq = np.log([0.2, 0.01]), np.log([0.05, 0.5])
     got = anchor.mixture_log_density(lr, lq, 0.3)
-    np.testing.assert_allclose(got, np.log([0.7 * 0.2 + 0.3 * 0.05, 0.7 * 0.01 + 0.3 * 0.5]), atol=1e-12)
+    np.testing.assert_allclose(
+        got, np.log([0.7 * 0.2 + 0.3 * 0.05, 0.7 * 0.01 + 0.3 * 0.5]), atol=1e-12
+    )
     np.testing.assert_allclose(anchor.mixture_log_density(lr, None, 0.0), lr)
     np.testing.assert_allclose(anchor.mixture_log_density(lr, lq, 1.0), lq)
     # stable in log space far below exp's range
@@ -101,8 +124,17 @@ def test_mixture_log_density_by_hand():
     assert got[0] == pytest.approx(-2000 + math.log(0.5 + 0.5 * math.exp(-1)), abs=1e-9)
 
 
-@pytest.mark.parametrize(("K", "lam", "want"), [(8, 0.5, (4, 4)), (2, 0.5, (1, 1)), (4, 0.3, (3, 1)),
-                                                (10, 0.0, (10, 0)), (10, 1.0, (0, 10)), (3, 0.9, (0, 3))])
+@pytest.mark.parametrize(
+    ("K", "lam", "want"),
+    [
+        (8, 0.5, (4, 4)),
+        (2, 0.5, (1, 1)),
+        (4, 0.3, (3, 1)),
+        (10, 0.0, (10, 0)),
+        (10, 1.0, (0, 10)),
+        (3, 0.9, (0, 3)),
+    ],
+)
 def test_split_counts(K, lam, want):
     assert anchor.split_counts(K, lam) == want
 
@@ -154,7 +186,7 @@ def test_balance_heuristic_needs_effective_lambda(K, lam):
 @pytest.mark.parametrize("beta", [0.5, 2.0, 8.0])
 def test_exact_log_z_moderate(beta):
     P = np.array([0.01, 0.3, 0.5, 0.9])
-    got = anchor.exact_log_z(np.log(P), beta)
+    got = theory.exact_log_z(np.log(P), beta)
     want = [math.log((1 - p) + p * math.exp(beta)) for p in P]
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
@@ -165,17 +197,41 @@ def test_exact_log_z_near_zero_and_one(beta):
     # absolute accuracy is what matters (log Ẑ − log Z is an absolute error)
     for lp in (math.log(1e-3), math.log(1e-8), -40.0, -200.0, -700.0):
         p = math.exp(lp)
-        got = float(anchor.exact_log_z(np.array([lp]), beta)[0])
+        got = float(theory.exact_log_z(np.array([lp]), beta)[0])
         assert got == pytest.approx(math.log1p(p * math.expm1(beta)), rel=1e-6, abs=1e-15)
         assert got >= 0
     for one_minus_p in (1e-6, 1e-12):
         lp = math.log1p(-one_minus_p)
-        got = float(anchor.exact_log_z(np.array([lp]), beta)[0])
+        got = float(theory.exact_log_z(np.array([lp]), beta)[0])
         want = beta + math.log1p(-one_minus_p * -math.expm1(-beta))
         assert got == pytest.approx(want, abs=1e-13)
     with np.errstate(divide="ignore"):  # P = 1 exactly: log(1 − P) = −inf is fine
-        assert float(anchor.exact_log_z(np.array([0.0]), beta)[0]) == pytest.approx(beta, abs=1e-15)
-    assert float(anchor.exact_log_z(np.array([-np.inf]), beta)[0]) == 0.0
+        assert float(theory.exact_log_z(np.array([0.0]), beta)[0]) == pytest.approx(beta, abs=1e-15)
+    assert float(theory.exact_log_z(np.array([-np.inf]), beta)[0]) == 0.0
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, 8.0, 50.0])
+def test_exact_log_z_and_p_correct_are_inverse(beta):
+    P = [0.0, 1e-300, 1e-12, 1e-3, 0.3, 0.5, 1 - 1e-9, 1.0]
+    with np.errstate(divide="ignore"):
+        log_z = theory.exact_log_z(np.log(P), beta)
+    for p, lz in zip(P, log_z):
+        want = math.log1p(p * math.expm1(beta))  # log(1 + P(e^β − 1)), plain float64
+        assert lz == pytest.approx(want, rel=1e-12, abs=1e-300)
+        assert lz == pytest.approx(math.log((1 - p) + p * math.exp(beta)), abs=1e-12 * beta)
+    # P → log Z → P: relative accuracy for P → 0, absolute near 1
+    back = theory.p_correct_from_log_z(log_z, beta)
+    assert back.shape == (len(P),)
+    np.testing.assert_allclose(back, P, rtol=1e-9, atol=1e-13)
+    assert back[0] == 0.0 and back[-1] == 1.0
+    # log Z → P → log Z over [0, β]
+    grid = np.linspace(0.0, beta, 41)
+    with np.errstate(divide="ignore"):
+        again = theory.exact_log_z(np.log(theory.p_correct_from_log_z(grid, beta)), beta)
+    np.testing.assert_allclose(again, grid, rtol=1e-12, atol=1e-13)
+    # clipped to [0, 1] outside log Z ∈ [0, β]; scalars in, 0-d arrays out
+    np.testing.assert_array_equal(theory.p_correct_from_log_z([-0.1, beta + 1.0], beta), [0.0, 1.0])
+    assert float(theory.p_correct_from_log_z(0.0, beta)) == 0.0
 
 
 # -- trajectory selection ---------------------------------------------------------------------
@@ -185,9 +241,14 @@ def _scores(prompts=("p0", "p1"), k_max=5, with_proposal=True, seed=0) -> pd.Dat
     for pid in prompts:
         for comp in ("ref", "proposal") if with_proposal else ("ref",):
             for j in range(k_max):
-                row = {"prompt_id": pid, "component": comp, "sample_idx": j,
-                       "reward": float(rng.integers(0, 2)), "logp_ref": -rng.uniform(1, 6),
-                       "logq_ref": -rng.uniform(1, 6)}
+                row = {
+                    "prompt_id": pid,
+                    "component": comp,
+                    "sample_idx": j,
+                    "reward": float(rng.integers(0, 2)),
+                    "logp_ref": -rng.uniform(1, 6),
+                    "logq_ref": -rng.uniform(1, 6),
+                }
                 if with_proposal:
                     row["logq_proposal"] = -rng.uniform(1, 6)
                 rows.append(row)
@@ -207,7 +268,9 @@ def test_select_trajectories_counts(K, lam):
         assert sorted(g[g.component == "ref"].sample_idx) == list(range(K - k_prop))
 
 
-@pytest.mark.parametrize(("K", "lam", "comp"), [(12, 0.5, "ref"), (8, 0.9, "proposal"), (6, 0.0, "ref")])
+@pytest.mark.parametrize(
+    ("K", "lam", "comp"), [(12, 0.5, "ref"), (8, 0.9, "proposal"), (6, 0.0, "ref")]
+)
 def test_select_trajectories_too_few_samples(K, lam, comp):
     with pytest.raises(ValueError, match="proposal.num_samples") as e:
         anchor.select_trajectories(_scores(), K, lam)
@@ -225,8 +288,17 @@ def _hand_rows(pid, ref, prop):
     rows = []
     for comp, items in (("ref", ref), ("proposal", prop)):
         for j, (r, lp, lqr, lqp) in enumerate(items):
-            rows.append({"prompt_id": pid, "component": comp, "sample_idx": j, "reward": r,
-                         "logp_ref": lp, "logq_ref": lqr, "logq_proposal": lqp})
+            rows.append(
+                {
+                    "prompt_id": pid,
+                    "component": comp,
+                    "sample_idx": j,
+                    "reward": r,
+                    "logp_ref": lp,
+                    "logq_ref": lqr,
+                    "logq_proposal": lqp,
+                }
+            )
     return rows
 
 
@@ -239,20 +311,37 @@ def _hand_anchor(items, beta, lam):
     K = len(w)
     s1, s2 = sum(w), sum(x * x for x in w)
     ess = s1 * s1 / s2
-    return {"log_z_hat": math.log(s1 / K), "K": K, "ess": ess, "ess_frac": ess / K,
-            "max_weight": max(w) / s1, "bias": -(K / ess - 1) / (2 * K), "se": math.sqrt((K / ess - 1) / K),
-            "n_rewarded": sum(1 for it in items if it[0] > 0)}
+    return {
+        "log_z_hat": math.log(s1 / K),
+        "K": K,
+        "ess": ess,
+        "ess_frac": ess / K,
+        "max_weight": max(w) / s1,
+        "bias": -(K / ess - 1) / (2 * K),
+        "se": math.sqrt((K / ess - 1) / K),
+        "n_rewarded": sum(1 for it in items if it[0] > 0),
+    }
 
 
 def test_build_anchor_by_hand():
     beta = 2.0
-    a_ref = [(1.0, -1.2, -1.0, -3.0), (0.0, -0.7, -0.9, -2.0), (0.0, -9.0, -9.0, -9.0)]  # idx 2 unused
-    a_prop = [(1.0, -1.5, -1.4, -0.4), (1.0, -2.5, -2.0, -0.9), (0.0, -1.0, -1.0, -1.0)]  # idx 2 unused
+    a_ref = [
+        (1.0, -1.2, -1.0, -3.0),
+        (0.0, -0.7, -0.9, -2.0),
+        (0.0, -9.0, -9.0, -9.0),
+    ]  # idx 2 unused
+    a_prop = [
+        (1.0, -1.5, -1.4, -0.4),
+        (1.0, -2.5, -2.0, -0.9),
+        (0.0, -1.0, -1.0, -1.0),
+    ]  # idx 2 unused
     b_ref = [(0.0, -0.5, -0.5, -2.5), (0.0, -1.1, -1.0, -1.7), (1.0, -3.0, -3.0, -3.0)]
     b_prop = [(0.0, -2.0, -2.2, -0.3), (1.0, -4.0, -3.5, -0.2), (0.0, -3.0, -3.0, -3.0)]
     scores = pd.DataFrame(_hand_rows("a", a_ref, a_prop) + _hand_rows("b", b_ref, b_prop))
     log_pc = pd.Series({"b": math.log(0.05), "a": math.log(0.15)})  # index order differs on purpose
-    table = anchor.build_anchor(scores, beta=beta, K=4, strength=0.5, min_ess=2.0, log_p_correct=log_pc)
+    table = anchor.build_anchor(
+        scores, beta=beta, K=4, strength=0.5, min_ess=2.0, log_p_correct=log_pc
+    )
     assert list(table.prompt_id) == ["a", "b"]
     for pid, items, p in (("a", a_ref[:2] + a_prop[:2], 0.15), ("b", b_ref[:2] + b_prop[:2], 0.05)):
         row = table.set_index("prompt_id").loc[pid]
@@ -291,10 +380,19 @@ def test_build_anchor_ref_only_without_proposal_column():
 
 def test_build_anchor_degenerate_flag():
     # one rewarded sample with a large weight dominates prompt "d"; "e" has equal weights
-    d = [(1.0, -1.0, -1.0, -1.0), (0.0, -1.0, -1.0, -1.0), (0.0, -1.0, -1.0, -1.0), (0.0, -1.0, -1.0, -1.0)]
+    d = [
+        (1.0, -1.0, -1.0, -1.0),
+        (0.0, -1.0, -1.0, -1.0),
+        (0.0, -1.0, -1.0, -1.0),
+        (0.0, -1.0, -1.0, -1.0),
+    ]
     e = [(0.0, -1.0, -1.0, -1.0)] * 4
-    scores = pd.DataFrame(_hand_rows("d", d, []) + _hand_rows("e", e, [])).drop(columns="logq_proposal")
-    table = anchor.build_anchor(scores, beta=10.0, K=4, strength=0.0, min_ess=2.0).set_index("prompt_id")
+    scores = pd.DataFrame(_hand_rows("d", d, []) + _hand_rows("e", e, [])).drop(
+        columns="logq_proposal"
+    )
+    table = anchor.build_anchor(scores, beta=10.0, K=4, strength=0.0, min_ess=2.0).set_index(
+        "prompt_id"
+    )
     assert table.loc["d", "ess"] < 1.01 and table.loc["d", "max_weight"] > 0.99
     assert bool(table.loc["d", "degenerate"]) and not bool(table.loc["e", "degenerate"])
     assert table.loc["e", "ess"] == pytest.approx(4.0)
@@ -311,8 +409,9 @@ def test_build_anchor_refuses_nan(column):
 
 
 def test_anchor_summary_keys():
-    table = anchor.build_anchor(_scores(), beta=1.0, K=4, strength=0.5,
-                                log_p_correct=pd.Series({"p0": -1.0, "p1": -2.0}))
+    table = anchor.build_anchor(
+        _scores(), beta=1.0, K=4, strength=0.5, log_p_correct=pd.Series({"p0": -1.0, "p1": -2.0})
+    )
     s = anchor.anchor_summary(table)
     assert s["anchor.prompts"] == 2
     assert s["anchor.mean_log_z_hat"] == pytest.approx(table.log_z_hat.mean())

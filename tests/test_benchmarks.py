@@ -14,7 +14,6 @@ from disa.tasks.benchmarks import (
     CODE_BENCHMARKS,
     MATH_BENCHMARKS,
     BenchmarkSpec,
-    apply_chat_template,
     extract_gold,
     load_benchmark,
     load_records,
@@ -235,21 +234,6 @@ def test_render_prompt():
     assert render_prompt("q", "Q: {problem}\nA:") == "Q: q\nA:"
     with pytest.raises(ValueError, match="template"):
         render_prompt("q", "nonsense")
-
-
-def test_apply_chat_template():
-    from disa.models import build_char_tokenizer
-
-    tok = build_char_tokenizer("abc")
-    assert apply_chat_template(tok, "hello") == "hello"  # no chat template: unchanged
-    tok.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    assert apply_chat_template(tok, "hello") == "<|user|>hello\n<|assistant|>"
-    assert apply_chat_template(tok, "hi", system="be brief") == (
-        "<|system|>be brief\n<|user|>hi\n<|assistant|>"
-    )
 
 
 # -- Hugging Face datasets -------------------------------------------------------------------

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: settings of every run here: the tiny debug models, one prompt per sampling shard (so a
 #: killed sampling job has shards to lose), 9 training prompts × K=8 per mixture component,
 #: and 20 training steps with a checkpoint every 5 (so a killed training job has one)
-BASE = ("debug=fast", "sampler.prompts_per_shard=1", "trainer.max_steps=20", "train.checkpoint_every=5")
+BASE = ("debug=fast", "sampler.prompts_per_shard=1", "trainer.max_steps=20", "checkpoint.every_n_steps=5")
 N_TRAIN_PROMPTS, K = 9, 8
 ROW = ["prompt_id", "component", "sample_idx"]  # identifies a trajectory
 
@@ -132,8 +132,8 @@ def compose(*overrides: str):
 
 
 def run_inproc(cache: Path, run_dir: Path, *overrides: str) -> dict:
-    """``disa.workflow.run`` in this process, so that a test can monkeypatch what it calls."""
-    from disa.workflow import run
+    """``disa.job.run`` in this process, so that a test can monkeypatch what it calls."""
+    from disa.job import run
 
     return run(compose(f"cache_dir={cache}", *overrides), run_dir)
 
@@ -332,21 +332,23 @@ def test_changed_sampler_setting_gives_new_rollout_keys(seed, ref, tmp_path):
 def test_changed_task_version_gives_new_rollout_keys(seed, ref, tmp_path):
     """A task whose reward or prompt format changed bumps ``version``: no rollout is reused.
     (Through run.py the embedded backbone, pre-trained on the task, would be rebuilt too; the
-    pipeline is called directly here so the test does not pre-train again.)"""
-    from disa import pipeline
+    sample stage is called directly here so the test does not pre-train again.)"""
+    from disa import stages
     from disa.models import resolve_backbone
+    from disa.settings import Settings
+    from disa.stages import sample
     from disa.tasks import build_task
 
     cache = Cache(fresh_cache(seed, tmp_path / "cache", ("backbone", "sample")))
     cfg = compose(f"cache_dir={cache.root}", "stage=sample")
     task = build_task(cfg)
     backbone = resolve_backbone(cfg, task, cache)
-    same = pipeline.Context(cfg, cache, task, backbone, tmp_path / "run", torch.device("cpu"))
-    assert {c: a.key for c, a in pipeline.stage_sample(same).items()} == {
+    same = stages.Context(Settings.from_config(cfg), cfg, cache, task, backbone, tmp_path / "run", torch.device("cpu"))
+    assert {c: a.key for c, a in sample.run(same).items()} == {
         c: ref[f"artifact.sample.{c}"] for c in ("ref", "proposal")} and same.reused["sample"]  # control
     v2 = dataclasses.replace(task, version=task.version + 1)
-    ctx = pipeline.Context(cfg, cache, v2, backbone, tmp_path / "run", torch.device("cpu"))
-    arts = pipeline.stage_sample(ctx)
+    ctx = stages.Context(Settings.from_config(cfg), cfg, cache, v2, backbone, tmp_path / "run", torch.device("cpu"))
+    arts = sample.run(ctx)
     assert ctx.reused["sample"] is False
     for comp, art in arts.items():
         assert art.key != ref[f"artifact.sample.{comp}"]
@@ -454,7 +456,7 @@ def test_non_finite_value_is_refused_naming_the_prompt(column, value):
 
 def test_nan_reward_in_the_pipeline_is_refused_and_not_cached(seed, tmp_path, monkeypatch):
     from disa.tasks import build_task
-    from disa.tasks.embedded import SumPairsTask
+    from disa.tasks.sumpairs import SumPairsTask
 
     cache = fresh_cache(seed, tmp_path / "cache", ("backbone", "sample", "oracle"))
     pid = build_task(compose()).prompts("train").prompt_id.iloc[2]
@@ -575,7 +577,7 @@ def test_misspelt_setting_is_refused():
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("sampler.prompts_per_shard=0", "sampler.prompts_per_shard=0 is invalid; allowed: an integer >= 1"),
-    ("train.checkpoint_every=0", "train.checkpoint_every=0 is invalid; allowed: an integer >= 1"),
+    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0 is invalid; allowed: an integer >= 1"),
     ("trainer.max_steps=-5", "trainer.max_steps=-5 is invalid; allowed: an integer >= 1"),
     ("sampler.temperature=-1", "sampler.temperature=-1 is invalid; allowed: a number > 0"),
     ("proposal.min_ess=0.5", "proposal.min_ess=0.5 is invalid; allowed: a number >= 1"),
@@ -618,7 +620,7 @@ def test_missing_model_path_is_refused_before_any_work(tmp_path, no_model_loads)
 
 
 def test_empty_prompt_set_is_refused_before_any_work(tmp_path, monkeypatch, no_model_loads):
-    from disa.tasks.embedded import SumPairsTask
+    from disa.tasks.sumpairs import SumPairsTask
 
     real = SumPairsTask.prompts
     monkeypatch.setattr(SumPairsTask, "prompts", lambda self, split: real(self, split).iloc[:0])

@@ -222,7 +222,7 @@ def test_hf_judge_with_tiny_model(tmp_path):
     pytest.importorskip("transformers")
     from conftest import tiny_llama
 
-    from disa.models import build_char_tokenizer
+    from disa.tokenization import build_char_tokenizer
 
     tok = build_char_tokenizer("abcdef")
     model = tiny_llama(len(tok), special=(tok.pad_token_id, tok.bos_token_id, tok.eos_token_id))

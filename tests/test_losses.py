@@ -13,7 +13,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from disa.losses import AGG_MODES, LOSSES, aggregate, get_loss, group_normalize, sequence_logprob
+from disa.losses import (
+    AGG_MODES,
+    BATCH_FIELDS,
+    LOSSES,
+    aggregate,
+    get_loss,
+    group_normalize,
+    sequence_logprob,
+)
+
+
+def run_loss(name, logp, mask, batch, loss_args):
+    """A registered loss on ``batch`` with its options built from ``loss_args`` as training
+    builds them (a ``beta`` entry plays the run's β)."""
+    spec, args = get_loss(name), dict(loss_args)
+    return spec(logp, mask, batch, spec.make_options(args, beta=args.pop("beta", None)))
 
 GARBAGE = 1e6
 F64 = torch.float64
@@ -154,7 +169,7 @@ def test_disa_value_and_gradients(length_normalize):
     logp, mask = padded(rows, T=5, grad=True)
     log_z_hat, logp_ref = t([0.3, -1.2, 2.0, 0.7], grad=True), t([-4.0, -0.5, -9.0, 0.0], grad=True)
     reward, beta = [1.0, 0.0, 1.0, 0.0], 2.5
-    loss, metrics = get_loss("disa")(logp, mask, {"log_z_hat": log_z_hat, "logp_ref": logp_ref, "reward": t(reward)},
+    loss, metrics = run_loss("disa", logp, mask, {"log_z_hat": log_z_hat, "logp_ref_seq": logp_ref, "reward": t(reward)},
                                      {"beta": beta, "length_normalize": length_normalize})
     deltas = []
     for i, r in enumerate(rows):
@@ -179,10 +194,10 @@ def test_disa_value_and_gradients(length_normalize):
 
 def test_disa_needs_beta_and_reads_omegaconf():
     logp, mask = padded([[-1.0, -2.0]], T=2, grad=True)
-    batch = {"log_z_hat": t([0.5]), "logp_ref": t([-2.5]), "reward": t([1.0])}
+    batch = {"log_z_hat": t([0.5]), "logp_ref_seq": t([-2.5]), "reward": t([1.0])}
     with pytest.raises(ValueError, match="beta"):
-        get_loss("disa")(logp, mask, batch, {})
-    loss, _ = get_loss("disa")(logp, mask, batch, OmegaConf.create({"beta": 1.0, "length_normalize": False}))
+        run_loss("disa", logp, mask, batch, {})
+    loss, _ = run_loss("disa", logp, mask, batch, OmegaConf.create({"beta": 1.0, "length_normalize": False}))
     assert loss.item() == pytest.approx(1.0)  # the docstring example: δ = −1
 
 
@@ -198,7 +213,7 @@ def test_grpo_clipping_both_sides():
     logp, mask = padded(logp_rows, T=3, grad=True)
     logp_old, _ = padded(old_rows, T=3)
     adv = t([a for _, a in cases])
-    loss, metrics = get_loss("grpo")(logp, mask, {"logp_old": logp_old, "advantages": adv}, {})
+    loss, metrics = run_loss("grpo", logp, mask, {"logp_old_tok": logp_old, "advantages": adv}, {})
     # A>0: ρ=1.5 clipped (−1.2), ρ=0.5 not (−0.5); A<0: ρ=1.5 not (1.5), ρ=0.5 clipped (0.8)
     per_token = {0: -1.2, 1: -0.5, 2: 1.5, 3: 0.8}
     clipped = {0: True, 1: False, 2: False, 3: True}
@@ -218,12 +233,12 @@ def test_grpo_clipping_both_sides():
 
 def test_grpo_asymmetric_clip_range():
     logp, mask = padded([[math.log(1.25)]], T=1, grad=True)
-    batch = {"logp_old": t([[0.0]]), "advantages": t([1.0])}
-    loss, m = get_loss("grpo")(logp, mask, batch, {"clip_eps": 0.2})
+    batch = {"logp_old_tok": t([[0.0]]), "advantages": t([1.0])}
+    loss, m = run_loss("grpo", logp, mask, batch, {"clip_eps": 0.2})
     assert (loss.item(), m["clip_frac"]) == (pytest.approx(-1.2), 1.0)
-    loss, m = get_loss("grpo")(logp, mask, batch, {"clip_eps": 0.2, "clip_eps_high": 0.28})
+    loss, m = run_loss("grpo", logp, mask, batch, {"clip_eps": 0.2, "clip_eps_high": 0.28})
     assert (loss.item(), m["clip_frac"]) == (pytest.approx(-1.25), 0.0)
-    loss, m = get_loss("grpo")(logp, mask, batch, {"clip_eps": 0.1})  # ρ = 1.25 > 1.1
+    loss, m = run_loss("grpo", logp, mask, batch, {"clip_eps": 0.1})  # ρ = 1.25 > 1.1
     assert (loss.item(), m["clip_frac"]) == (pytest.approx(-1.1), 1.0)
 
 
@@ -236,7 +251,7 @@ def test_grpo_kl_and_agg_modes(mode):
     adv = [0.7, -1.3, 0.2, 1.0]
     kl_coef, eps = 0.05, 0.2
     cfg = {"kl_coef": kl_coef, "loss_agg_mode": mode, "norm_len": 6}
-    loss, metrics = get_loss("grpo")(logp, mask, {"logp_old": logp_old, "advantages": t(adv), "logp_ref": logp_ref}, cfg)
+    loss, metrics = run_loss("grpo", logp, mask, {"logp_old_tok": logp_old, "advantages": t(adv), "logp_ref_tok": logp_ref}, cfg)
     per_token, k3s = [], []
     for lp, old, ref, a in zip(logp_rows, old_rows, ref_rows, adv):
         row = []
@@ -255,8 +270,8 @@ def test_grpo_kl_and_agg_modes(mode):
 
 def test_grpo_kl_needs_reference():
     logp, mask = padded([[-1.0]], T=1, grad=True)
-    with pytest.raises(KeyError, match="logp_ref"):
-        get_loss("grpo")(logp, mask, {"logp_old": t([[-1.0]]), "advantages": t([1.0])}, {"kl_coef": 0.1})
+    with pytest.raises(KeyError, match="logp_ref_tok"):
+        run_loss("grpo", logp, mask, {"logp_old_tok": t([[-1.0]]), "advantages": t([1.0])}, {"kl_coef": 0.1})
 
 
 # -- GSPO ----------------------------------------------------------------------------------
@@ -270,7 +285,7 @@ def test_gspo_sequence_ratio_and_narrow_clip():
     old_rows = random_rows([len(r) for r in token_lr], seed=8)
     logp, mask = padded([[o + d for o, d in zip(old, lr)] for old, lr in zip(old_rows, token_lr)], T=3, grad=True)
     logp_old, _ = padded(old_rows, T=3)
-    loss, metrics = get_loss("gspo")(logp, mask, {"logp_old": logp_old, "advantages": t(adv)}, {})
+    loss, metrics = run_loss("gspo", logp, mask, {"logp_old_tok": logp_old, "advantages": t(adv)}, {})
     lo, hi, B = 1 - 3e-4, 1 + 4e-4, len(adv)
     s = [math.exp(sum(lr) / len(lr)) for lr in token_lr]
     per_seq = [-min(si * a, min(max(si, lo), hi) * a) for si, a in zip(s, adv)]
@@ -300,9 +315,9 @@ def test_flowrl_value_weights_and_gradients():
     log_z = t([0.4, -0.1, 0.9, 0.0, 0.2, -0.6], grad=True)
     reward = [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # group 1 all equal → r̂ = 0 there
     groups = [0, 0, 0, 1, 1, 1]
-    batch = {"log_z": log_z, "logp_ref": logp_ref, "logp_old": logp_old, "reward": t(reward),
+    batch = {"log_z": log_z, "logp_ref_seq": logp_ref, "logp_old_seq": logp_old, "reward": t(reward),
              "group_ids": torch.tensor(groups)}
-    loss, metrics = get_loss("flowrl")(logp, mask, batch, {"beta": 99.0})  # β is DISA's, not β_f
+    loss, metrics = run_loss("flowrl", logp, mask, batch, {"beta": 99.0})  # β is DISA's, not β_f
     beta_f, B = 15.0, len(rows)
     m, s = 2 / 3, math.sqrt(1 / 3)
     r_hat = [(reward[i] - m) / (s + 1e-6) for i in range(3)] + [0.0, 0.0, 0.0]
@@ -325,9 +340,9 @@ def test_flowrl_value_weights_and_gradients():
 
 def test_flowrl_separate_clip_bounds():
     logp, mask = padded([[0.0], [0.0]], T=1, grad=True)
-    batch = {"log_z": t([1.0, 1.0]), "logp_ref": t([0.0, 0.0]), "logp_old": t([-math.log(3.0), math.log(3.0)]),
+    batch = {"log_z": t([1.0, 1.0]), "logp_ref_seq": t([0.0, 0.0]), "logp_old_seq": t([-math.log(3.0), math.log(3.0)]),
              "reward": t([0.0, 0.0]), "group_ids": torch.tensor([0, 1])}
-    _, metrics = get_loss("flowrl")(logp, mask, batch, {"clip_eps": 0.2, "clip_eps_low": 0.5, "clip_eps_high": 1.0})
+    _, metrics = run_loss("flowrl", logp, mask, batch, {"clip_eps": 0.2, "clip_eps_low": 0.5, "clip_eps_high": 1.0})
     assert metrics["weight_mean"] == pytest.approx((2.0 + 0.5) / 2)  # w = 3 → 2, w = 1/3 → 0.5
 
 
@@ -341,7 +356,7 @@ def test_sft_ignores_unrewarded(mode):
     rows = random_rows(lengths, seed=10)
     cfg = {"loss_agg_mode": mode}
     logp, mask = padded(rows, T=4, grad=True)
-    loss, metrics = get_loss("sft")(logp, mask, {"reward": t(reward)}, cfg)
+    loss, metrics = run_loss("sft", logp, mask, {"reward": t(reward)}, cfg)
     used = [rows[0], rows[2]]
     assert loss.item() == pytest.approx(ref_aggregate([[-x for x in r] for r in used], mode, norm_len=4), rel=1e-12)
     assert metrics["n_used"] == 2.0
@@ -351,14 +366,56 @@ def test_sft_ignores_unrewarded(mode):
 
     other = [r if reward[i] > 0.5 else [x - 50.0 for x in r] for i, r in enumerate(rows)]
     logp2, _ = padded(other, T=4)
-    assert get_loss("sft")(logp2, mask, {"reward": t(reward)}, cfg)[0].item() == loss.item()
+    assert run_loss("sft", logp2, mask, {"reward": t(reward)}, cfg)[0].item() == loss.item()
 
 
 def test_sft_no_target_is_graph_connected_zero():
     logp, mask = padded(random_rows([2, 3], seed=11), T=3, grad=True)
-    loss, metrics = get_loss("sft")(logp, mask, {"reward": t([0.0, 0.2])}, {})
+    loss, metrics = run_loss("sft", logp, mask, {"reward": t([0.0, 0.2])}, {})
     assert loss.item() == 0.0 and loss.requires_grad
     assert metrics["n_used"] == 0.0
     check_metrics(metrics)
     loss.backward()
     assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
+def test_every_loss_declares_fields_of_the_schema_and_every_algorithm_config_builds_its_options(repo):
+    from omegaconf import OmegaConf
+
+    for path in sorted((repo / "conf" / "algorithm").glob("*.yaml")):
+        alg = OmegaConf.load(path)
+        spec = get_loss(alg.loss)
+        options = spec.make_options(OmegaConf.to_container(alg.loss_args), beta=2.0)
+        assert spec.needs(options) <= set(BATCH_FIELDS), path.name
+    assert get_loss("disa").make_options({}, beta=3.0).beta == 3.0  # β reaches only the losses that take it
+
+
+def test_a_batch_without_a_needed_field_or_with_the_wrong_shape_is_refused():
+    logp, mask = padded([[-1.0, -2.0], [-1.0]], T=2, grad=True)
+    batch = {"log_z_hat": t([0.5, 0.1]), "logp_ref_seq": t([-2.5, -1.0]), "reward": t([1.0, 0.0])}
+    with pytest.raises(KeyError, match="log_z_hat"):
+        run_loss("disa", logp, mask, {k: v for k, v in batch.items() if k != "log_z_hat"}, {"beta": 1.0})
+    # the per-token reference where the per-sequence one belongs: named, with the schema's shape
+    with pytest.raises(ValueError, match=r"logp_ref_seq.*\[B\]"):
+        run_loss("disa", logp, mask, batch | {"logp_ref_seq": t([[-2.5, 0.0], [-1.0, 0.0]])}, {"beta": 1.0})
+
+
+def test_options_refuse_unknown_keys_and_a_beta_of_their_own():
+    with pytest.raises(ValueError, match=r"clip_epsilon.*allowed: \['clip_eps'"):
+        get_loss("grpo").make_options({"clip_epsilon": 0.2})
+    with pytest.raises(ValueError, match="top-level `beta`"):
+        get_loss("disa").make_options({"beta": 1.0}, beta=1.0)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        get_loss("sft").make_options({"loss_agg_mode": "mean"})
+
+
+def test_which_losses_read_the_reference():
+    grpo = get_loss("grpo")
+    assert not grpo.reads_reference(grpo.make_options({"kl_coef": 0.0}))
+    assert grpo.reads_reference(grpo.make_options({"kl_coef": 0.05}))
+    assert get_loss("flowrl").reads_reference(get_loss("flowrl").make_options({}))
+    assert get_loss("disa").reads_reference(get_loss("disa").make_options({}, beta=1.0))  # offline: from the cache
+    assert not get_loss("gspo").reads_reference(get_loss("gspo").make_options({}))

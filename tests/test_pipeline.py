@@ -51,7 +51,7 @@ def test_summary_has_documented_keys(first_run):
     assert (run / "policy" / "config.json").exists()
     anchor = pd.read_parquet(run / "anchor.parquet")
     assert {"log_z_hat", "ess", "ess_frac", "max_weight", "bias", "se", "n_rewarded", "log_z"} <= set(anchor.columns)
-    # the embedded task has min_sum=0 ... max_sum=11 with 25% held out
+    # the sumpairs task (debug=fast) has min_sum=0 ... max_sum=11 with 25% held out
     assert len(anchor) == 9
 
 
@@ -93,3 +93,12 @@ def test_unknown_group_option_lists_choices(tmp_path):
     proc = run_py(tmp_path, "bad", "proposal=strong", check=False)
     assert proc.returncode != 0
     assert "mixture" in proc.stderr and "ref" in proc.stderr
+
+
+def test_renamed_settings_keep_working_on_the_command_line(first_run):
+    """An old spelling (this release renamed ``train.*`` and ``sampler.score_batch_size``) runs,
+    warns with the new spelling and means the same setting: the stage's artifact is reused."""
+    proc = run_py(first_run, "old", "stage=score", "sampler.score_batch_size=512", "train.chunk_size=2048")
+    assert "sampler.score_batch_size is now scoring.batch_size" in proc.stderr
+    assert "train.chunk_size is now scoring.chunk_size" in proc.stderr
+    assert summary(first_run, "old")["artifact.score"] == summary(first_run, "a")["artifact.score"]

@@ -48,18 +48,13 @@ def test_code_task_humaneval_canonical_solution_is_rewarded():
 
 
 def test_per_benchmark_and_macro_metrics(tmp_path):
-    from disa import pipeline
-    from disa.cache import Cache
+    from disa.evaluation import policy_metrics
 
-    cache = Cache(tmp_path)
     samples = pd.DataFrame({"prompt_id": ["a1", "a1", "b1", "b1", "b2", "b2"],
                             "benchmark": ["A", "A", "B", "B", "B", "B"],
                             "text": list("xyzwuv"), "n_tokens": 1,
                             "reward": [1.0, 0.0, 1.0, 1.0, 0.0, float("nan")]})
-    art, _ = cache.build("evaluate", {"t": 1}, lambda a: a.write_table("samples", samples) and None)
-    cfg = OmegaConf.create({"eval": {"pass_k": [1]}, "beta": 1.0})
-    ctx = type("C", (), {"cfg": cfg})()
-    m = pipeline.policy_metrics(ctx, {"samples": art}, None)
+    m = policy_metrics(samples, [1], beta=1.0)
     assert m["reward_missing"] == 1
     assert m["A.mean_at_k"] == 0.5 and m["B.mean_at_k"] == pytest.approx(2 / 3)
     assert m["macro.mean_at_k"] == pytest.approx((0.5 + 2 / 3) / 2)

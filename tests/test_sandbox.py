@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from disa.tasks import sandbox
+from disa import sandbox
+from disa.sandbox import network_isolation_available, run_program
 from disa.tasks.code_reward import (
     extract_code,
     grade_functional,
@@ -24,7 +25,6 @@ from disa.tasks.code_reward import (
     normalize_output,
     outputs_match,
 )
-from disa.tasks.sandbox import network_isolation_available, run_program
 
 
 def _gone_or_zombie(pid: int) -> bool:

@@ -158,10 +158,10 @@ def test_vllm_model_path(tmp_path, char_tok):
 # -- gradient checkpointing ---------------------------------------------------------------------
 def test_gradient_checkpointing_setting(make_cfg):
     cfg = make_cfg()
-    assert cfg.train.gradient_checkpointing is False
-    validate(make_cfg("train.gradient_checkpointing=true"))
-    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
-        validate(make_cfg("train.gradient_checkpointing=3"))
+    assert cfg.checkpoint.activations is False
+    validate(make_cfg("checkpoint.activations=true"))
+    with pytest.raises(ConfigError, match="checkpoint.activations"):
+        validate(make_cfg("checkpoint.activations=3"))
 
 
 def test_gradient_checkpointing_on_the_embedded_model(char_tok):
@@ -186,7 +186,7 @@ def test_gradient_checkpointing_on_the_embedded_model(char_tok):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
 
     loss0, g0, n0 = run()
-    # as disa.training.run.fit does for train.gradient_checkpointing=true
+    # as disa.training.run.fit does for checkpoint.activations=true
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
     loss1, g1, n1 = run()
     assert (n0, n1) == (1, 2)
@@ -348,11 +348,14 @@ class _StepRecorder(L.Callback):
 
 
 def _one_disa_step(out, char_tok, frame, devices: int, batch_size: int) -> None:
+    from disa.losses import get_loss
     from disa.training.data import TrajectoryDataModule
     from disa.training.module import PolicyModule
 
     policy = tiny_llama(len(char_tok), seed=3).train()
-    module = PolicyModule(policy, "disa", {"beta": 2.0}, functools.partial(torch.optim.SGD, lr=0.1), chunk_size=5)
+    disa = get_loss("disa")
+    module = PolicyModule(policy, disa, disa.make_options({}, beta=2.0), functools.partial(torch.optim.SGD, lr=0.1),
+                          chunk_size=5)
     data = TrajectoryDataModule(frame, batch_size, char_tok.pad_token_id, seed=11)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                         max_steps=1, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
@@ -446,7 +449,7 @@ def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypa
     here is a test double: HF ``generate`` plus log-probs computed by the scorer, shifted by
     0.25 nats per sequence for the proposal (a stand-in for a mismatched checkpoint)."""
 
-    import disa.pipeline as pipeline
+    import disa.stages.sample as sample_stage
     from disa.sampling.hf import HFSampler
     from disa.scoring import sequence_logprobs
 
@@ -460,8 +463,8 @@ def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypa
             self.last_logprobs = [[x + shift for x in lp[i * n:(i + 1) * n]] for i in range(len(prompt_ids))]
             return groups
 
-    monkeypatch.setattr(pipeline, "build_sampler", lambda cfg: ReportingSampler(int(cfg.sampler.batch_size)))
-    from disa.workflow import run
+    monkeypatch.setattr(sample_stage, "build_sampler", lambda cfg: ReportingSampler(int(cfg.sampler.batch_size)))
+    from disa.job import run
 
     def stage(name: str) -> dict:
         return run(make_cfg("debug=fast", f"cache_dir={tmp_path / 'cache'}", f"stage={name}"), tmp_path / name)

@@ -64,7 +64,7 @@ def compose_cfg(*overrides: str, hydra: bool = False):
 
 
 def run_in_process(tmp_path_factory, name: str, *overrides: str) -> tuple[Path, dict]:
-    from disa.workflow import run
+    from disa.job import run
 
     cfg = compose_cfg(*overrides, "debug=fast", f"cache_dir={shared_cache(tmp_path_factory)}")
     run_dir = tmp_path_factory.mktemp(name)

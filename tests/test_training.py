@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from disa.losses import get_loss
 from disa.sampling import SamplerSettings
 from disa.sampling.hf import HFSampler
 from disa.scoring import pack
 from disa.training.module import PolicyModule
-from disa.training.online import LogZHead, OnlinePolicyModule, _adapt
+from disa.training.online import LogZHead, OnlinePolicyModule
 
 
 def _batch(char_tok):
@@ -26,15 +27,16 @@ def _batch(char_tok):
 
 def test_disa_step_grad_reaches_policy_not_anchor(char_tok):
     policy = tiny_llama(len(char_tok))
-    module = PolicyModule(policy.train(), "disa", {"beta": 2.0}, lambda p: torch.optim.SGD(p, lr=0.1))
+    disa = get_loss("disa")
+    module = PolicyModule(policy.train(), disa, disa.make_options({}, beta=2.0), lambda p: torch.optim.SGD(p, lr=0.1))
     module.log = module.log_dict = lambda *a, **k: None  # no trainer attached
     batch = _batch(char_tok)
     batch["log_z_hat"] = torch.tensor([0.5, 1.0], requires_grad=True)
-    batch["logp_ref"] = torch.tensor([-3.0, -2.0], requires_grad=True)
+    batch["logp_ref_seq"] = torch.tensor([-3.0, -2.0], requires_grad=True)
     batch["reward"] = torch.tensor([1.0, 0.0])
     loss = module.training_step(batch, 0)
     loss.backward()
-    assert batch["log_z_hat"].grad is None and batch["logp_ref"].grad is None
+    assert batch["log_z_hat"].grad is None and batch["logp_ref_seq"].grad is None
     grads = [p.grad for p in policy.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
@@ -44,17 +46,19 @@ def test_flowrl_grad_reaches_log_z_head_not_reference(char_tok):
     head = LogZHead(policy.config.hidden_size, num_layers=3, dropout=0.0)
     task = type("T", (), {"rewards": lambda self, rows, texts: [float("a" in t) for t in texts]})()
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["ab", "c"]})
+    flowrl = get_loss("flowrl")
     module = OnlinePolicyModule(
-        policy, ref, char_tok, task, prompts, HFSampler(64), SamplerSettings(max_new_tokens=3), "flowrl",
-        {"beta_f": 15.0, "clip_eps": 0.2}, lambda p: torch.optim.SGD(p, lr=0.1), group_size=4,
+        policy, ref, char_tok, task, prompts, HFSampler(64), SamplerSettings(max_new_tokens=3), flowrl,
+        flowrl.make_options({"beta_f": 15.0, "clip_eps": 0.2}), lambda p: torch.optim.SGD(p, lr=0.1), group_size=4,
         updates_per_rollout=1, minibatch_size=8, log_z_head=head,
     )
     module.trainer = type("Tr", (), {"max_steps": 10})()  # global_step reads nothing else here
     module._trainer = None
     roll = module.rollout([0, 1])
-    assert "logp_ref_tokens" in roll and not roll["logp_ref_tokens"].requires_grad
+    assert "logp_ref_seq" in roll and not roll["logp_ref_seq"].requires_grad
     logp, mask, batch = module.loss_inputs(roll, torch.arange(8))
-    loss, _ = module.loss_fn(logp, mask, _adapt("flowrl", batch), module.loss_cfg)
+    assert set(batch) == set(flowrl.needs(module.options))  # exactly the fields the loss reads
+    loss, _ = module.loss(logp, mask, batch, module.options)
     loss.backward()
     assert all(p.grad is None for p in ref.parameters())
     assert all(p.grad is not None for p in head.parameters())

@@ -37,28 +37,6 @@ class SamplerSettings:
         )
 
 
-def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
-    """Token ids of a prompt: wrapped in the tokenizer's chat template when ``chat`` and the
-    tokenizer has one (the template already holds the special tokens, so none are added)."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        from disa.tasks.benchmarks import apply_chat_template
-
-        return tokenizer(apply_chat_template(tokenizer, text), add_special_tokens=False).input_ids
-    return tokenizer(text).input_ids
-
-
-def completion_text(tokenizer, ids: list[int]) -> str:
-    """The text a reward sees: the completion without its final EOS, special tokens *kept*.
-
-    Skipping special tokens would let e.g. ``"3<bos>+4"`` read as ``"3+4"`` and be rewarded
-    although it is not in the rewarded set, which would make the exact oracle disagree with
-    the rewards the pipeline assigns.
-    """
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
 def build_sampler(cfg):
     """The sampler named by ``cfg.sampler.engine``."""
     if cfg.sampler.engine == "hf":

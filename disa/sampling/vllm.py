@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from disa.sampling import SamplerSettings
+from disa.settings import derive_seed
 
 INSTALL_HINT = "sampler=vllm needs the 'vllm' extra: pip install 'disa[vllm]' on a CUDA machine"
 
@@ -173,7 +174,7 @@ class VLLMSampler:
                 top_k=settings.top_k if settings.top_k > 0 else -1, max_tokens=settings.max_new_tokens,
                 min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                 stop_token_ids=[eos], skip_special_tokens=False, logprobs=0,
-                seed=(int(seed) * 1_000_003 + i) % (2**31),
+                seed=derive_seed(seed, "request", i),
             )
             for i in range(len(prompt_ids))
         ]

@@ -1,9 +1,10 @@
 """Prompt sources and reward functions.
 
 A task gives prompts per split as a DataFrame (``prompt_id``, ``prompt`` plus task-specific
-columns) and scores completions. Tasks whose rewarded set is enumerable (the embedded one)
-also give it, which lets the harness compute the exact log Z and exact distances to the
-target distribution.
+columns) and scores completions. Tasks whose rewarded set is enumerable (sumpairs) also
+give it, which lets the harness compute the exact log Z and exact distances to the target
+distribution. A task the embedded backbone can be pre-trained on gives the characters of its
+texts (``alphabet``) and a corpus of (prompt, completion) pairs (``corpus``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def build_task(cfg) -> Task:
     """Build the task named by ``cfg.task.name`` (validated in :mod:`disa.config`)."""
     name = cfg.task.name
     if name == "sumpairs":
-        from disa.tasks.embedded import SumPairsTask
+        from disa.tasks.sumpairs import SumPairsTask
 
         return SumPairsTask(
             min_sum=cfg.task.min_sum,

@@ -36,7 +36,6 @@ __all__ = [
     "MATH_BENCHMARKS",
     "PROMPT_TEMPLATES",
     "BenchmarkSpec",
-    "apply_chat_template",
     "benchmark_root",
     "extract_gold",
     "load_benchmark",
@@ -522,20 +521,3 @@ def render_prompt(problem: str, template: str = "boxed") -> str:
             "nor a string containing '{problem}'"
         )
     return tpl.replace("{problem}", problem)
-
-
-def apply_chat_template(
-    tokenizer: Any, text: str, *, system: str | None = None, **kwargs: Any
-) -> str:
-    """``text`` as a single user turn in the tokenizer's chat format, with the generation
-    prompt appended; ``text`` unchanged when the tokenizer has no chat template (base
-    models, the embedded char tokenizer)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return text
-    messages: list[dict[str, str]] = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": text})
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **kwargs
-    )

@@ -1,5 +1,5 @@
 """Code rewards: run a completion's program against tests in the sandbox
-(:mod:`disa.tasks.sandbox`) and report the fraction of tests passed.
+(:mod:`disa.sandbox`) and report the fraction of tests passed.
 
 Three kinds of tests:
 
@@ -36,9 +36,10 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from disa.tasks.sandbox import ExecResult, run_program
+from disa.sandbox import ExecResult, run_program
 
 __all__ = [
     "CodeGrade",
@@ -230,109 +231,9 @@ def _decode(x: Any) -> Any:
     return x
 
 
-# The driver runs inside the sandbox: it executes the program, calls the function on each
-# input under a per-test timer, and prints "<nonce><json>" lines on a private copy of
-# stdout (the program's own prints go to /dev/null). It sees inputs, never expected values.
-_DRIVER = r"""
-import hashlib, io, json, os, signal, sys
-
-NONCE = sys.argv[1]
-with open("tests.json", encoding="utf-8") as f:
-    CFG = json.load(f)
-_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
-_null = os.open(os.devnull, os.O_WRONLY)
-os.dup2(_null, 1)
-sys.stdout = open(os.devnull, "w")
-sys.stdin = io.StringIO("")
-sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
-
-
-def emit(obj):
-    _out.write(NONCE + json.dumps(obj) + "\n")
-    _out.flush()
-
-
-def enc(x, depth=0):
-    # Sets and dicts in a canonical order: large values are compared by digest, and set
-    # order depends on the (random) hash seed.
-    if depth > 200:
-        raise ValueError("value nested too deeply")
-    if x is None or isinstance(x, (bool, str, float)):
-        return x
-    if isinstance(x, int):
-        # Hex for huge ints: decimal conversion is capped at 4300 digits (both ends).
-        return {"__int__": hex(x)} if x.bit_length() > 14000 else int(x)
-    if isinstance(x, list):
-        return [enc(v, depth + 1) for v in x]
-    if isinstance(x, tuple):
-        return {"__tuple__": [enc(v, depth + 1) for v in x]}
-    if isinstance(x, (set, frozenset)):
-        return {"__set__": sorted((enc(v, depth + 1) for v in x), key=json.dumps)}
-    if isinstance(x, dict):
-        pairs = [[enc(k, depth + 1), enc(v, depth + 1)] for k, v in x.items()]
-        return {"__dict__": sorted(pairs, key=lambda p: json.dumps(p[0]))}
-    return {"__repr__": repr(x)[:2000], "__type__": type(x).__name__}
-
-
-def emit_value(i, value):
-    payload = json.dumps(enc(value))
-    if len(payload) > CFG["max_value_chars"]:
-        # A big value travels as its digest: equal iff the canonical encodings are equal.
-        digest = hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
-        payload = json.dumps({"__digest__": digest, "__type__": type(value).__name__})
-    _out.write(NONCE + '{"i": %d, "status": "ok", "value": %s}\n' % (i, payload))
-    _out.flush()
-
-
-class _Timeout(BaseException):
-    pass
-
-
-def _alarm(signum, frame):
-    raise _Timeout()
-
-
-signal.signal(signal.SIGALRM, _alarm)
-ns = {"__name__": "__solution__"}
-try:
-    with open("solution.py", encoding="utf-8") as f:
-        src = f.read()
-    signal.setitimer(signal.ITIMER_REAL, CFG["load_timeout"])
-    try:
-        exec(compile(src, "solution.py", "exec"), ns)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-except _Timeout:
-    emit({"load": "timeout"})
-    sys.exit(0)
-except BaseException as e:
-    emit({"load": "error", "error": (type(e).__name__ + ": " + str(e))[:500]})
-    sys.exit(0)
-fn = ns.get(CFG["fn_name"])
-if fn is None and isinstance(ns.get("Solution"), type):
-    try:
-        fn = getattr(ns["Solution"](), CFG["fn_name"], None)
-    except BaseException:
-        fn = None
-if not callable(fn):
-    emit({"load": "missing", "error": "no function " + repr(CFG["fn_name"])})
-    sys.exit(0)
-emit({"load": "ok"})
-for i, args in enumerate(CFG["inputs"]):
-    try:
-        signal.setitimer(signal.ITIMER_REAL, CFG["timeout"])
-        try:
-            value = fn(*args)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        emit_value(i, value)
-    except _Timeout:
-        emit({"i": i, "status": "timeout"})
-    except MemoryError:
-        emit({"i": i, "status": "memory"})
-    except BaseException as e:
-        emit({"i": i, "status": "error", "error": (type(e).__name__ + ": " + str(e))[:300]})
-"""
+# The driver is a real script beside this module (see its docstring); the sandbox runs its
+# source as the program.
+_DRIVER = (Path(__file__).with_name("code_driver.py")).read_text(encoding="utf-8")
 
 
 # Return values whose JSON is longer than this come back as a SHA-256 digest (exact

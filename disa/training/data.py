@@ -1,8 +1,9 @@
 """Cached trajectories as a Lightning DataModule.
 
 Each item is one trajectory with its prompt/completion token ids and the per-trajectory
-tensors a loss may need (``reward``, ``logp_ref`` from the cache, ``log_z_hat`` from the
-frozen anchor). Batches are packed by :func:`disa.scoring.pack`.
+tensors of the loss batch schema (:data:`disa.losses.BATCH_FIELDS`) that the cache holds:
+``reward`` and ``logp_ref_seq`` from the scores, ``log_z_hat`` from the frozen anchor
+(:data:`CACHE_FIELDS`). Batches are packed by :func:`disa.scoring.pack`.
 
 The order of the batches is a pure function of the seed: batch number ``b`` of a run is
 slice ``b mod P`` of the permutation of pass ``b // P`` (``P`` batches per pass over the
@@ -22,17 +23,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from disa.scoring import pack
+from disa.settings import derive_seed
 
-#: per-trajectory float columns carried into every batch when present
-FLOAT_COLUMNS = ("reward", "logp_ref", "log_z_hat")
+#: batch field (disa.losses.BATCH_FIELDS) → the column of the training frame it is read from:
+#: what a loss trained from the cache can have. Others (old-policy log-probs, groups) exist
+#: only for a rollout of the current policy.
+CACHE_FIELDS = {"reward": "reward", "logp_ref_seq": "logp_ref", "log_z_hat": "log_z_hat"}
 
 
 class TrajectoryDataset(Dataset):
     def __init__(self, frame: pd.DataFrame):
         self.prompt_ids = frame.prompt_ids.tolist()
         self.completion_ids = frame.completion_ids.tolist()
-        self.values = {c: torch.tensor(frame[c].to_numpy(np.float64), dtype=torch.float32)
-                       for c in FLOAT_COLUMNS if c in frame}
+        self.values = {field: torch.tensor(frame[c].to_numpy(np.float64), dtype=torch.float32)
+                       for field, c in CACHE_FIELDS.items() if c in frame}
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -75,7 +79,7 @@ class StepBatches(IterableDataset):
     def permutation(self, p: int) -> torch.Tensor:
         """The order of the items in pass ``p`` (seeded by ``seed`` and ``p`` alone)."""
         if self._perm is None or self._perm[0] != p:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + p) % (2**63))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "pass", p))
             self._perm = (p, torch.randperm(self.n, generator=g))
         return self._perm[1]
 

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from disa.losses import get_loss
+from disa.losses import LossSpec
 from disa.scoring import Batch, token_logprobs
 
 
@@ -26,16 +26,16 @@ class PolicyModule(L.LightningModule):
     def __init__(
         self,
         policy: torch.nn.Module,
-        loss: str,
-        loss_cfg: Mapping[str, Any],
+        loss: LossSpec,
+        options: Any,
         optimizer: Callable[..., torch.optim.Optimizer],
         chunk_size: int = 2048,
     ):
+        """``loss`` and its ``options`` from the registry (:mod:`disa.losses`); the batches
+        (from :class:`disa.training.data.TrajectoryDataModule`) hold the fields it needs."""
         super().__init__()
         self.policy = policy
-        self.loss_name = loss
-        self.loss_fn = get_loss(loss)
-        self.loss_cfg = dict(loss_cfg)
+        self.loss, self.options = loss, options
         self.optimizer_factory = optimizer
         self.chunk_size = chunk_size
         #: batches trained on so far; saved in checkpoints, read by the data module on resume
@@ -44,7 +44,7 @@ class PolicyModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokens = Batch(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["completion_mask"])
         logp = token_logprobs(self.policy, tokens, chunk_size=self.chunk_size)  # [B, T]
-        loss, metrics = self.loss_fn(logp, tokens.completion_mask, batch, self.loss_cfg)
+        loss, metrics = self.loss(logp, tokens.completion_mask, batch, self.options)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}, prog_bar=False,
                       batch_size=tokens.input_ids.shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=tokens.input_ids.shape[0])

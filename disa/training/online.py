@@ -11,7 +11,7 @@ fair in gradient updates; generated tokens are counted and logged beside it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -20,9 +20,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from disa.losses import get_loss, group_normalize
-from disa.sampling import SamplerSettings, completion_text, encode_prompt
+from disa.losses import LossSpec, group_normalize
+from disa.sampling import SamplerSettings
 from disa.scoring import Batch, pack, token_logprobs
+from disa.settings import derive_seed
+from disa.tokenization import completion_text, encode_prompt
 
 
 class LogZHead(torch.nn.Module):
@@ -57,8 +59,8 @@ class OnlinePolicyModule(L.LightningModule):
         prompts: pd.DataFrame,
         sampler,
         settings: SamplerSettings,
-        loss: str,
-        loss_cfg: Mapping[str, Any],
+        loss: LossSpec,
+        options: Any,
         optimizer: Callable[..., torch.optim.Optimizer],
         group_size: int,
         updates_per_rollout: int,
@@ -79,7 +81,8 @@ class OnlinePolicyModule(L.LightningModule):
         self.tok, self.task, self.prompts = tokenizer, task, prompts.reset_index(drop=True)
         self.prompt_ids = [encode_prompt(tokenizer, p, chat_template) for p in self.prompts.prompt]
         self.sampler, self.settings = sampler, settings
-        self.loss_name, self.loss_fn, self.loss_cfg = loss, get_loss(loss), dict(loss_cfg)
+        self.loss, self.options = loss, options
+        self.needs = loss.needs(options)  # the batch fields each update builds
         self.optimizer_factory = optimizer
         self.group_size, self.updates, self.minibatch = group_size, updates_per_rollout, minibatch_size
         self.scale_rewards, self.clip = scale_rewards, gradient_clip_val
@@ -102,7 +105,7 @@ class OnlinePolicyModule(L.LightningModule):
         p_ids = [self.prompt_ids[i] for i in prompt_index]
         # Ranks sample different prompts (their share of the step's batch) and, with their
         # own seed stream, would draw different groups even for the same prompt.
-        seed = self.seed * 100_003 + int(self.global_step) + self.global_rank * 2**40
+        seed = derive_seed(self.seed, "rollout", int(self.global_step), self.global_rank)
         groups = self.sampler.sample(self.policy, self.tok, p_ids, self.group_size, self.settings, seed)
         completions = [c for g in groups for c in g]
         prompts_rep = [p for p in p_ids for _ in range(self.group_size)]
@@ -115,9 +118,12 @@ class OnlinePolicyModule(L.LightningModule):
                "position_ids": batch.position_ids, "completion_mask": batch.completion_mask,
                "reward": reward.to(self.device),
                "group_ids": torch.arange(len(p_ids), device=self.device).repeat_interleave(self.group_size)}
-        out["logp_old_tokens"] = token_logprobs(self.policy, batch, chunk_size=self.chunk_size)
+        mask = batch.completion_mask.to(torch.float32)
+        out["logp_old_tok"] = token_logprobs(self.policy, batch, chunk_size=self.chunk_size)  # [N, T]
+        out["logp_old_seq"] = (out["logp_old_tok"] * mask).sum(-1)  # [N]
         if self.ref is not None:
-            out["logp_ref_tokens"] = token_logprobs(self.ref, batch, chunk_size=self.chunk_size)
+            out["logp_ref_tok"] = token_logprobs(self.ref, batch, chunk_size=self.chunk_size)
+            out["logp_ref_seq"] = (out["logp_ref_tok"] * mask).sum(-1)
         out["advantages"] = group_normalize(out["reward"], out["group_ids"], self.scale_rewards)
         self.policy.train()
         return out
@@ -131,27 +137,18 @@ class OnlinePolicyModule(L.LightningModule):
 
     # -- updates ----------------------------------------------------------------------------
     def loss_inputs(self, roll: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``(logp, mask, batch)`` of the rollout rows ``idx`` for one update: the current
+        policy's token log-probs, with grad, and the fields of the loss batch schema that the
+        loss reads (``log_z`` from the head, the rest from the rollout)."""
         tokens = Batch(roll["input_ids"][idx], roll["attention_mask"][idx], roll["position_ids"][idx],
                        roll["completion_mask"][idx])
-        mask = tokens.completion_mask
-        if self.log_z_head is None:
-            logp = token_logprobs(self.policy, tokens, chunk_size=self.chunk_size)
-            batch = {}
-        else:
-            logp, hidden = token_logprobs(self.policy, tokens, chunk_size=self.chunk_size, return_hidden=True)
-            P = tokens.prompt_len
-            batch = {"log_z": self.log_z_head(hidden[:, :P].float(), tokens.attention_mask[:, :P])}
-        m = mask.to(logp.dtype)
-        batch |= {
-            "reward": roll["reward"][idx], "advantages": roll["advantages"][idx],
-            "group_ids": roll["group_ids"][idx],
-            "logp_old": roll["logp_old_tokens"][idx],  # [b, T] token-level (GRPO/GSPO)
-            "logp_old_seq": (roll["logp_old_tokens"][idx] * m).sum(-1),  # [b] (FlowRL)
-        }
-        if "logp_ref_tokens" in roll:
-            batch["logp_ref_tokens"] = roll["logp_ref_tokens"][idx]
-            batch["logp_ref"] = (roll["logp_ref_tokens"][idx] * m).sum(-1)
-        return logp, mask, batch
+        batch = {k: roll[k][idx] for k in self.needs if k != "log_z"}
+        if "log_z" not in self.needs:
+            return token_logprobs(self.policy, tokens, chunk_size=self.chunk_size), tokens.completion_mask, batch
+        logp, hidden = token_logprobs(self.policy, tokens, chunk_size=self.chunk_size, return_hidden=True)
+        P = tokens.prompt_len
+        batch["log_z"] = self.log_z_head(hidden[:, :P].float(), tokens.attention_mask[:, :P])
+        return logp, tokens.completion_mask, batch
 
     def minibatch_index(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Rows of a random minibatch made of *whole groups*, so that group statistics (the
@@ -165,14 +162,14 @@ class OnlinePolicyModule(L.LightningModule):
         roll = self.rollout(prompt_index.tolist())
         opt = self.optimizers()
         n = roll["input_ids"].shape[0]
-        g = torch.Generator().manual_seed(self.seed * 7 + int(self.global_step))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "minibatches", int(self.global_step)))
         logged: list[dict[str, float]] = []
         for _ in range(self.updates):
             if self.global_step >= self.trainer.max_steps:
                 break
             idx = self.minibatch_index(n, g).to(self.device)
             logp, mask, batch = self.loss_inputs(roll, idx)
-            loss, metrics = self.loss_fn(logp, mask, _adapt(self.loss_name, batch), self.loss_cfg)
+            loss, metrics = self.loss(logp, mask, batch, self.options)
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if self.clip:
@@ -195,17 +192,6 @@ class OnlinePolicyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_generated = checkpoint.get("tokens_generated", 0)
-
-
-def _adapt(loss: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Name the rollout tensors as each registered loss expects them."""
-    if loss == "flowrl":
-        return {"log_z": batch["log_z"], "logp_ref": batch["logp_ref"], "logp_old": batch["logp_old_seq"],
-                "reward": batch["reward"], "group_ids": batch["group_ids"]}
-    out = {"logp_old": batch["logp_old"], "advantages": batch["advantages"]}
-    if "logp_ref_tokens" in batch:
-        out["logp_ref"] = batch["logp_ref_tokens"]
-    return out
 
 
 def prompt_loader(module: OnlinePolicyModule, n_prompts: int, prompts_per_step: int, seed: int) -> DataLoader:

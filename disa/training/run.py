@@ -2,8 +2,9 @@
 
 Offline algorithms (DISA, LoRA-SFT) read the cached trajectories through
 :class:`TrajectoryDataModule`; online ones (FlowRL, GRPO, GSPO) sample from the current
-policy each step (:mod:`disa.training.online`). Only FlowRL, and GRPO with a KL term, load
-the reference model.
+policy each step (:mod:`disa.training.online`). Both build their batches in the loss batch
+schema from what the registered loss reads (:mod:`disa.losses`); only an online loss that
+reads reference log-probs (FlowRL; GRPO with a KL term) loads the reference model.
 """
 
 from __future__ import annotations
@@ -15,15 +16,10 @@ import lightning as L
 import pandas as pd
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import OmegaConf
 
 from disa.cache import Artifact
-from disa.models import load_model, load_tokenizer
-
-
-def needs_reference(alg) -> bool:
-    """FlowRL's residual uses log π_ref; GRPO only for its optional KL; the rest never."""
-    return alg.loss == "flowrl" or float(alg.loss_args.get("kl_coef", 0.0)) > 0
+from disa.models import load_model
+from disa.tokenization import load_tokenizer
 
 
 def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
@@ -33,31 +29,34 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     is None (online ones). A killed run leaves ``checkpoints/last.ckpt``; the next run with
     the same settings finds the artifact incomplete and resumes from there.
     """
-    cfg = ctx.cfg
+    cfg, s = ctx.cfg, ctx.settings
     alg = cfg.algorithm
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    L.seed_everything(s.seed, workers=True, verbose=False)
     policy = load_model(ctx.backbone.ref_path, "float32").train()  # the trainer's precision casts
-    if cfg.train.get("gradient_checkpointing"):  # recompute layer activations in backward (transformers 5: activation_…)
+    if cfg.checkpoint.activations:  # recompute layer activations in backward (transformers 5: activation_…)
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)({"use_reentrant": False})
     tok = load_tokenizer(ctx.backbone.ref_path)
-    loss_cfg = {**OmegaConf.to_container(alg.loss_args, resolve=True), "beta": float(cfg.beta)}
     optimizer = instantiate(alg.optimizer)
     trainer_overrides: dict[str, Any] = {}
-    if alg.online:
-        module, data = _online(ctx, policy, tok, loss_cfg, optimizer)
+    if s.online:
+        module, data = _online(ctx, policy, tok, optimizer)
         trainer_overrides["gradient_clip_val"] = None  # manual optimization clips in the module
     else:
-        from disa.training.data import TrajectoryDataModule
+        from disa.training.data import CACHE_FIELDS, TrajectoryDataModule
         from disa.training.module import PolicyModule
 
+        missing = sorted(s.loss_spec.needs(s.loss_options) - set(CACHE_FIELDS))
+        if missing:
+            raise ValueError(f"algorithm.loss={s.loss!r} reads {missing}, which only a rollout of the current "
+                             f"policy gives; allowed: algorithm.online=true for this loss")
         if alg.get("lora"):
             policy = _with_lora(policy, alg.lora)
-        module = PolicyModule(policy, alg.loss, loss_cfg, optimizer, int(cfg.train.chunk_size))
-        data = TrajectoryDataModule(frame, int(alg.batch_size), tok.pad_token_id, seed=int(cfg.seed))
+        module = PolicyModule(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size)
+        data = TrajectoryDataModule(frame, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
 
     ckpt_dir = art.path / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
-                                 every_n_train_steps=int(cfg.train.checkpoint_every))
+                                 every_n_train_steps=int(cfg.checkpoint.every_n_steps))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=[checkpoint, _Progress()], logger=ctx.loggers or False,
         default_root_dir=str(art.path), enable_model_summary=False, **trainer_overrides,
@@ -65,7 +64,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     last = ckpt_dir / "last.ckpt"
     resumed = last.exists()
     t0 = time.perf_counter()
-    if alg.online:
+    if s.online:
         trainer.fit(module, train_dataloaders=data, ckpt_path=str(last) if resumed else None)
     else:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resumed else None)
@@ -159,22 +158,21 @@ def _with_lora(policy, lora_cfg):
     return get_peft_model(policy, config)
 
 
-def _online(ctx, policy, tok, loss_cfg, optimizer):
+def _online(ctx, policy, tok, optimizer):
     from disa.sampling import SamplerSettings, build_sampler
     from disa.training.online import LogZHead, OnlinePolicyModule, prompt_loader
 
-    cfg, alg = ctx.cfg, ctx.cfg.algorithm
-    ref = load_model(ctx.backbone.ref_path, "float32") if needs_reference(alg) else None
+    cfg, s, alg = ctx.cfg, ctx.settings, ctx.cfg.algorithm
+    ref = load_model(ctx.backbone.ref_path, "float32") if s.loads_reference else None
     head = None
-    if alg.loss == "flowrl":
+    if "log_z" in s.loss_spec.needs(s.loss_options):  # the loss trains a log Z_φ(q) head (FlowRL)
         head = LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), float(alg.log_z_head.dropout))
     prompts = ctx.task.prompts("train")
     module = OnlinePolicyModule(
         policy, ref, tok, ctx.task, prompts, build_sampler(cfg), SamplerSettings.from_cfg(cfg.sampler),
-        alg.loss, loss_cfg, optimizer, group_size=int(alg.group_size),
-        updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=int(alg.batch_size),
+        s.loss_spec, s.loss_options, optimizer, group_size=int(alg.group_size),
+        updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
         scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-        log_z_head=head, chunk_size=int(cfg.train.chunk_size), seed=int(cfg.seed),
-        chat_template=bool(cfg.task.get("chat_template", False)),
+        log_z_head=head, chunk_size=s.chunk_size, seed=s.seed, chat_template=s.chat_template,
     )
-    return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), int(cfg.seed))
+    return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))

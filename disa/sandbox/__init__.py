@@ -27,10 +27,11 @@ the untrusted code runs,
   that left the process group with ``setsid``), else ``RLIMIT_NPROC`` inside the user
   namespace, where it counts only the sandbox's processes (``processes_limited``).
 
-The limits are applied by a tiny bootstrap interpreter that calls ``setrlimit`` and then
-``exec``-s the real interpreter, rather than by ``subprocess``'s ``preexec_fn``: ``preexec_fn``
-runs Python code between ``fork`` and ``exec`` and is documented as unsafe when the parent
-has threads, and graders call :func:`run_program` from thread pools.
+The limits are applied by a tiny bootstrap interpreter (``disa/sandbox/driver.py``, run as a
+script by path) that calls ``setrlimit`` and then ``exec``-s the real interpreter, rather than
+by ``subprocess``'s ``preexec_fn``: ``preexec_fn`` runs Python code between ``fork`` and
+``exec`` and is documented as unsafe when the parent has threads, and graders call
+:func:`run_program` from thread pools.
 
 This is a guard against accidents and careless or reward-hacking programs (infinite loops,
 fork and memory bombs, stray file writes, a network call, killing the parent), not a
@@ -64,59 +65,12 @@ __all__ = [
 #: Statuses an :class:`ExecResult` can carry.
 STATUSES = ("ok", "error", "timeout", "memory", "file_size", "killed", "sandbox_error")
 
-# Runs in the child before the untrusted program: set the limits, then exec a clean
-# interpreter on the program so that nothing of the bootstrap stays in its process image.
-# soft == hard for every limit except CPU (hard = soft + 1 s: SIGXCPU at the soft limit
-# gives a clear signal, SIGKILL at the hard one is the backstop). A requested value above
-# an existing finite hard limit is clipped to it (raising a hard limit needs privileges).
-_BOOTSTRAP = r"""
-import json, os, resource, sys
-spec = json.loads(sys.argv[1])
-if spec.get("cgroup"):  # before anything else: every process the program starts counts
-    try:
-        with open(spec["cgroup"] + "/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-    except OSError as e:
-        sys.stderr.write("sandbox: could not join the pids cgroup: " + str(e) + "\n")
-        sys.exit(121)
-for name, (soft, hard) in spec["limits"].items():
-    res = getattr(resource, name, None)
-    if res is None:
-        continue
-    cur_soft, cur_hard = resource.getrlimit(res)
-    if cur_hard != resource.RLIM_INFINITY:
-        soft, hard = min(soft, cur_hard), min(hard, cur_hard)
-    resource.setrlimit(res, (soft, hard))
-if spec.get("landlock_abi"):
-    # Landlock: from here on, this process and its children may create, write, remove or
-    # rename files only beneath the listed directories (and write /dev/null), and (ABI 6+)
-    # may not signal processes outside the sandbox. Reads stay allowed everywhere.
-    # Requested because the parent detected Landlock (its ABI is passed): failure fails closed.
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    abi = spec["landlock_abi"]
-    fs = 0x1FF2 | (0x2000 if abi >= 2 else 0) | (0x4000 if abi >= 3 else 0)
-    size = 8 if abi < 4 else (16 if abi < 6 else 24)
-    attr = (ctypes.c_uint64 * 3)(fs, 0, 0x2 if abi >= 6 else 0)
-    ruleset = libc.syscall(444, attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
-
-    class Beneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
-
-    rules = [(d, fs) for d in spec["writable"]] + [("/dev/null", 0x2 | (0x4000 if abi >= 3 else 0))]
-    ok = ruleset >= 0
-    for path, allowed in rules:
-        if ok:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            ok = libc.syscall(445, ruleset, 1, ctypes.byref(Beneath(allowed, fd)), ctypes.c_uint32(0)) == 0
-            os.close(fd)
-    ok = ok and libc.prctl(38, 1, 0, 0, 0) == 0 and libc.syscall(446, ruleset, ctypes.c_uint32(0)) == 0
-    if not ok:
-        sys.stderr.write("sandbox: landlock confinement failed: " + os.strerror(ctypes.get_errno()) + "\n")
-        sys.exit(121)
-os.execv(spec["python"], [spec["python"], *spec["flags"], *sys.argv[2:]])
-"""
+# Runs in the child before the untrusted program: joins the pids cgroup, sets the limits,
+# applies Landlock, then execs a clean interpreter on the program so that nothing of the
+# bootstrap stays in its process image. A real file run as a script by path under ``-I -S``
+# (not ``-c``-code kept here): it imports only the standard library, never ``disa``, and
+# takes everything it needs as one JSON argument (see its docstring, also for the limits).
+_DRIVER = Path(__file__).with_name("driver.py")
 
 #: exit status of the bootstrap when the requested confinement could not be applied
 _CONFINE_FAILED = 121
@@ -191,7 +145,9 @@ def landlock_abi() -> int:
 
             with contextlib.suppress(OSError, AttributeError):
                 libc = ctypes.CDLL(None, use_errno=True)
-                _LANDLOCK_ABI = max(0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))))
+                _LANDLOCK_ABI = max(
+                    0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
+                )
     return _LANDLOCK_ABI
 
 
@@ -227,8 +183,11 @@ def pids_cgroup_base() -> str | None:
     by creating and removing a probe cgroup; None where that is not possible."""
     with _CGROUP_LOCK:
         if not _PIDS_BASE:
-            base = None if os.environ.get("DISA_SANDBOX_NO_CGROUP") or not sys.platform.startswith("linux") \
+            base = (
+                None
+                if os.environ.get("DISA_SANDBOX_NO_CGROUP") or not sys.platform.startswith("linux")
                 else _own_pids_cgroup()
+            )
             if base is not None:
                 probe = os.path.join(base, f"disa-probe-{os.getpid()}")
                 try:
@@ -471,9 +430,17 @@ def run_program(
         out_path = os.path.join(io_dir, "stdout")
         err_path = os.path.join(io_dir, "stderr")
         abi = landlock_abi() if confine_writes else 0
-        spec = json.dumps({"limits": limits, "python": python, "flags": flags, "landlock_abi": abi,
-                           "writable": [work_dir], "cgroup": cgroup})
-        cmd = [*prefix, python, "-I", "-S", "-c", _BOOTSTRAP, spec, script, *(args or [])]
+        spec = json.dumps(
+            {
+                "limits": limits,
+                "python": python,
+                "flags": flags,
+                "landlock_abi": abi,
+                "writable": [work_dir],
+                "cgroup": cgroup,
+            }
+        )
+        cmd = [*prefix, python, "-I", "-S", str(_DRIVER), spec, script, *(args or [])]
 
         # Files rather than pipes: no reader threads, no pipe deadlock, and RLIMIT_FSIZE
         # bounds how much a chatty program can make the harness hold.
@@ -523,9 +490,19 @@ def run_program(
             status = "sandbox_error"
         if rc == _CONFINE_FAILED and stderr.startswith("sandbox: could not"):
             status = "sandbox_error"
-        return ExecResult(status, stdout, stderr, rc, wall, isolated, t_out or t_err, proc.pid,
-                          writes_confined=abi >= 1, signals_confined=abi >= 6,
-                          processes_limited=cgroup is not None or "RLIMIT_NPROC" in limits)
+        return ExecResult(
+            status,
+            stdout,
+            stderr,
+            rc,
+            wall,
+            isolated,
+            t_out or t_err,
+            proc.pid,
+            writes_confined=abi >= 1,
+            signals_confined=abi >= 6,
+            processes_limited=cgroup is not None or "RLIMIT_NPROC" in limits,
+        )
     finally:
         if cgroup is not None:
             _remove_pids_cgroup(cgroup)

@@ -1,9 +1,10 @@
-"""The embedded task, the char tokenizer and the exact oracle, against brute force."""
+"""The sumpairs task and the exact oracle, against brute force."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,22 +12,46 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from disa.models import SPECIAL_TOKENS, build_char_tokenizer
 from disa.oracle import log_p_correct, rewarded_logprobs
-from disa.tasks.embedded import ALPHABET, SumPairsTask
+from disa.tasks.sumpairs import SumPairsTask
+from disa.tokenization import SPECIAL_TOKENS, build_char_tokenizer, completion_text
+
+ALPHABET = SumPairsTask.alphabet
 
 
 # -- reward ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("target", "text", "ok"), [
-    (7, "3+4", True), (7, "0+7", True), (7, "7+0", True), (0, "0+0", True), (10, "10+0", True),
-    (7, "7", False), (7, "03+4", False), (7, "3+04", False), (7, "00+7", False), (0, "00+0", False),
-    (7, " 3+4", False), (7, "3+4 ", False), (7, "3 + 4", False), (7, "3+4\n", False),
-    (7, "3+3", False), (7, "+7", False), (7, "7+", False), (7, "3+4+0", False), (7, "-1+8", False),
-    (7, "", False), (7, "3+4=", False), (7, "４+3", False),
-])
+@pytest.mark.parametrize(
+    ("target", "text", "ok"),
+    [
+        (7, "3+4", True),
+        (7, "0+7", True),
+        (7, "7+0", True),
+        (0, "0+0", True),
+        (10, "10+0", True),
+        (7, "7", False),
+        (7, "03+4", False),
+        (7, "3+04", False),
+        (7, "00+7", False),
+        (0, "00+0", False),
+        (7, " 3+4", False),
+        (7, "3+4 ", False),
+        (7, "3 + 4", False),
+        (7, "3+4\n", False),
+        (7, "3+3", False),
+        (7, "+7", False),
+        (7, "7+", False),
+        (7, "3+4+0", False),
+        (7, "-1+8", False),
+        (7, "", False),
+        (7, "3+4=", False),
+        (7, "４+3", False),
+    ],
+)
 def test_reward(target, text, ok):
     task = SumPairsTask(max_sum=20)
-    prompts = pd.DataFrame({"prompt_id": [f"sum-{target}"], "prompt": [f"{target}="], "target": [target]})
+    prompts = pd.DataFrame(
+        {"prompt_id": [f"sum-{target}"], "prompt": [f"{target}="], "target": [target]}
+    )
     assert task.rewards(prompts, [text]).tolist() == [float(ok)]
     assert SumPairsTask.is_correct(target, text) is ok
 
@@ -39,11 +64,18 @@ def test_rewarded_set_complete_and_rewarded():
         assert len(s) == len(set(s)) == n + 1
         assert task.rewards(pd.DataFrame([row] * len(s)), s).tolist() == [1.0] * (n + 1)
         # brute force: every "a+b" string with a, b in 0..2n-ish that is rewarded is in the set
-        brute = {f"{a}+{b}" for a in range(30) for b in range(30) if SumPairsTask.is_correct(n, f"{a}+{b}")}
+        brute = {
+            f"{a}+{b}"
+            for a in range(30)
+            for b in range(30)
+            if SumPairsTask.is_correct(n, f"{a}+{b}")
+        }
         assert brute == set(s)
 
 
-@pytest.mark.parametrize(("min_sum", "max_sum", "frac", "seed"), [(0, 59, 0.25, 0), (3, 11, 0.3, 5), (0, 1, 0.5, 1)])
+@pytest.mark.parametrize(
+    ("min_sum", "max_sum", "frac", "seed"), [(0, 59, 0.25, 0), (3, 11, 0.3, 5), (0, 1, 0.5, 1)]
+)
 def test_split_disjoint_and_covering(min_sum, max_sum, frac, seed):
     task = SumPairsTask(min_sum=min_sum, max_sum=max_sum, test_fraction=frac, split_seed=seed)
     train, test = task.prompts("train"), task.prompts("test")
@@ -58,27 +90,19 @@ def test_split_disjoint_and_covering(min_sum, max_sum, frac, seed):
         task.prompts("validation")
 
 
-# -- tokenizer ------------------------------------------------------------------------------
-def test_char_tokenizer_round_trip(tmp_path):
-    from transformers import AutoTokenizer
-
-    tok = build_char_tokenizer(ALPHABET)
-    assert len(tok) == len(SPECIAL_TOKENS) + len(ALPHABET)
-    text = "12+30=5"
-    ids = tok(text).input_ids
-    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
-    assert ids[1:] == [SPECIAL_TOKENS.__len__() + ALPHABET.index(ch) for ch in text]
-    tok.save_pretrained(tmp_path)
-    tok2 = AutoTokenizer.from_pretrained(tmp_path)
-    for t in (text, "0", "59+0", "=+="):
-        assert tok2(t).input_ids == tok(t).input_ids
-        assert tok2(t, add_special_tokens=False).input_ids == tok(t, add_special_tokens=False).input_ids
-        assert tok2.decode(tok2(t).input_ids, skip_special_tokens=True) == t  # no spaces
-    assert (tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    assert tok2.padding_side == "left"
-    enc = tok2(["1=", "12+3="], padding=True)
-    assert enc.input_ids[0] == [tok.pad_token_id] * 3 + tok("1=").input_ids
-    assert enc.attention_mask[0] == [0, 0, 0, 1, 1, 1]
+# -- pre-training corpus -------------------------------------------------------------------
+def test_corpus_pairs_are_prompts_and_completions():
+    """The embedded backbone learns π(o|q) from these pairs: each prompt is one the pipeline
+    asks, as it asks it; each completion an answer, correct when ``p_correct`` is 1."""
+    task = SumPairsTask(max_sum=12)
+    target = {row.prompt: row.target for row in _all_prompts(task).itertuples()}
+    clean = task.corpus(np.random.default_rng(0), 300, p_correct=1.0)
+    assert len(clean) == 300 and set(target) == {p for p, _ in clean}  # every n, test ones too
+    assert all(task.is_correct(target[p], c) for p, c in clean)
+    noisy = task.corpus(np.random.default_rng(0), 300, p_correct=0.0)
+    assert all(p in target and re.fullmatch(r"[0-9]+\+[0-9]+", c) for p, c in noisy)
+    assert not all(task.is_correct(target[p], c) for p, c in noisy)
+    assert all(set(p + c) <= set(ALPHABET) for p, c in clean + noisy)
 
 
 # -- exact oracle ---------------------------------------------------------------------------
@@ -89,8 +113,12 @@ def sum_tok():
 
 @pytest.fixture(scope="module")
 def sum_model(sum_tok):
-    return tiny_llama(len(sum_tok), seed=3, init_std=0.2,
-                      special=(sum_tok.pad_token_id, sum_tok.bos_token_id, sum_tok.eos_token_id))
+    return tiny_llama(
+        len(sum_tok),
+        seed=3,
+        init_std=0.2,
+        special=(sum_tok.pad_token_id, sum_tok.bos_token_id, sum_tok.eos_token_id),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +174,9 @@ def _enumerate(model, tok, prompt_text, max_new):
     prompt = tok(prompt_text).input_ids
     probs, nxt, non_eos = _prefix_tree(model, prompt, len(tok), eos, max_new - 1)
     finished = {(*s, eos): p * nxt[s][eos] for s, p in probs.items()}  # ends at EOS
-    truncated = {(*s, t): p * nxt[s][t] for s, p in probs.items() if len(s) == max_new - 1 for t in non_eos}
+    truncated = {
+        (*s, t): p * nxt[s][t] for s, p in probs.items() if len(s) == max_new - 1 for t in non_eos
+    }
     return finished, truncated
 
 
@@ -165,8 +195,14 @@ def enumerated(sum_model, sum_tok, small_task):
     """Per prompt: (oracle log P(correct), every completion of ≤ 4 tokens with its probability)."""
     prompts = _all_prompts(small_task)
     lpc = log_p_correct(rewarded_logprobs(sum_model, sum_tok, small_task, prompts))
-    return {row.prompt_id: (row.target, lpc[row.prompt_id], *_enumerate(sum_model, sum_tok, row.prompt, 4))
-            for row in prompts.itertuples()}
+    return {
+        row.prompt_id: (
+            row.target,
+            lpc[row.prompt_id],
+            *_enumerate(sum_model, sum_tok, row.prompt, 4),
+        )
+        for row in prompts.itertuples()
+    }
 
 
 def test_p_correct_equals_brute_force_enumeration(enumerated, sum_tok, small_task):
@@ -175,8 +211,11 @@ def test_p_correct_equals_brute_force_enumeration(enumerated, sum_tok, small_tas
     assert len(enumerated) == 4
     for target, lpc, finished, truncated in enumerated.values():
         assert sum(finished.values()) + sum(truncated.values()) == pytest.approx(1.0, abs=1e-9)
-        p = sum(pr for ids, pr in finished.items()
-                if (t := _text_strict(sum_tok, ids)) is not None and small_task.is_correct(target, t))
+        p = sum(
+            pr
+            for ids, pr in finished.items()
+            if (t := _text_strict(sum_tok, ids)) is not None and small_task.is_correct(target, t)
+        )
         assert 0 < p <= 1
         assert math.exp(lpc) == pytest.approx(p, rel=1e-5)
 
@@ -188,15 +227,22 @@ def test_p_correct_is_the_probability_the_pipeline_rewards(enumerated, sum_tok, 
     rewarded mass is the oracle's P(correct). Decoding with ``skip_special_tokens=True``
     would reward e.g. ``1 <pad> + 2 <eos>`` or a capped ``1 + 2 <bos>``, which the oracle's
     rewarded set (answer + EOS) does not contain."""
-    from disa.sampling import completion_text
-
-    assert completion_text(sum_tok, sum_tok("1+2", add_special_tokens=False).input_ids + [sum_tok.eos_token_id]) == "1+2"
+    assert (
+        completion_text(
+            sum_tok, sum_tok("1+2", add_special_tokens=False).input_ids + [sum_tok.eos_token_id]
+        )
+        == "1+2"
+    )
     for pid, (target, lpc, finished, truncated) in enumerated.items():
         p = 0.0
         for ids, pr in itertools.chain(finished.items(), truncated.items()):
             # cheap pre-filter: only sequences whose characters spell a rewarded answer can be
             # rewarded; the pipeline's own text function decides
-            chars = "".join(ALPHABET[i - len(SPECIAL_TOKENS)] for i in ids if i >= len(SPECIAL_TOKENS))
-            if small_task.is_correct(target, chars) and small_task.is_correct(target, completion_text(sum_tok, list(ids))):
+            chars = "".join(
+                ALPHABET[i - len(SPECIAL_TOKENS)] for i in ids if i >= len(SPECIAL_TOKENS)
+            )
+            if small_task.is_correct(target, chars) and small_task.is_correct(
+                target, completion_text(sum_tok, list(ids))
+            ):
                 p += pr
         assert math.exp(lpc) == pytest.approx(p, rel=1e-5), pid

@@ -1,0 +1,59 @@
+"""Sweeps → tidy pandas frames, seed statistics, comparison tables and plots.
+
+- :mod:`disa.analysis.io`: reading. A sweep directory holds one run directory per job,
+  each with a flat ``summary.json``; :func:`load_sweep` reads them all into one DataFrame
+  (one row per job). Per-run tables (``anchor.parquet``, ``eval_samples_*.parquet``,
+  ``bias_variance.parquet``, the CSV logger's ``metrics.csv``) load with
+  :func:`load_run_tables` and friends, each row tagged with its run's config choices;
+  :func:`load_wandb` reads the same flat summaries from a W&B project instead;
+  :func:`latest_run`, :func:`latest_sweep` find the newest output.
+- :mod:`disa.analysis.stats`: mean ± standard error over seeds (:func:`mean_se`), pass@k
+  curves and the baselines :func:`comparison_table`.
+- :mod:`disa.analysis.plots`: figures (:func:`plot_comparison`).
+- :mod:`disa.analysis.report`: :func:`write_comparison` and the Hydra callback
+  :class:`~disa.analysis.report.ComparisonCallback` that runs it after a multirun.
+
+The theory curves of the estimator (delta method, exact plain-Monte-Carlo moments) live in
+:mod:`disa.anchor.theory`.
+"""
+
+from disa.analysis.io import (
+    CONFIG_KEYS,
+    latest_run,
+    latest_sweep,
+    latest_sweeps,
+    load_anchors,
+    load_bias_variance,
+    load_eval_samples,
+    load_run_tables,
+    load_sweep,
+    load_training_curves,
+    load_wandb,
+    sweep_dirs_from_env,
+    varying,
+)
+from disa.analysis.plots import plot_comparison
+from disa.analysis.report import write_comparison
+from disa.analysis.stats import COMPARISON_METRICS, comparison_table, mean_se, pass_at_k_curves
+
+__all__ = [
+    "COMPARISON_METRICS",
+    "CONFIG_KEYS",
+    "comparison_table",
+    "latest_run",
+    "latest_sweep",
+    "latest_sweeps",
+    "load_anchors",
+    "load_bias_variance",
+    "load_eval_samples",
+    "load_run_tables",
+    "load_sweep",
+    "load_training_curves",
+    "load_wandb",
+    "mean_se",
+    "pass_at_k_curves",
+    "plot_comparison",
+    "sweep_dirs_from_env",
+    "varying",
+    "write_comparison",
+]

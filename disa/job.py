@@ -1,0 +1,159 @@
+"""One job: validate the config, resolve its settings, run the plan of stages it asks for
+(:mod:`disa.stages`), write ``summary.json``.
+
+``summary.json`` is flat so that pandas reads a whole sweep (``pd.json_normalize`` not
+needed). Its keys:
+
+- config choices: ``algorithm``, ``backbone``, ``task``, ``proposal.kind``,
+  ``proposal.strength``, ``proposal.strength_effective`` (the realised round(λK)/K),
+  ``proposal.num_samples`` (K), ``beta``, ``seed``, ``stage``;
+- ``anchor.*``: anchor statistics (mean log Ẑ, mean ESS/K, min ESS, mean delta-method se
+  and bias, prompts flagged degenerate, mean rewarded samples; on an enumerable task (sumpairs) also
+  ``anchor.mean_abs_error`` = mean |log Ẑ − log Z|, ``anchor.mean_error`` and
+  ``anchor.coverage_2se`` = share of prompts whose exact log Z lies in log Ẑ ± 2 se);
+- ``ref.*`` and ``policy.*``: evaluation of π_ref and of the trained policy on held-out
+  prompts: ``mean_at_k``, ``pass_at_{j}``, ``solved_frac``, ``unique_correct`` (distinct
+  correct answers per solved prompt), ``coverage`` (of the rewarded set), ``distinct_2``,
+  and on an enumerable task (sumpairs) ``p_correct_exact``, ``tv_target``, ``kl_target``,
+  ``tv_rewarded``, ``kl_rewarded`` (exact distances to p*; see
+  :func:`disa.evaluation.target_distances`), ``tokens_generated``;
+- ``train.*``: ``wall_s``, ``steps``, ``trajectories``, ``resumed``, final training metrics;
+- ``time.{backbone,sample,score,oracle,anchor,train,evaluate,total}_s``: wall time of each
+  stage in this job (a reused artifact costs only its verification);
+- ``reused.{stage}``: whether the stage's artifact came from the cache;
+- ``artifact.{stage}``: the cache key of each artifact (lineage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from disa import stages, tracking
+from disa.cache import Cache, atomic_write_json
+from disa.config import upgrade_config, validate
+from disa.models import resolve_backbone
+from disa.settings import Settings
+from disa.tasks import build_task
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Run the job ``cfg`` asks for with outputs in ``run_dir``; return the summary.
+
+    In a process of rank > 0 of a multi-process training launch (:func:`launch_rank`) the
+    plan stops after the training, which this process takes part in, and an empty summary
+    is returned: rank 0 logs, evaluates and writes ``summary.json``.
+    """
+    cfg = upgrade_config(cfg)
+    validate(cfg)
+    settings = Settings.from_config(cfg)
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = build_task(cfg)
+    for split in ("train", cfg.eval.split):
+        if len(task.prompts(split)) == 0:
+            raise ValueError(f"task {cfg.task.name!r} has no {split!r} prompts")
+    cache = Cache(cfg.cache_dir)
+    leader = launch_rank() == 0
+    loggers = tracking.build_loggers(cfg, run_dir) if leader else []  # one W&B run, rank 0's
+    try:
+        t0 = time.perf_counter()
+        backbone = resolve_backbone(cfg, task, cache)
+        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, _device(cfg.device), loggers, leader)
+        ctx.timings["backbone"] = time.perf_counter() - t0
+        study = cfg.get("study")
+        plan = stages.plan(settings.stage, online=settings.online, study=bool(study),
+                           study_stops=bool(study.get("stop", True)) if study else True,
+                           enumerable=hasattr(task, "rewarded_set"), leader=leader)
+        results = stages.run_plan(ctx, plan)
+        if not leader:
+            return {}
+        summary = choices(settings, cfg) | results
+        summary |= {f"time.{k}_s": round(v, 3) for k, v in ctx.timings.items()}
+        summary["time.total_s"] = round(time.perf_counter() - t_start, 3)
+        summary |= {f"reused.{k}": v for k, v in ctx.reused.items()}
+        summary = finite_or_raise(summary)
+        atomic_write_json(run_dir / "summary.json", summary)
+        tracking.log_summary(loggers, summary, ctx.artifacts)
+        print_summary(summary)
+        return summary
+    finally:
+        tracking.finish(loggers)
+
+
+def launch_rank() -> int:
+    """This process's rank when a multi-process launcher started it, else 0.
+
+    Lightning's DDP/FSDP/DeepSpeed launcher re-runs ``run.py`` for ranks > 0 with
+    ``LOCAL_RANK`` (and ``NODE_RANK``) set; torchrun sets ``RANK``, SLURM ``SLURM_PROCID``.
+    Rank 0's own process has none of them set > 0 (Lightning sets them only at ``fit``).
+    """
+    names = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+    return max(int(os.environ.get(n) or 0) for n in names)
+
+
+def choices(settings: Settings, cfg: DictConfig) -> dict[str, Any]:
+    """The config choices that identify a run in a sweep table."""
+    return {
+        "algorithm": settings.algorithm,
+        "backbone": cfg.backbone.name,
+        "task": cfg.task.name,
+        "proposal.kind": settings.proposal_kind,
+        "proposal.strength": settings.strength,
+        "proposal.num_samples": settings.num_samples,
+        "beta": settings.beta,
+        "seed": settings.seed,
+        "stage": settings.stage,
+    }
+
+
+def finite_or_raise(summary: dict[str, Any]) -> dict[str, Any]:
+    """A NaN never goes into a result silently: refuse it, naming the keys."""
+    import math
+
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"non-finite values in the run summary: {bad}")
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """A short human summary: π_ref against the trained policy, and the anchor's accuracy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    metrics = sorted({k.split(".", 1)[1] for k in summary if k.startswith(("ref.", "policy."))})
+    if metrics:
+        t = Table(title=f"{summary['algorithm']} on {summary['task']} (β={summary['beta']}, "
+                        f"λ={summary['proposal.strength']}, K={summary['proposal.num_samples']})")
+        t.add_column("metric")
+        t.add_column("π_ref", justify="right")
+        t.add_column("policy", justify="right")
+        for m in metrics:
+            fmt = [f"{summary[k]:.4g}" if isinstance(summary.get(k), float) else str(summary.get(k, "–"))
+                   for k in (f"ref.{m}", f"policy.{m}")]
+            t.add_row(m, *fmt)
+        console.print(t)
+    anchor = {k: v for k, v in summary.items() if k.startswith("anchor.")}
+    if anchor:
+        console.print("anchor: " + ", ".join(f"{k[7:]}={v:.4g}" for k, v in anchor.items()))
+    times = {k: v for k, v in summary.items() if k.startswith("time.")}
+    console.print("time (s): " + ", ".join(f"{k[5:-2]}={v:.1f}" for k, v in times.items()))
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())

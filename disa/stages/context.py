@@ -1,0 +1,111 @@
+"""What every stage of one job reads and where it records what it built."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from disa.cache import Artifact, Cache, CacheError
+from disa.models import Backbone
+from disa.settings import Settings
+
+
+@dataclass
+class Context:
+    """The run's settings and config groups, the cache, the task and the backbone, the run
+    directory, and the record of what the stages built (timings, reuse, artifacts).
+
+    ``leader`` is False in a process of rank > 0 of a multi-process training launch (see
+    :func:`disa.job.launch_rank`): such a process takes part in the collective builds only
+    (the training) and never finalises an artifact, logs or writes into the run directory.
+    """
+
+    settings: Settings
+    cfg: Any  #: the validated config: the groups a stage builds its components from
+    cache: Cache
+    task: Any
+    backbone: Backbone
+    run_dir: Path
+    device: torch.device
+    loggers: list = field(default_factory=list)
+    leader: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, bool] = field(default_factory=dict)
+    #: every artifact the stages built or reused, by label ("sample.ref", "score", "anchor", ...)
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+
+    def may_build(self, stages: Iterable[str]) -> bool:
+        """Whether this job builds (not only reuses) artifacts of the given stages."""
+        return self.settings.stage == "all" or self.settings.stage in tuple(stages)
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def build(self, stage: str, spec: dict, builder: Callable[[Artifact], dict | None], *,
+              built_with: Iterable[str] | None = None, label: str | None = None,
+              collective: bool = False) -> Artifact:
+        """The cached artifact of ``stage`` for ``spec``, built by ``builder`` if missing.
+
+        It is built only when this job runs one of ``built_with`` (default: ``stage``);
+        otherwise a missing artifact is an error naming the stage to run first. A
+        ``collective`` build is one every rank of a multi-process launch runs together (the
+        training): the leader holds the artifact's lock and finalises it, the other ranks
+        take part in ``builder`` without the lock and leave the artifact as it is.
+        """
+        art = self.cache.artifact(stage, spec)
+        if collective and not self.leader:
+            if not art.is_complete():
+                builder(art)
+            return art
+        if not art.is_complete() and not self.may_build(built_with or (stage,)):
+            raise CacheError(
+                f"stage={self.settings.stage} needs the {stage!r} artifact {art.key}, which is not in "
+                f"cache_dir={self.cache.root}; run stage={stage} (or stage=all) first"
+            )
+        with self.timed(stage):
+            art, reused = self.cache.build(stage, spec, builder)
+        self.reused[stage] = reused and self.reused.get(stage, True)
+        self.artifacts[label or stage] = art
+        return art
+
+    # -- models and prompts ---------------------------------------------------------------------
+    def model_path(self, component: str) -> str:
+        """The directory of a mixture component's model: π_ref ("ref") or the proposal."""
+        return self.backbone.ref_path if component == "ref" else self.backbone.proposal_path
+
+    def fingerprint(self, component: str) -> str:
+        return self.backbone.ref_fingerprint if component == "ref" else self.backbone.proposal_fingerprint
+
+    def load_model(self, component_or_path: str):
+        """A component's model ("ref", "proposal") or the model in a directory, in eval mode."""
+        path = self.model_path(component_or_path) if component_or_path in ("ref", "proposal") else component_or_path
+        return self.backbone.load(path, self.device).eval()
+
+    def prompt_rows(self, prompt_ids: pd.Series) -> pd.DataFrame:
+        """The task's prompt rows (any split), one per id in ``prompt_ids``: what a reward reads."""
+        allp = pd.concat([self.task.prompts("train"), self.task.prompts("test")]).set_index("prompt_id")
+        return allp.loc[prompt_ids.to_numpy()].reset_index()
+
+    def prompts_all(self) -> pd.DataFrame:
+        return pd.concat([self.task.prompts("train"), self.task.prompts("test")], ignore_index=True)
+
+
+def shards(n: int, size: int) -> list[range]:
+    """``range(n)`` cut into consecutive pieces of ``size`` (the last may be shorter)."""
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def report_nothing(ctx: Context, output: Any) -> dict[str, Any]:
+    return {}
