@@ -27,6 +27,7 @@ needed). Its keys:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -122,8 +123,6 @@ def choices(settings: Settings, cfg: DictConfig) -> dict[str, Any]:
 
 def finite_or_raise(summary: dict[str, Any]) -> dict[str, Any]:
     """A NaN never goes into a result silently: refuse it, naming the keys."""
-    import math
-
     bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise ValueError(f"non-finite values in the run summary: {bad}")
