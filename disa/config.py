@@ -64,8 +64,8 @@ def upgrade_config(cfg: DictConfig) -> DictConfig:
             OmegaConf.update(cfg, new, value, force_add=True)
             node = OmegaConf.select(cfg, parent)
             node.pop(key)
-            if parent == "train" and len(node) == 0:
-                cfg.pop("train")
+            if len(node) == 0 and "." not in parent:  # e.g. the whole old `train:` block
+                cfg.pop(parent)
     return cfg
 
 

@@ -95,10 +95,10 @@ class Context:
 
     def prompt_rows(self, prompt_ids: pd.Series) -> pd.DataFrame:
         """The task's prompt rows (any split), one per id in ``prompt_ids``: what a reward reads."""
-        allp = pd.concat([self.task.prompts("train"), self.task.prompts("test")]).set_index("prompt_id")
-        return allp.loc[prompt_ids.to_numpy()].reset_index()
+        return self.prompts_all().set_index("prompt_id").loc[prompt_ids.to_numpy()].reset_index()
 
     def prompts_all(self) -> pd.DataFrame:
+        """The task's prompts of both splits."""
         return pd.concat([self.task.prompts("train"), self.task.prompts("test")], ignore_index=True)
 
 

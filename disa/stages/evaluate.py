@@ -65,18 +65,21 @@ def report(ctx: Context, evaluation: Evaluation) -> dict:
     from disa.evaluation import policy_metrics
 
     cfg, out = ctx.cfg, {}
+    reference = evaluation.oracle.read_table("rewarded") if evaluation.oracle is not None else None
+    judge = None
+    if cfg.eval.get("judge"):  # one judge for both models (an HF judge is a model load)
+        from disa.judge import build_judge, judge_metrics
+
+        judge = build_judge(cfg.eval.judge)
     for name, arts in evaluation.models.items():
         samples = arts["samples"].read_table("samples")
         with ctx.timed("evaluate"):
             rewarded = arts["rewarded"].read_table("rewarded") if "rewarded" in arts else None
-            reference = evaluation.oracle.read_table("rewarded") if evaluation.oracle is not None else None
             out |= {f"{name}.{k}": v for k, v in policy_metrics(
                 samples, list(cfg.eval.pass_k), ctx.settings.beta, rewarded, reference).items()}
-            if cfg.eval.get("judge"):
-                from disa.judge import build_judge, judge_metrics
-
+            if judge is not None:
                 j = cfg.eval.judge
-                scores = judge_metrics(build_judge(j), samples, ctx.task.prompts(cfg.eval.split),
+                scores = judge_metrics(judge, samples, ctx.task.prompts(cfg.eval.split),
                                        max_chars=int(j.get("max_chars", 4000)), workers=int(j.get("workers", 1)))
                 out |= {f"{name}.{k}": v for k, v in scores.items()}
         samples.to_parquet(ctx.run_dir / f"eval_samples_{name}.parquet")
