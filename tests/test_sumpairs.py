@@ -53,7 +53,7 @@ def test_reward(target, text, ok):
         {"prompt_id": [f"sum-{target}"], "prompt": [f"{target}="], "target": [target]}
     )
     assert task.rewards(prompts, [text]).tolist() == [float(ok)]
-    assert SumPairsTask.is_correct(target, text) is ok
+    assert SumPairsTask().is_correct(target, text) is ok
 
 
 def test_rewarded_set_complete_and_rewarded():
@@ -68,7 +68,7 @@ def test_rewarded_set_complete_and_rewarded():
             f"{a}+{b}"
             for a in range(30)
             for b in range(30)
-            if SumPairsTask.is_correct(n, f"{a}+{b}")
+            if task.is_correct(n, f"{a}+{b}")
         }
         assert brute == set(s)
 
@@ -246,3 +246,35 @@ def test_p_correct_is_the_probability_the_pipeline_rewards(enumerated, sum_tok, 
             ):
                 p += pr
         assert math.exp(lpc) == pytest.approx(p, rel=1e-5), pid
+
+
+# -- the few-shot format (a pretrained LM's) ------------------------------------------------
+def test_fewshot_prompts_rewards_and_rewarded_set():
+    """Same rule as the compact format in the spacing of the worked lines: the rewarded set
+    is exactly the rewarded strings (brute force), a compact answer is not rewarded there,
+    and the prompt ends where the completion starts."""
+    task = SumPairsTask(min_sum=3, max_sum=14, template="fewshot")
+    for _, row in pd.concat([task.prompts("train"), task.prompts("test")]).iterrows():
+        n = int(row.target)
+        assert row.prompt.endswith(f"\n{n} =") and row.prompt.startswith("12 = 5 + 7\n")
+        s = task.rewarded_set(row)
+        brute = {f" {a} + {b}" for a in range(30) for b in range(30) if task.is_correct(n, f" {a} + {b}")}
+        assert brute == set(s) and len(s) == n + 1
+        assert task.rewards(pd.DataFrame([row] * len(s)), s).tolist() == [1.0] * (n + 1)
+    for text in ["0+3", " 0 + 3\n", " 0 +3", " 00 + 3", "0 + 3", " 1 + 3"]:
+        assert not task.is_correct(3, text), text
+    assert task.is_correct(3, " 0 + 3")
+    # only the compact format keeps the spec (and the cache keys) it always had
+    assert "template" not in SumPairsTask().spec() and task.spec()["template"] == "fewshot"
+    with pytest.raises(ValueError, match="task.template='chat'.*allowed"):
+        SumPairsTask(template="chat")
+
+
+def test_corpus_of_the_training_split_only():
+    """A proposal fine-tuned on answers sees the training prompts only, never a held-out one."""
+    task = SumPairsTask(min_sum=3, max_sum=30, template="fewshot")
+    train = set(task.prompts("train").prompt)
+    pairs = task.corpus(np.random.default_rng(1), 500, p_correct=1.0, split="train")
+    assert {p for p, _ in pairs} == train
+    target = {row.prompt: row.target for row in task.prompts("train").itertuples()}
+    assert all(task.is_correct(target[p], c) for p, c in pairs)

@@ -40,6 +40,7 @@ def build_task(cfg) -> Task:
             max_sum=cfg.task.max_sum,
             test_fraction=cfg.task.test_fraction,
             split_seed=cfg.task.split_seed,
+            template=cfg.task.get("template", "compact"),
         )
     if name in ("math", "code"):
         from omegaconf import OmegaConf
