@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "judge": {"tokenization"},
     "tasks": {"sandbox", "tokenization"},
     "sampling": {"settings", "tokenization", "scoring"},
-    "models": {"cache", "tokenization"},
+    "models": {"cache", "scoring", "tokenization"},
     "config": {"losses", "models", "tasks"},
     "training": {"cache", "losses", "models", "sampling", "scoring", "settings", "tokenization"},
     # the stage layer, and the job that runs it

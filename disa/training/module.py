@@ -43,13 +43,18 @@ class PolicyModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokens = Batch(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["completion_mask"])
-        logp = token_logprobs(self.policy, tokens, chunk_size=self.chunk_size)  # [B, T]
+        logp = self.logprobs(tokens)  # [B, T]
         loss, metrics = self.loss(logp, tokens.completion_mask, batch, self.options)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}, prog_bar=False,
                       batch_size=tokens.input_ids.shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=tokens.input_ids.shape[0])
         self.batches_trained += 1
         return loss
+
+    def logprobs(self, tokens: Batch) -> torch.Tensor:
+        """The policy's per-token log-probs ``[B, T]`` of the completion tokens (with grad).
+        :class:`disa.training.sharded.ShardedPolicyModule` computes them through its FSDP2 root."""
+        return token_logprobs(self.policy, tokens, chunk_size=self.chunk_size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["disa"] = {"batches_trained": self.batches_trained, "rng": _rng_state()}

@@ -37,10 +37,21 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)({"use_reentrant": False})
     tok = load_tokenizer(ctx.backbone.ref_path)
     optimizer = instantiate(alg.optimizer)
-    trainer_overrides: dict[str, Any] = {}
+    # manual optimization clips in the online module
+    trainer_overrides: dict[str, Any] = {"gradient_clip_val": None} if s.online else {}
+    ckpt_dir = art.path / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
+                                 every_n_train_steps=int(cfg.checkpoint.every_n_steps))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[checkpoint, _Progress()], logger=ctx.loggers or False,
+        default_root_dir=str(art.path), enable_model_summary=False, **trainer_overrides,
+    )
+    sharded = _fsdp2(trainer)
     if s.online:
+        if sharded:  # the sampler generates with the whole policy, which FSDP2 holds in shards
+            raise ValueError(f"algorithm={alg.name} (online) cannot train under trainer.strategy=ModelParallelStrategy "
+                             "(FSDP2); allowed: an offline algorithm (disa, lora_sft), or trainer=ddp / trainer=fsdp")
         module, data = _online(ctx, policy, tok, optimizer)
-        trainer_overrides["gradient_clip_val"] = None  # manual optimization clips in the module
     else:
         from disa.training.data import CACHE_FIELDS, TrajectoryDataModule
         from disa.training.module import PolicyModule
@@ -51,16 +62,13 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
                              f"policy gives; allowed: algorithm.online=true for this loss")
         if alg.get("lora"):
             policy = _with_lora(policy, alg.lora)
-        module = PolicyModule(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size)
+        if sharded:  # the same module, its policy sharded by FSDP2 when Lightning configures it
+            from disa.training.sharded import ShardedPolicyModule as module_class
+        else:
+            module_class = PolicyModule
+        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size)
         data = TrajectoryDataModule(frame, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
 
-    ckpt_dir = art.path / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
-                                 every_n_train_steps=int(cfg.checkpoint.every_n_steps))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoint, _Progress()], logger=ctx.loggers or False,
-        default_root_dir=str(art.path), enable_model_summary=False, **trainer_overrides,
-    )
     last = ckpt_dir / "last.ckpt"
     resumed = last.exists()
     t0 = time.perf_counter()
@@ -100,7 +108,7 @@ def _trained_policy(ctx, trainer: L.Trainer, module: L.LightningModule):
     """The trained policy as a whole, unsharded model on rank 0 (None on other ranks).
 
     Under DDP and ZeRO-1/2 every rank holds whole weights: that is ``module.policy``. Under
-    FSDP and ZeRO-3 each rank holds a shard, so the full state dict is gathered (a
+    FSDP (1 or 2) and ZeRO-3 each rank holds a shard, so the full state dict is gathered (a
     collective: every rank must call this) and loaded on rank 0 into a fresh, unsharded
     copy of the backbone.
     """
@@ -109,6 +117,10 @@ def _trained_policy(ctx, trainer: L.Trainer, module: L.LightningModule):
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
         state = strategy.lightning_module_state_dict()  # state_dict_type=full: gathered on rank 0
+    elif _fsdp2(trainer):
+        from disa.training.sharded import gather_full_state
+
+        state = gather_full_state(module)  # whole tensors on rank 0, {} elsewhere
     elif getattr(strategy, "zero_stage_3", False):
         import deepspeed
 
@@ -120,6 +132,14 @@ def _trained_policy(ctx, trainer: L.Trainer, module: L.LightningModule):
     if trainer.global_rank != 0:
         return None
     return unsharded_policy(ctx.backbone.ref_path, ctx.cfg.algorithm, state)
+
+
+def _fsdp2(trainer: L.Trainer) -> bool:
+    """Whether the trainer shards the policy with FSDP2 (Lightning's ``ModelParallelStrategy``,
+    ``trainer=fsdp2_cpu``): the module is then :class:`disa.training.sharded.ShardedPolicyModule`."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
 
 
 def unsharded_policy(ref_path, alg, module_state: dict[str, Any]):
