@@ -86,3 +86,23 @@ def test_every_algorithm_trains_on_the_embedded_task(tmp_path, algorithm):
     assert 0 <= s["policy.mean_at_k"] <= 1
     metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv")))
     assert metrics["train/loss"].notna().any()
+
+
+def test_online_algorithm_trains_the_lora_adapters(tmp_path):
+    """``algorithm.lora`` applies to the online algorithms too: the saved (merged) policy
+    differs from π_ref by a low-rank update in the adapted layers only."""
+    from test_pipeline import run_py
+
+    from disa.models import load_model
+
+    run_py(tmp_path, "run", "algorithm=grpo", "logger=none",
+           "+algorithm.lora={r:2,alpha:4,dropout:0.0,target_modules:[q_proj]}")
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["train.steps"] == 5 and s["train.tokens_generated"] > 0
+    ref_dir = next((tmp_path / "cache" / "backbone").glob("*/ref"))
+    policy_dir = next((tmp_path / "cache" / "train").glob("*/policy"))
+    ref, policy = load_model(str(ref_dir)).state_dict(), load_model(str(policy_dir)).state_dict()
+    changed = {k for k in ref if not torch.equal(ref[k], policy[k])}
+    assert changed and all("q_proj" in k for k in changed), changed
+    for k in changed:  # W + (α/r)·BA: an update of rank at most r = 2
+        assert torch.linalg.matrix_rank((policy[k] - ref[k]).double(), atol=1e-6) <= 2

@@ -47,6 +47,8 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
         default_root_dir=str(art.path), enable_model_summary=False, **trainer_overrides,
     )
     sharded = _fsdp2(trainer)
+    if alg.get("lora"):  # every algorithm, online ones included, trains the same adapters
+        policy = _with_lora(policy, alg.lora)
     if s.online:
         if sharded:  # the sampler generates with the whole policy, which FSDP2 holds in shards
             raise ValueError(f"algorithm={alg.name} (online) cannot train under trainer.strategy=ModelParallelStrategy "
@@ -60,8 +62,6 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
         if missing:
             raise ValueError(f"algorithm.loss={s.loss!r} reads {missing}, which only a rollout of the current "
                              f"policy gives; allowed: algorithm.online=true for this loss")
-        if alg.get("lora"):
-            policy = _with_lora(policy, alg.lora)
         if sharded:  # the same module, its policy sharded by FSDP2 when Lightning configures it
             from disa.training.sharded import ShardedPolicyModule as module_class
         else:
