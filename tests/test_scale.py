@@ -113,14 +113,15 @@ def test_vllm_absent_from_the_command_line(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_vllm_settings_and_online_refused(make_cfg):
+def test_vllm_settings_and_multi_process_online_refused(make_cfg):
     msg = ""
     try:
-        validate(make_cfg("sampler=vllm", "algorithm=grpo", "sampler.gpu_memory_utilization=1.5",
+        validate(make_cfg("sampler=vllm", "algorithm=grpo", "trainer=ddp_sim", "sampler.gpu_memory_utilization=1.5",
                           "sampler.tensor_parallel_size=0"))
     except ConfigError as e:
         msg = str(e)
-    assert "algorithm=grpo (online) is not supported" in msg
+    # online algorithms sample through vLLM in one training process (the weights are synced into it)
+    assert "algorithm=grpo (online) and trainer.strategy='ddp'" in msg
     assert "sampler.gpu_memory_utilization=1.5 is invalid" in msg and "sampler.tensor_parallel_size=0 is invalid" in msg
 
 
@@ -476,3 +477,10 @@ def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypa
     assert summary["score.sampler_max_abs_diff.proposal"] == pytest.approx(0.25, abs=1e-4)
     scores = pd.read_parquet(next((tmp_path / "cache" / "score").rglob("scores.parquet")))
     assert scores.sampler_logprob.notna().all()
+    # with a tolerance the same (reused) scores are refused, naming the component that is off
+    from disa.sampling.vllm import LogprobMismatch
+
+    with pytest.raises(LogprobMismatch, match=r"beyond sampler.logprob_tolerance=0.001 nats per token") as e:
+        run(make_cfg("debug=fast", f"cache_dir={tmp_path / 'cache'}", "stage=score", "sampler.logprob_tolerance=0.001"),
+            tmp_path / "refused")
+    assert "component 'proposal'" in str(e.value) and "component 'ref'" not in str(e.value)

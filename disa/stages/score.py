@@ -55,7 +55,11 @@ def run(ctx: Context, rollouts: dict[str, Artifact]) -> Artifact:
         art.remove_shards()
         return {"rows": len(out), "sampler_agreement": sampler_agreement(out)}
 
-    return ctx.build("score", spec, build)
+    art = ctx.build("score", spec, build)
+    # Checked on a reused artifact too, and outside its key: a changed tolerance re-checks
+    # without re-scoring.
+    check_sampler_agreement(art.manifest().get("sampler_agreement", {}), ctx.cfg.sampler.get("logprob_tolerance"))
+    return art
 
 
 def _score(ctx: Context, model, tok, part: pd.DataFrame, how: SamplerSettings, desc: str) -> np.ndarray:
@@ -73,7 +77,9 @@ def sampler_agreement(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
     the engine reported them) are from the harness's scored ``logq_<component>``: the one
     source of truth for weights and losses is the scorer, and a large gap means the engine
     sampled from another model than the one scored (dtype, kernels, another checkpoint).
-    Components without any reported value are left out (never a NaN)."""
+    Components without any reported value are left out, unless the scorer gives some of
+    their samples probability 0 (``scorer_impossible``, then the gaps are NaN), so that the
+    tolerance check sees them."""
     from disa.sampling.vllm import logprob_agreement
 
     if "sampler_logprob" not in scores:
@@ -81,9 +87,18 @@ def sampler_agreement(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
     out = {}
     for comp, g in scores.groupby("component", sort=True):
         agreement = logprob_agreement(g.sampler_logprob, g[f"logq_{comp}"], g.n_tokens)
-        if agreement["compared"] > 0:
+        if agreement["compared"] > 0 or agreement["scorer_impossible"] > 0:
             out[str(comp)] = agreement
     return out
+
+
+def check_sampler_agreement(agreement: dict[str, dict[str, float]], tolerance) -> None:
+    """Refuse (``LogprobMismatch``) the scores of an engine whose own log-probs are further
+    from the scorer's than ``sampler.logprob_tolerance`` nats per token (``None``: report
+    only), naming the component, the measured gap and the tolerance."""
+    from disa.sampling.vllm import check_agreement
+
+    check_agreement(agreement, None if tolerance is None else float(tolerance))
 
 
 def report(ctx: Context, scores: Artifact) -> dict:

@@ -7,6 +7,11 @@ forward passes; then ``updates_per_rollout`` optimizer steps over minibatches of
 rollout (so that importance ratios and clipping actually act). ``trainer.max_steps`` counts
 optimizer steps, exactly as for the offline algorithms, which is what makes the comparison
 fair in gradient updates; generated tokens are counted and logged beside it.
+
+A sampler that draws from its own copy of the weights (``sampler=vllm``) is given the
+policy's current weights before every rollout whose weights changed since the last one it
+was given (``sampler.sync``: after each rollout's updates, and once at the start, which also
+covers a resumed policy); the time this takes is logged as ``train/weight_sync_s``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ class OnlinePolicyModule(L.LightningModule):
         self.scale_rewards, self.clip = scale_rewards, gradient_clip_val
         self.chunk_size, self.seed = chunk_size, seed
         self.tokens_generated = 0
+        #: the optimizer step whose weights the sampler last received (None: not yet)
+        self._synced_step: int | None = None
+        self.weight_sync_seconds = 0.0
 
     @property
     def ref(self) -> torch.nn.Module | None:
@@ -102,6 +110,7 @@ class OnlinePolicyModule(L.LightningModule):
     def rollout(self, prompt_index: list[int]) -> dict[str, torch.Tensor]:
         """Sample a group per prompt from the current policy; score old/ref log-probs."""
         self.policy.eval()
+        self.sync_sampler()
         p_ids = [self.prompt_ids[i] for i in prompt_index]
         # Ranks sample different prompts (their share of the step's batch) and, with their
         # own seed stream, would draw different groups even for the same prompt.
@@ -127,6 +136,16 @@ class OnlinePolicyModule(L.LightningModule):
         out["advantages"] = group_normalize(out["reward"], out["group_ids"], self.scale_rewards)
         self.policy.train()
         return out
+
+    def sync_sampler(self) -> None:
+        """Give a sampler that holds its own copy of the weights (vLLM) the current policy's,
+        once per optimizer step: a rollout samples from the policy it trains."""
+        sync = getattr(self.sampler, "sync", None)
+        step = int(self.global_step)
+        if sync is None or self._synced_step == step:
+            return
+        self.weight_sync_seconds += float(sync(self.policy))
+        self._synced_step = step
 
     def _all_ranks(self, count: int) -> int:
         """``count`` summed over the ranks (tokens generated are a property of the whole run)."""
@@ -182,6 +201,8 @@ class OnlinePolicyModule(L.LightningModule):
                           batch_size=n, prog_bar=False)
         self.log("train/reward_mean", roll["reward"].mean(), batch_size=n, sync_dist=True)
         self.log("train/tokens_generated", float(self.tokens_generated), batch_size=n)
+        if self._synced_step is not None:
+            self.log("train/weight_sync_s", float(self.weight_sync_seconds), batch_size=n)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
