@@ -7,7 +7,7 @@ EXTRAS ?= dev,notebooks,math,sweeps
 ARGS ?=                     # extra arguments for run.py, e.g. ARGS="beta=4 proposal=ref"
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm run test test-all test-slow test-integration notebooks bias-variance lint format clean
+.PHONY: setup setup-vllm run test test-all test-slow test-integration mutation notebooks bias-variance lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -58,6 +58,13 @@ test-slow: setup
 # runs in whichever venv VENV names (`make setup-vllm` first for VENV=.venv-vllm).
 test-integration:
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m integration
+
+# Mutation testing of the math modules against their own tests (docs/MUTATION.md); a tool for
+# whoever changes the math, not part of `make test`. MODULES="anchor losses" runs some.
+MODULES ?=
+mutation: setup
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[$(EXTRAS),mutation]"
+	$(BIN)/python experiments/mutation.py $(MODULES)
 
 notebooks: setup
 	$(BIN)/python notebooks/build.py

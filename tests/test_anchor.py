@@ -416,3 +416,76 @@ def test_anchor_summary_keys():
     assert s["anchor.prompts"] == 2
     assert s["anchor.mean_log_z_hat"] == pytest.approx(table.log_z_hat.mean())
     assert 0 <= s["anchor.coverage_2se"] <= 1
+
+
+def _summary_table() -> pd.DataFrame:
+    """A hand-made anchor table of 3 prompts whose columns make every reduction distinct
+    (mean ≠ sum ≠ min ≠ max, signs mixed)."""
+    return pd.DataFrame({
+        "prompt_id": ["a", "b", "c"],
+        "log_z_hat": [0.5, -1.0, 2.0],
+        "ess_frac": [0.25, 0.5, 1.0],
+        "ess": [1.0, 2.0, 4.0],
+        "se": [0.3, 0.6, 1.2],
+        "bias": [-0.1, -0.2, -0.6],
+        "degenerate": [True, False, False],
+        "n_rewarded": [0, 1, 5],
+        "log_z": [0.1, -0.8, 3.1],
+        "error": [0.4, -0.2, -1.1],
+        "covered": [True, True, False],
+    })
+
+
+def test_anchor_summary_values_by_hand():
+    s = anchor.anchor_summary(_summary_table())
+    want = {
+        "anchor.prompts": 3,
+        "anchor.mean_log_z_hat": (0.5 - 1.0 + 2.0) / 3,
+        "anchor.mean_ess_frac": (0.25 + 0.5 + 1.0) / 3,
+        "anchor.min_ess": 1.0,
+        "anchor.mean_se": (0.3 + 0.6 + 1.2) / 3,
+        "anchor.mean_bias_delta": (-0.1 - 0.2 - 0.6) / 3,
+        "anchor.degenerate_prompts": 1,
+        "anchor.mean_rewarded": 2.0,
+        "anchor.mean_abs_error": (0.4 + 0.2 + 1.1) / 3,
+        "anchor.mean_error": (0.4 - 0.2 - 1.1) / 3,
+        "anchor.coverage_2se": 2 / 3,
+    }
+    assert s.keys() == want.keys()
+    for k, v in want.items():
+        assert s[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
+    # without the exact log Z the error statistics are absent, not zero
+    s = anchor.anchor_summary(_summary_table().drop(columns=["log_z", "error", "covered"]))
+    assert not any(k in s for k in ("anchor.mean_abs_error", "anchor.mean_error", "anchor.coverage_2se"))
+
+
+def test_is_diagnostics_log_weights_spanning_more_than_exp_range():
+    # exp(800) overflows float64; the diagnostics must only depend on weight ratios
+    log_w = np.array([5.0, -800.0, 0.0, -1000.0])
+    d = anchor.is_diagnostics(log_w)
+    w = [1.0, 0.0, math.exp(-5.0), 0.0]  # normalised by the largest, by hand
+    s1, s2 = sum(w), sum(x * x for x in w)
+    assert d["ess"] == pytest.approx(s1 * s1 / s2, rel=1e-12)
+    assert d["max_weight"] == pytest.approx(1.0 / s1, rel=1e-12)
+    assert all(math.isfinite(v) for v in d.values())
+
+
+def test_select_trajectories_refuses_a_prompt_with_fewer_samples():
+    # p0 has 5 samples per component, p1 only 3 of π_ref's: K=8 at λ=0.5 needs 4 of each
+    df = _scores()
+    df = df[~((df.prompt_id == "p1") & (df.component == "ref") & (df.sample_idx >= 3))]
+    with pytest.raises(ValueError, match="needs 4 samples per prompt from the 'ref' component, but the rollout cache has 3"):
+        anchor.select_trajectories(df, 8, 0.5)
+    traj, _ = anchor.select_trajectories(df, 6, 0.5)  # 3 of each is enough for everyone
+    assert traj.groupby("prompt_id").size().to_dict() == {"p0": 6, "p1": 6}
+
+
+def test_build_anchor_ess_equal_to_min_ess_is_not_degenerate():
+    # K=2 with equal weights: ESS is exactly 2.0, the threshold; degenerate means ESS < min_ess
+    items = [(0.0, -1.0, -1.0, None)] * 2
+    scores = pd.DataFrame(_hand_rows("k2", items, [])).drop(columns="logq_proposal")
+    table = anchor.build_anchor(scores, beta=1.0, K=2, strength=0.0, min_ess=2.0)
+    assert table.loc[0, "ess"] == 2.0
+    assert not bool(table.loc[0, "degenerate"])
+    table = anchor.build_anchor(scores, beta=1.0, K=2, strength=0.0, min_ess=2.0 + 1e-9)
+    assert bool(table.loc[0, "degenerate"])

@@ -143,6 +143,25 @@ def test_target_distances_zero_at_the_target():
     assert d["tv_rewarded"] < 1e-12 and d["tv_target"] > 0.1
 
 
+@pytest.mark.parametrize("x", [-1e-300, -1e-20, -1e-8, -0.3, -0.6931, -0.6932, -1.0, -30.0, -700.0])
+def test_log1mexp_against_50_digit_arithmetic(x):
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(50):
+        want = float(mpmath.log(-mpmath.expm1(mpmath.mpf(x))))  # expm1: no cancellation near 0
+    assert evaluation._log1mexp(np.array([x]))[0] == pytest.approx(want, rel=1e-13)
+
+
+def test_target_distances_when_pi_ref_puts_all_its_mass_on_correct_answers():
+    # π_ref(R) = 1: Z = e^β, p* = π_ref on R and 0 elsewhere; π = (.3, .3) on R, .4 elsewhere
+    ref = pd.DataFrame({"prompt_id": ["p", "p"], "answer": ["a", "b"], "logp": np.log([0.5, 0.5])})
+    pol = ref.assign(logp=np.log([0.3, 0.3]))
+    beta = 2.0
+    d = evaluation.target_distances(pol, ref, beta)
+    assert d["tv_target"] == pytest.approx(_tv([0.5, 0.5, 0.0], [0.3, 0.3, 0.4]), rel=1e-12)
+    assert d["kl_target"] == pytest.approx(_kl([0.5, 0.5], [0.3, 0.3]), rel=1e-12)
+    assert d["p_correct_target"] == pytest.approx(1.0, rel=1e-12)
+
+
 def test_target_distances_refuses_mismatched_sets():
     pol, ref = _rewarded_frames()
     with pytest.raises(ValueError, match="same answers"):

@@ -138,6 +138,15 @@ def test_group_normalize_float32_all_equal_exact_zero():
     assert torch.equal(out, torch.zeros(3))
 
 
+def test_group_normalize_batch_scale_with_one_and_two_rewards():
+    # one reward: the batch std is undefined, the advantage is 0 (never NaN)
+    assert group_normalize(t([3.0]), torch.tensor([0]), "batch").tolist() == [0.0]
+    # two rewards in one group: centred ±0.5, batch std = sqrt(0.5) (n − 1 = 1)
+    out = group_normalize(t([1.0, 0.0]), torch.tensor([0, 0]), "batch")
+    s = math.sqrt(0.5)
+    assert out.tolist() == pytest.approx([0.5 / (s + 1e-6), -0.5 / (s + 1e-6)], rel=1e-12)
+
+
 def test_group_normalize_unknown_scale():
     with pytest.raises(ValueError, match="group"):
         group_normalize(t([1.0]), torch.tensor([0]), "rank")
@@ -344,6 +353,21 @@ def test_flowrl_separate_clip_bounds():
              "reward": t([0.0, 0.0]), "group_ids": torch.tensor([0, 1])}
     _, metrics = run_loss("flowrl", logp, mask, batch, {"clip_eps": 0.2, "clip_eps_low": 0.5, "clip_eps_high": 1.0})
     assert metrics["weight_mean"] == pytest.approx((2.0 + 0.5) / 2)  # w = 3 → 2, w = 1/3 → 0.5
+
+
+def test_flowrl_on_policy_weights_at_a_zero_clip_range_are_not_clipped():
+    # ε = 0: the clip range is the single point 1, and on-policy weights are exactly 1 there.
+    # A weight counts as clipped only when clipping changed it.
+    rows = random_rows([2, 3], seed=11)
+    logp, mask = padded(rows, T=3, grad=True)
+    on_policy = t([sum(r) for r in rows])
+    batch = {"log_z": t([0.0, 0.0]), "logp_ref_seq": t([-1.0, -1.0]), "logp_old_seq": on_policy,
+             "reward": t([1.0, 0.0]), "group_ids": torch.tensor([0, 0])}
+    _, metrics = run_loss("flowrl", logp, mask, batch, {"clip_eps": 0.0})
+    assert metrics["clip_frac"] == 0.0 and metrics["weight_mean"] == 1.0
+    batch["logp_old_seq"] = on_policy + t([0.5, -0.5])  # one weight below 1, one above
+    _, metrics = run_loss("flowrl", logp, mask, batch, {"clip_eps": 0.0})
+    assert metrics["clip_frac"] == 1.0
 
 
 # -- SFT -----------------------------------------------------------------------------------
