@@ -27,6 +27,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def distinct_n(texts: Iterable[str], n: int, unit: str = "word") -> float:
     """Distinct n-grams / all n-grams over ``texts`` (``unit`` "word" or "char")."""
+    if unit not in ("word", "char"):
+        raise ValueError(f"distinct_n unit must be 'word' or 'char', got {unit!r}")
     grams: list[tuple] = []
     for t in texts:
         toks = t.split() if unit == "word" else list(t)
@@ -66,7 +68,8 @@ def sample_metrics(samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Serie
 def _log1mexp(x: np.ndarray) -> np.ndarray:
     """log(1 − e^x) for x ≤ 0."""
     x = np.minimum(np.asarray(x, np.float64), -1e-300)
-    return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+    with np.errstate(divide="ignore"):  # np.where evaluates both branches; the unused one may be log 0
+        return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
 
 
 def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> dict[str, float]:

@@ -8,8 +8,8 @@
 A mutant is one small edit of the source (an operator swapped, a constant changed, ``min``
 for ``max``, ...). The suite *kills* it when a test fails. A mutant that survives is a
 change of behaviour no test notices, unless it is *equivalent*: no input can tell it from
-the original. Equivalent mutants are listed, with the reason, in
-``experiments/mutation_equivalents.toml``; the score leaves them out:
+the original. Equivalent mutants are listed, grouped by the reason, in
+``experiments/mutation_equivalents/<module>.toml``; the score leaves them out:
 
     score = (killed + timeout) / (mutants − equivalent)
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = REPO / ".mutation"
-EQUIVALENTS = REPO / "experiments" / "mutation_equivalents.toml"
+EQUIVALENTS = REPO / "experiments" / "mutation_equivalents"
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,19 @@ def prepare(name: str, mod: Module) -> Path:
 
 
 def load_equivalents() -> dict[str, dict]:
-    if not EQUIVALENTS.exists():
-        return {}
-    data = tomllib.loads(EQUIVALENTS.read_text())
-    return {e["mutant"]: e for e in data.get("equivalent", [])}
+    """``{mutant: {"changed": line, "why": reason}}`` from every file in EQUIVALENTS.
+
+    A file holds ``[[equivalent]]`` groups: a ``why`` (the argument that no input can tell
+    these mutants from the original) and ``mutants``, each ``{mutant, changed}``: mutmut's
+    name and the mutant's changed line, stripped. When the source moves and the line no
+    longer matches, the entry is reported stale and the mutant counts again.
+    """
+    out: dict[str, dict] = {}
+    for path in sorted(EQUIVALENTS.glob("*.toml")):
+        for group in tomllib.loads(path.read_text()).get("equivalent", []):
+            for m in group["mutants"]:
+                out[m["mutant"]] = {"changed": m["changed"], "why": group["why"], "file": path.name}
+    return out
 
 
 def mutant_diff(work: Path, mutant: str) -> str:
@@ -163,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("modules", nargs="*", help=f"modules to run (default: all): {', '.join(MODULES)}")
     ap.add_argument("--list", action="store_true", help="print what each module mutates and runs")
     ap.add_argument("--children", type=int, default=2, help="mutants tested in parallel (default 2)")
+    ap.add_argument("--compact", action="store_true", help="one line per surviving mutant instead of its diff")
     ap.add_argument("--min-score", type=float, default=0.95, help="exit 1 when a module scores below this")
     args = ap.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
@@ -179,7 +189,12 @@ def main(argv=None) -> int:
     (SCRATCH / "results.json").write_text(json.dumps(results, indent=1))
     for r in results:
         for s in r["survivors"]:
-            print(f"\n-- survived ({s['status']}): {s['mutant']}\n{s['diff']}")
+            if args.compact:  # one line each: name, status, the removed and added lines
+                edit = [ln.strip() for ln in s["diff"].splitlines()
+                        if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+                print(f"{s['mutant']} ({s['status']}): " + " => ".join(edit))
+            else:
+                print(f"\n-- survived ({s['status']}): {s['mutant']}\n{s['diff']}")
         for k in r["stale_equivalents"]:
             print(f"\n!! {k} is listed as equivalent, but its diff no longer matches the entry")
     print("\n| module | mutants | equivalent | killed | survived | score |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 import math
 
 import numpy as np
@@ -489,3 +490,136 @@ def test_build_anchor_ess_equal_to_min_ess_is_not_degenerate():
     assert not bool(table.loc[0, "degenerate"])
     table = anchor.build_anchor(scores, beta=1.0, K=2, strength=0.0, min_ess=2.0 + 1e-9)
     assert bool(table.loc[0, "degenerate"])
+
+
+# -- float64 throughout, whatever the caller's dtype ------------------------------------------
+# The scorer may hand over float32 log-probs. Every estimator computes in float64, so its
+# result equals the float64 computation on the same (exactly widened) float32 values.
+def _f32(*arrays):
+    return [np.asarray(a, np.float32) for a in arrays]
+
+
+def _f64(*arrays):
+    return [np.asarray(a, np.float32).astype(np.float64) for a in arrays]
+
+
+def test_estimators_compute_in_float64_from_float32_inputs():
+    rng = np.random.default_rng(3)
+    reward, logp, logmu = rng.integers(0, 2, 7), -rng.uniform(1, 30, 7), -rng.uniform(1, 30, 7)
+    beta = 0.1  # not a float32 number: β·r in float32 would round
+    got = anchor.log_weights(*_f32(reward, logp, logmu), beta)
+    want = anchor.log_weights(*_f64(reward, logp, logmu), beta)
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+    (lw32,), (lw64,) = _f32(want), _f64(want)
+    assert anchor.log_z_hat(lw32) == anchor.log_z_hat(lw64)
+    assert anchor.is_diagnostics(lw32) == anchor.is_diagnostics(lw64)
+    q_ref, q_prop = -rng.uniform(1, 30, 7), -rng.uniform(1, 30, 7)
+    for lam in (0.0, 0.3, 1.0):
+        got = anchor.mixture_log_density(*_f32(q_ref, q_prop), lam)
+        assert got.dtype == np.float64 and np.array_equal(got, anchor.mixture_log_density(*_f64(q_ref, q_prop), lam)), lam
+    (b32,), (b64,) = _f32([0.7, 3.3]), _f64([0.7, 3.3])
+    assert np.array_equal(theory.binary_ess_frac(0.2, b32), theory.binary_ess_frac(0.2, b64))
+    (e32,), (e64,) = _f32([0.3, 0.7]), _f64([0.3, 0.7])
+    assert np.array_equal(theory.predicted_var(16, e32), theory.predicted_var(16, e64))
+    (x32,), (x64,) = _f32([0.1, 2.3]), _f64([0.1, 2.3])
+    assert np.array_equal(theory._log_expm1(x32), theory._log_expm1(x64))
+
+
+def test_check_finite_refuses_missing_values_in_an_object_column():
+    df = _scores()
+    df["reward"] = df.reward.astype(object)
+    df.loc[(df.prompt_id == "p1") & (df.sample_idx == 0), "reward"] = None
+    with pytest.raises(ValueError, match=r"^non-finite reward for 2 trajectories \(prompt ids \['p1'\]\); refusing to anchor on them$"):
+        anchor.build_anchor(df, beta=1.0, K=4, strength=0.5)
+
+
+def test_check_finite_names_at_most_five_prompts():
+    df = _scores(prompts=tuple(f"q{i}" for i in range(7)))
+    df.loc[df.sample_idx == 0, "logp_ref"] = np.inf
+    with pytest.raises(ValueError) as e:
+        anchor.build_anchor(df, beta=1.0, K=4, strength=0.5)
+    named = [f"q{i}" for i in range(7) if f"'q{i}'" in str(e.value)]
+    assert len(named) == 5 and "non-finite logp_ref for 14 trajectories" in str(e.value)
+
+
+def test_is_diagnostics_ess_rounded_above_k_reports_zero_bias_and_se():
+    # nearly equal weights whose ESS rounds to 1.0000000000000002·K in float64
+    log_w = np.array([-7.037352358069926e-10, -1.2654214710460525e-09, -6.232744625373522e-10,
+                      4.13259793472436e-11, -2.3250307746388344e-09, -2.1879166393254575e-10])
+    d = anchor.is_diagnostics(log_w)
+    assert d["ess_frac"] > 1.0  # the premise: rounding really did overshoot
+    assert d["se"] == 0.0 and d["bias"] == 0.0
+
+
+def test_is_diagnostics_equal_weights_bias_is_positive_zero():
+    d = anchor.is_diagnostics(np.zeros(4))
+    assert d["bias"] == 0.0 and math.copysign(1.0, d["bias"]) == 1.0  # "-0.0" would print in tables
+
+
+def test_select_trajectories_a_missing_component_refused_even_for_one_sample():
+    # K=2 at λ=0.5 needs a single proposal sample; a cache without the component has none
+    with pytest.raises(ValueError, match="needs 1 samples per prompt from the 'proposal' component, but the rollout cache has 0$"):
+        anchor.select_trajectories(_scores(with_proposal=False), 2, 0.5)
+
+
+def test_select_trajectories_returns_the_score_columns_with_a_fresh_index():
+    df = _scores()
+    traj, _ = anchor.select_trajectories(df, 4, 0.5)
+    assert list(traj.columns) == list(df.columns)
+    assert traj.index.equals(pd.RangeIndex(len(traj)))
+
+
+def test_build_anchor_default_min_ess_is_two():
+    # weights (e^β, 1, 1, 1) with μ = π_ref: at β = 1.5, 2 < ESS < 3, so the default
+    # threshold 2 (and no other integer) decides that the prompt is not degenerate
+    beta = 1.5
+    w = [math.exp(beta), 1.0, 1.0, 1.0]
+    ess = sum(w) ** 2 / sum(x * x for x in w)
+    assert 2.0 < ess < 3.0
+    items = [(1.0, -1.0, -1.0, None)] + [(0.0, -1.0, -1.0, None)] * 3
+    scores = pd.DataFrame(_hand_rows("m", items, [])).drop(columns="logq_proposal")
+    table = anchor.build_anchor(scores, beta=beta, K=4, strength=0.0)
+    assert table.loc[0, "ess"] == pytest.approx(ess, rel=1e-12)
+    assert not bool(table.loc[0, "degenerate"])
+
+
+def test_build_anchor_rows_follow_the_prompts_first_appearance():
+    df = pd.concat([_scores(prompts=("zeta",), seed=1), _scores(prompts=("alpha", "mid"), seed=2)])
+    df = pd.concat([df[df.prompt_id == p] for p in ("zeta", "alpha", "mid")], ignore_index=True)
+    table = anchor.build_anchor(df, beta=1.0, K=4, strength=0.5)
+    assert list(table.prompt_id) == ["zeta", "alpha", "mid"]
+
+
+def test_build_anchor_exact_estimate_with_zero_se_is_covered():
+    # no rewarded answer anywhere and μ = π_ref: every weight is 1, log Ẑ = 0 = log Z, se = 0.
+    # |error| ≤ 2·se holds with equality, and an exact estimate must count as covered.
+    items = [(0.0, -2.0, -2.0, None)] * 4
+    scores = pd.DataFrame(_hand_rows("none", items, [])).drop(columns="logq_proposal")
+    table = anchor.build_anchor(scores, beta=2.0, K=4, strength=0.0,
+                                log_p_correct=pd.Series({"none": -np.inf}))
+    row = table.loc[0]
+    assert row["error"] == 0.0 and row["se"] == 0.0 and bool(row["covered"])
+
+
+def test_exact_log_z_clamps_a_log_p_correct_rounded_above_zero():
+    # a log-sum-exp over every answer can round to +1e-12; P cannot exceed 1, so log Z = β
+    for beta in (0.5, 3.0, 40.0):
+        assert float(theory.exact_log_z(1e-9, beta)) == float(theory.exact_log_z(0.0, beta)), beta
+
+
+def test_boundary_values_compute_without_numpy_warnings():
+    # log 0 and 0·log 0 occur by design at P ∈ {0, 1} and log Z = 0; they are handled, not warned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(theory.p_correct_from_log_z(0.0, 2.0)) == 0.0
+        for p in (0.0, 1.0):
+            bias, var = theory.binary_mc_moments(6, p, 2.0)
+            assert (bias, var) == (pytest.approx(0.0, abs=1e-15), pytest.approx(0.0, abs=1e-15)), p
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_binary_mc_moments_degenerate_reward_is_exact(p):
+    # P = 0: every sample unrewarded, Ẑ = 1 = Z; P = 1: every sample rewarded, Ẑ = e^β = Z
+    bias, var = theory.binary_mc_moments(5, p, 1.7)
+    assert math.isfinite(bias) and math.isfinite(var)
+    assert abs(bias) < 1e-15 and abs(var) < 1e-15

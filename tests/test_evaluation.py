@@ -83,6 +83,8 @@ def test_distinct_n():
     assert evaluation.distinct_n(["abab", "ba"], 2, unit="char") == pytest.approx(2 / 4)
     assert evaluation.distinct_n(["aaa"], 3, unit="char") == 1.0
     assert math.isnan(evaluation.distinct_n(["a", ""], 2))
+    with pytest.raises(ValueError, match="unit must be 'word' or 'char', got 'token'"):
+        evaluation.distinct_n(["a b"], 2, unit="token")
 
 
 # -- exact distances to the target p* ------------------------------------------------------
@@ -164,5 +166,95 @@ def test_target_distances_when_pi_ref_puts_all_its_mass_on_correct_answers():
 
 def test_target_distances_refuses_mismatched_sets():
     pol, ref = _rewarded_frames()
-    with pytest.raises(ValueError, match="same answers"):
+    with pytest.raises(ValueError, match="^policy and reference rewarded-set tables do not cover the same answers$"):
         evaluation.target_distances(pol.iloc[1:], ref, 1.0)
+    # the same row counts, but one answer twice and another missing: still refused
+    dup = pol.copy()
+    dup.loc[dup.answer == "x", "answer"] = "y"
+    with pytest.raises(ValueError):
+        evaluation.target_distances(dup, ref, 1.0)
+    dup = ref.copy()
+    dup.loc[dup.answer == "x", "answer"] = "y"
+    with pytest.raises(ValueError):
+        evaluation.target_distances(pol.assign(answer=pol.answer.replace({"x": "w"})), dup, 1.0)
+
+
+def test_target_distances_compute_in_float64_from_float32_tables():
+    # log-probs often arrive as float32 (the scorer's dtype); the distances must not inherit
+    # float32 rounding: compare against the float64 computation of the same float32 values
+    pol, ref = _rewarded_frames()
+    beta = math.log(2.0)
+    want = evaluation.target_distances(pol, ref, beta)
+    pol32, ref32 = pol.astype({"logp": np.float32}), ref.astype({"logp": np.float32})
+    got = evaluation.target_distances(pol32, ref32, beta)
+    exact = evaluation.target_distances(pol32.astype({"logp": np.float64}), ref32.astype({"logp": np.float64}), beta)
+    for k in want:
+        assert got[k] == pytest.approx(exact[k], rel=1e-13, abs=1e-15), k
+    # log(1 − eˣ) of a float32 0 (all mass on the rewarded set) stays finite
+    assert np.isfinite(evaluation._log1mexp(np.zeros(1, np.float32))).all()
+
+
+# -- policy_metrics: the whole evaluation record ----------------------------------------------
+def _policy_samples() -> pd.DataFrame:
+    s = _samples()
+    s["n_tokens"] = [3, 3, 3, 1, 3, 3, 1, 0, 3, 1, 2, 3]
+    s["benchmark"] = ["one"] * 8 + ["two"] * 4  # A, B on "one"; C on "two"
+    return s
+
+
+def test_policy_metrics_per_benchmark_and_macro():
+    s = _policy_samples()
+    m = evaluation.policy_metrics(s, [1, 4], beta=1.0)
+    whole = evaluation.sample_metrics(s, [1, 4])
+    for k, v in whole.items():
+        assert m[k] == v, k
+    one = evaluation.sample_metrics(s[s.benchmark == "one"], [1, 4])
+    two = evaluation.sample_metrics(s[s.benchmark == "two"], [1, 4])
+    for k in one:
+        assert m[f"one.{k}"] == one[k] and m[f"two.{k}"] == two[k], k
+    assert m["one.mean_at_k"] == pytest.approx(3 / 8) and m["two.mean_at_k"] == pytest.approx(1 / 4)
+    for k in ("mean_at_k", "pass_at_1", "pass_at_4"):
+        assert m[f"macro.{k}"] == pytest.approx((one[k] + two[k]) / 2, rel=1e-15), k
+    assert m["tokens_generated"] == 26 and m["reward_missing"] == 0
+    assert not any(k.startswith("macro.") for k in evaluation.policy_metrics(s.drop(columns="benchmark"), [1], 1.0))
+
+
+def test_policy_metrics_macro_only_where_every_benchmark_has_the_metric():
+    s = _policy_samples()
+    s = s[~((s.benchmark == "two") & (s.index % 4 >= 2))]  # "two" keeps 2 samples of C: no pass@4
+    m = evaluation.policy_metrics(s, [1, 4], beta=1.0)
+    assert "one.pass_at_4" in m and "two.pass_at_4" not in m
+    assert "macro.pass_at_4" not in m and "macro.pass_at_1" in m
+
+
+def test_policy_metrics_leaves_failed_grades_out_and_counts_them():
+    s = _policy_samples()
+    s.loc[[3, 9], "reward"] = np.nan  # one wrong A sample, one wrong C sample: grading failed
+    m = evaluation.policy_metrics(s, [1], beta=1.0)
+    graded = s.dropna(subset=["reward"])
+    assert m["reward_missing"] == 2
+    assert m["mean_at_k"] == pytest.approx(graded.reward.mean()) and m["k"] == 3
+    assert m["tokens_generated"] == int(s.n_tokens.sum())  # the failed samples were still generated
+    s["reward"] = np.nan
+    with pytest.raises(ValueError, match=r"^every evaluation sample failed grading; see the grader settings \(task.grader\)$"):
+        evaluation.policy_metrics(s, [1], beta=1.0)
+
+
+def test_policy_metrics_exact_distances_over_the_evaluated_prompts_only():
+    pol, ref = _rewarded_frames()
+    extra = pd.DataFrame({"prompt_id": ["z"], "answer": ["q"], "logp": [math.log(0.5)]})
+    samples = pd.DataFrame({"prompt_id": ["p", "p", "q", "q"], "text": ["a", "c", "x", "y"],
+                            "reward": [1.0, 0.0, 1.0, 1.0], "n_tokens": [1, 1, 1, 1]})
+    beta = math.log(2.0)
+    m = evaluation.policy_metrics(samples, [1], beta, rewarded=pd.concat([pol, extra.assign(logp=-3.0)]),
+                                  ref_rewarded=pd.concat([ref, extra]))
+    want = evaluation.target_distances(pol, ref, beta)
+    for k, v in want.items():
+        assert m[k] == pytest.approx(v, rel=1e-13), k
+    # coverage: distinct correct over the rewarded-set size, p: 1/2, q: 2/3
+    assert m["coverage"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # without the policy's own table there are no distances, but coverage still is reported
+    m = evaluation.policy_metrics(samples, [1], beta, ref_rewarded=ref)
+    assert "tv_target" not in m and m["coverage"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    m = evaluation.policy_metrics(samples, [1], beta, rewarded=pol)
+    assert "tv_target" not in m and "coverage" not in m
