@@ -119,8 +119,9 @@ def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
     reward, n_tokens``, optionally ``benchmark``).
 
     Samples whose grading failed (NaN reward) are left out and counted in
-    ``reward_missing``; with several benchmarks, every metric is also reported per benchmark
-    (``{benchmark}.{metric}``) and macro-averaged (``macro.{metric}``). On an enumerable task,
+    ``reward_missing``; when samples carry a ``benchmark`` column, every metric is also reported
+    per benchmark (``{benchmark}.{metric}``) and macro-averaged (``macro.{metric}``), for one
+    benchmark as for several. On an enumerable task,
     ``ref_rewarded`` (π_ref's rewarded-set log-probs) gives the set sizes for ``coverage``,
     and with the policy's own ``rewarded`` table the exact distances to p*
     (:func:`target_distances`), over the evaluated prompts.
@@ -131,7 +132,7 @@ def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
         raise ValueError("every evaluation sample failed grading; see the grader settings (task.grader)")
     sizes = ref_rewarded.groupby("prompt_id").size() if ref_rewarded is not None else None
     m = sample_metrics(graded, list(pass_k), sizes)
-    if "benchmark" in graded and graded.benchmark.nunique() > 1:
+    if "benchmark" in graded:  # even for one benchmark: a sweep's tables keep one schema
         per = {b: sample_metrics(g, list(pass_k)) for b, g in graded.groupby("benchmark")}
         for b, mb in per.items():
             m |= {f"{b}.{k}": v for k, v in mb.items()}

@@ -198,9 +198,8 @@ def _prepare(logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _const(batch: Mapping[str, Tensor], key: str, like: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``batch[key]`` detached, in ``like``'s dtype; token-level ones with padding set to 0."""
-    if key not in batch:
-        raise KeyError(f"the loss needs batch[{key!r}]; got keys {sorted(batch)}")
+    """``batch[key]`` detached, in ``like``'s dtype; token-level ones with padding set to 0.
+    (:func:`check_batch` has already refused a batch without the key.)"""
     x = batch[key].detach().to(dtype=like.dtype, device=like.device)
     return x if mask is None else torch.where(mask, x, torch.zeros_like(x))
 

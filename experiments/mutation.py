@@ -16,7 +16,8 @@ the original. Equivalent mutants are listed, grouped by the reason, in
 Each module is mutated in its own scratch directory, ``.mutation/<module>/`` (symlinks to
 ``disa/`` and ``tests/`` and a ``pyproject.toml`` with the module's ``[tool.mutmut]``), so
 that its mutants run only the test files listed for it and a full run takes minutes.
-mutmut keeps its results there; a rerun re-tests only mutants of changed functions.
+mutmut keeps its results there; a rerun tests the mutants of changed functions and every
+earlier survivor again.
 Results go to ``.mutation/results.json``; the printed table is the one in
 ``docs/MUTATION.md``. Not part of the default test run: it is a tool for whoever changes
 the math.
@@ -136,12 +137,22 @@ def run_module(name: str, mod: Module, equivalents: dict[str, dict], children: i
     env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                         "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"== {name}: mutating {', '.join(mod.mutate)} against {', '.join(mod.tests)}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)],
-                          cwd=work, env=env, capture_output=True, text=True)
-    (work / "mutmut.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise SystemExit(f"mutmut run failed for {name} (exit {proc.returncode}); log {work/'mutmut.log'}:\n{tail}")
+    def mutmut_run(*names: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names],
+                              cwd=work, env=env, capture_output=True, text=True)
+        with open(work / "mutmut.log", "a") as log:
+            log.write(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            raise SystemExit(f"mutmut run failed for {name} (exit {proc.returncode}); log {work/'mutmut.log'}:\n{tail}")
+
+    (work / "mutmut.log").write_text("")
+    mutmut_run()  # new mutants, and those of functions that changed since the last run
+    # mutmut keeps a survivor's verdict while its function is unchanged, even when a new test
+    # would now kill it: test the survivors again against today's tests
+    again = sorted(k for k, s in collect(work).items() if s not in DETECTED)
+    for i in range(0, len(again), 200):
+        mutmut_run(*again[i : i + 200])
     statuses = collect(work)
     if not statuses:
         raise SystemExit(f"{name}: mutmut produced no mutants; log {work/'mutmut.log'}")

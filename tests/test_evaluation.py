@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -158,7 +159,9 @@ def test_target_distances_when_pi_ref_puts_all_its_mass_on_correct_answers():
     ref = pd.DataFrame({"prompt_id": ["p", "p"], "answer": ["a", "b"], "logp": np.log([0.5, 0.5])})
     pol = ref.assign(logp=np.log([0.3, 0.3]))
     beta = 2.0
-    d = evaluation.target_distances(pol, ref, beta)
+    with warnings.catch_warnings():  # log 0 of the empty rest is handled, not warned about
+        warnings.simplefilter("error")
+        d = evaluation.target_distances(pol, ref, beta)
     assert d["tv_target"] == pytest.approx(_tv([0.5, 0.5, 0.0], [0.3, 0.3, 0.4]), rel=1e-12)
     assert d["kl_target"] == pytest.approx(_kl([0.5, 0.5], [0.3, 0.3]), rel=1e-12)
     assert d["p_correct_target"] == pytest.approx(1.0, rel=1e-12)
@@ -217,6 +220,9 @@ def test_policy_metrics_per_benchmark_and_macro():
         assert m[f"macro.{k}"] == pytest.approx((one[k] + two[k]) / 2, rel=1e-15), k
     assert m["tokens_generated"] == 26 and m["reward_missing"] == 0
     assert not any(k.startswith("macro.") for k in evaluation.policy_metrics(s.drop(columns="benchmark"), [1], 1.0))
+    # one benchmark: its keys and the macro keys are there all the same
+    m = evaluation.policy_metrics(s[s.benchmark == "one"], [1, 4], beta=1.0)
+    assert m["one.mean_at_k"] == m["macro.mean_at_k"] == m["mean_at_k"] == pytest.approx(3 / 8)
 
 
 def test_policy_metrics_macro_only_where_every_benchmark_has_the_metric():

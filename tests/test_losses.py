@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -420,7 +421,7 @@ def test_every_loss_declares_fields_of_the_schema_and_every_algorithm_config_bui
 def test_a_batch_without_a_needed_field_or_with_the_wrong_shape_is_refused():
     logp, mask = padded([[-1.0, -2.0], [-1.0]], T=2, grad=True)
     batch = {"log_z_hat": t([0.5, 0.1]), "logp_ref_seq": t([-2.5, -1.0]), "reward": t([1.0, 0.0])}
-    with pytest.raises(KeyError, match="log_z_hat"):
+    with pytest.raises(KeyError, match=r"the loss needs batch fields \['log_z_hat'\]; got \['logp_ref_seq', 'reward'\]"):
         run_loss("disa", logp, mask, {k: v for k, v in batch.items() if k != "log_z_hat"}, {"beta": 1.0})
     # the per-token reference where the per-sequence one belongs: named, with the schema's shape
     with pytest.raises(ValueError, match=r"logp_ref_seq.*\[B\]"):
@@ -434,6 +435,79 @@ def test_options_refuse_unknown_keys_and_a_beta_of_their_own():
         get_loss("disa").make_options({"beta": 1.0}, beta=1.0)
     with pytest.raises(ValueError, match="loss_agg_mode"):
         get_loss("sft").make_options({"loss_agg_mode": "mean"})
+
+
+def test_options_messages_name_the_key_and_the_allowed_ones():
+    # DISA declares β, but β is not a loss_args key: it is neither allowed nor hinted at
+    # unless the user gave it
+    with pytest.raises(ValueError) as e:
+        get_loss("disa").make_options({"temperature": 1.0}, beta=1.0)
+    assert str(e.value) == ("algorithm.loss_args has ['temperature'], which the 'disa' loss does not take; "
+                            "allowed: ['length_normalize']")
+    with pytest.raises(ValueError) as e:
+        get_loss("disa").make_options({"beta": 2.0}, beta=1.0)
+    assert str(e.value) == ("algorithm.loss_args has ['beta'], which the 'disa' loss does not take; "
+                            "allowed: ['length_normalize'] (β is the top-level `beta`)")
+    with pytest.raises(ValueError, match=r"^the disa loss needs β \(the top-level `beta` setting\)$"):
+        get_loss("disa").make_options({})
+    with pytest.raises(ValueError, match=r"^algorithm.loss_args.kl_coef=-0.1; allowed: a number >= 0$"):
+        get_loss("grpo").make_options({"kl_coef": -0.1})
+
+
+def test_a_registered_loss_is_found_and_checked_like_the_built_ins():
+    from dataclasses import dataclass
+
+    from disa.losses import LOSSES, register_loss
+
+    @dataclass(frozen=True)
+    class Opts:
+        scale: float = 2.0
+
+    @register_loss("test_scaled_sum", Opts, needs=lambda o: {"reward"} | ({"advantages"} if o.scale < 0 else set()))
+    def scaled_sum(logp, mask, batch, options):
+        return options.scale * sequence_logprob(logp, mask).sum(), {}
+
+    try:
+        spec = get_loss("test_scaled_sum")
+        assert (spec.name, spec.fn, spec.options) == ("test_scaled_sum", scaled_sum, Opts)
+        assert spec.needs(Opts()) == frozenset({"reward"}) and spec.needs(Opts(-1.0)) == frozenset({"reward", "advantages"})
+        logp, mask = padded([[-1.0, -2.0], [-0.5]], T=2)
+        loss, _ = spec(logp, mask, {"reward": t([1.0, 0.0])}, spec.make_options({"scale": 3.0}))
+        assert loss.item() == pytest.approx(3.0 * -3.5)
+        with pytest.raises(KeyError, match="advantages"):
+            spec(logp, mask, {"reward": t([1.0, 0.0])}, spec.make_options({"scale": -1.0}))
+    finally:
+        LOSSES.pop("test_scaled_sum", None)
+
+
+@pytest.mark.parametrize("name", ["disa", "flowrl", "grpo", "gspo", "sft"])
+def test_losses_compute_in_float32_at_least_and_in_the_policy_dtype(name):
+    # bf16 log-probs are promoted to float32 before any nonlinearity, and float64 batch
+    # fields follow the policy's compute dtype rather than widening the loss
+    rows = random_rows([2, 3], seed=12)
+    B = len(rows)
+    batch = {"reward": t([1.0, 0.0]), "log_z_hat": t([0.3, 0.1]), "log_z": t([0.2, -0.1]),
+             "logp_ref_seq": t([-2.0, -3.0]), "logp_old_seq": t([sum(r) for r in rows]),
+             "logp_old_tok": padded(rows, T=3)[0], "advantages": t([0.5, -0.5]), "group_ids": torch.tensor([0, 0])}
+    logp, mask = padded(rows, T=3)
+    args = {"beta": 1.0} if name == "disa" else {}
+    for dtype in (torch.bfloat16, torch.float32):
+        with warnings.catch_warnings():  # metrics are detached before float(): no autograd warning
+            warnings.simplefilter("error")
+            loss, _ = run_loss(name, logp.to(dtype).requires_grad_(), mask, batch, args)
+        assert loss.dtype == torch.float32, (name, dtype)
+        assert torch.isfinite(loss)
+    want, _ = run_loss(name, logp, mask, batch, args)  # float64 throughout
+    got, _ = run_loss(name, logp.float(), mask, {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}, args)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6) and B == 2
+
+
+def test_group_normalize_integer_rewards_equal_float_rewards():
+    rewards, groups = [1, 0, 1, 1, 0, 0], torch.tensor([0, 0, 0, 1, 1, 1])
+    for scale in ("group", "batch", "none"):
+        got = group_normalize(torch.tensor(rewards), groups, scale)
+        assert got.is_floating_point(), scale
+        assert got.tolist() == pytest.approx(group_normalize(torch.tensor(rewards, dtype=torch.float32), groups, scale).tolist()), scale
 
 
 def test_which_losses_read_the_reference():
