@@ -60,6 +60,78 @@ def test_pass_at_k_curves_long_table():
     assert sorted(c.index.get_level_values("k").unique()) == [1, 4]
 
 
+def test_mean_se_sorts_groups_and_counts_rows():
+    df = pd.DataFrame(
+        {
+            "alg": ["b", "a", "b", "a", "a"],
+            "seed": [0, 0, 1, 1, 2],
+            "m": [3.0, 1.0, 5.0, np.nan, 2.0],
+        }
+    )
+    agg = analysis.mean_se(df, ["alg"], ["m"])
+    assert agg.alg.tolist() == ["a", "b"] and agg.index.tolist() == [0, 1]
+    assert agg.columns.tolist() == ["alg", "m.mean", "m.se", "n"]
+    # n counts the group's rows (runs), the se the runs that have the metric
+    assert agg.n.tolist() == [3, 2]
+    assert agg["m.se"].tolist() == pytest.approx(
+        [math.sqrt(0.5) / math.sqrt(2), math.sqrt(2) / math.sqrt(2)]
+    )
+    two = analysis.mean_se(df, ["alg", "seed"], ["m"])
+    assert list(zip(two.alg, two.seed)) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+    empty = analysis.mean_se(df.iloc[:0], ["alg"], ["m"])  # no runs: no rows, same columns
+    assert empty.columns.tolist() == ["alg", "m.mean", "m.se", "n"] and len(empty) == 0
+
+
+def test_pass_at_k_curves_order_and_missing_model():
+    df = pd.DataFrame(
+        {
+            "algorithm": ["y", "x", "x"],
+            "method": ["m", "m", "m"],
+            "policy.pass_at_16": [0.9, 0.5, 0.7],
+            "policy.pass_at_4": [0.3, 0.1, 0.2],
+            "ref.pass_at_2": [0.05, 0.1, 0.3],
+        }
+    )
+    c = analysis.pass_at_k_curves(df)
+    assert c.columns.tolist() == ["algorithm", "model", "k", "mean", "se", "n"]
+    assert c.index.tolist() == list(range(6))
+    # ref first; k numerically (4 before 16); groups sorted
+    assert list(zip(c.model, c.k, c.algorithm)) == [
+        ("ref", 2, "x"),
+        ("ref", 2, "y"),
+        ("policy", 4, "x"),
+        ("policy", 4, "y"),
+        ("policy", 16, "x"),
+        ("policy", 16, "y"),
+    ]
+    assert c["mean"].tolist() == pytest.approx([0.2, 0.05, 0.15, 0.3, 0.6, 0.9])
+    assert c.n.tolist() == [2, 1, 2, 1, 2, 1]
+    assert c.se.iloc[4] == pytest.approx(math.sqrt(0.02) / math.sqrt(2))
+    # a model without pass@k columns is left out, not an error
+    only_policy = analysis.pass_at_k_curves(df.drop(columns="ref.pass_at_2"), by=["method"])
+    assert only_policy.model.tolist() == ["policy", "policy"] and only_policy.k.tolist() == [4, 16]
+    assert only_policy["mean"].tolist() == pytest.approx([0.2, 0.7])
+
+
+def test_comparison_table_formats_mean_and_se():
+    df = pd.DataFrame(
+        {
+            "algorithm": ["b", "a", "a"],
+            "policy.mean_at_k": [0.5, 0.1, 0.3],
+            "train.wall_s": [np.nan, 1234.5, 1236.5],
+        }
+    )
+    t = analysis.comparison_table(df)
+    assert t.columns.tolist() == ["algorithm", "seeds", "policy.mean_at_k", "train.wall_s"]
+    assert t.algorithm.tolist() == ["a", "b"] and t.seeds.tolist() == [2, 1]
+    # a: mean 0.2, sd √0.02, se 0.1; wall: mean 1235.5, sd √2, se 1
+    assert t["policy.mean_at_k"].tolist() == ["0.2 ± 0.1", "0.5"]  # one seed: no ± part
+    assert t["train.wall_s"].tolist() == ["1.24e+03 ± 1", "–"]  # missing: a dash
+    t2 = analysis.comparison_table(df, metrics=["train.wall_s", "absent"])
+    assert t2.columns.tolist() == ["algorithm", "seeds", "train.wall_s"]
+    assert analysis.stats._fmt(0.123456, 0.0123456) == "0.123 ± 0.012"
+
+
 # -- loading run directories ---------------------------------------------------------------
 def _fake_run(path, beta, seed, prompts=("p0", "p1")):
     path.mkdir(parents=True)
@@ -307,3 +379,346 @@ def test_bias_variance_follows_the_exact_stratified_variance():
     assert agg.pred_var_iid >= agg.pred_var  # stratification removes the between-component variance
     assert abs(agg.bias - agg.pred_bias) < 3 * agg.bias_se
     assert 0.85 < agg.coverage <= 1.0
+
+
+def test_describe_skipped():
+    assert (
+        studies.describe_skipped([(256, 0.0), (128, 0.5), (256, 0.5)])
+        == "λ=0: K=256; λ=0.5: K=128,256"
+    )
+    assert studies.describe_skipped([]) == ""
+
+
+# -- naive references for the study: loops over the samples, float64, the math module --------
+def _split(K, lam):
+    k_prop = int(round(lam * K))
+    return K - k_prop, k_prop
+
+
+def _reference_ess(scores, beta, lam, log_z):
+    """{prompt: (ess_frac_pop, ess_frac_strat)} from every cached sample, by loops."""
+    frac = {"ref": 1.0 - lam, "proposal": lam}
+    m2, var = {}, {}
+    for (pid, comp), g in scores.groupby(["prompt_id", "component"]):
+        if frac[comp] == 0:
+            continue
+        w = []
+        for r, lp, lq_ref, lq_prop in zip(g.reward, g.logp_ref, g.logq_ref, g.logq_proposal):
+            mu = (1 - lam) * math.exp(lq_ref) + lam * math.exp(lq_prop)
+            w.append(math.exp(beta * r) * math.exp(lp) / mu / math.exp(log_z[pid]))
+        mean = sum(w) / len(w)
+        m2[pid] = m2.get(pid, 0.0) + frac[comp] * sum(x * x for x in w) / len(w)
+        var[pid] = var.get(pid, 0.0) + frac[comp] * sum((x - mean) ** 2 for x in w) / (len(w) - 1)
+    return {pid: (1 / m2[pid], 1 / (1 + var[pid])) for pid in m2}
+
+
+def _reference_table(scores, log_p_correct, K, beta, lam):
+    """The study's rows of one (K, β, λ), sample by sample."""
+    k_ref, k_prop = _split(K, lam)
+    lam_eff = k_prop / K
+    counts = scores.groupby(["component", "prompt_id"]).size()
+    R = min(counts[c].min() // K for c, kc in (("ref", k_ref), ("proposal", k_prop)) if kc > 0)
+    binary = set(scores.reward) <= {0.0, 1.0} and np.allclose(scores.logq_ref, scores.logp_ref)
+    log_z = {
+        pid: math.log(1 + math.exp(lp) * math.expm1(beta)) for pid, lp in log_p_correct.items()
+    }
+    ess = _reference_ess(scores, beta, lam_eff, log_z)
+    sample = {(s.prompt_id, s.component, s.sample_idx): s for s in scores.itertuples()}
+    rows = []
+    for pid in sorted(set(scores.prompt_id)):
+        P = math.exp(log_p_correct[pid])
+        if lam_eff == 0 and binary:
+            f = (1 - P + P * math.exp(beta)) ** 2 / (1 - P + P * math.exp(2 * beta))
+            f_pop = f_strat = f
+            # exact moments of log Ẑ = log(1 + C(e^β − 1)/K), C ~ Binomial(K, P)
+            pmf = [math.comb(K, c) * P**c * (1 - P) ** (K - c) for c in range(K + 1)]
+            vals = [math.log(1 + c * math.expm1(beta) / K) for c in range(K + 1)]
+            m1 = sum(p * v for p, v in zip(pmf, vals))
+            exact = (m1 - log_z[pid], sum(p * (v - m1) ** 2 for p, v in zip(pmf, vals)))
+        else:
+            f_pop, f_strat = ess[pid]
+            exact = (math.nan, math.nan)
+        for r in range(R):
+            log_w, rewarded = [], 0
+            for comp, kc in (("ref", k_ref), ("proposal", k_prop)):
+                for j in range(r * K, r * K + kc):
+                    s = sample[pid, comp, j]
+                    mu = (1 - lam_eff) * math.exp(s.logq_ref) + lam_eff * math.exp(s.logq_proposal)
+                    log_w.append(beta * s.reward + s.logp_ref - math.log(mu))
+                    rewarded += s.reward > 0
+            w = [math.exp(x) for x in log_w]
+            lzh = math.log(sum(w) / K)
+            ess_s = sum(w) ** 2 / sum(x * x for x in w)
+            fs = min(ess_s / K, 1.0)
+            se = math.sqrt((1 / fs - 1) / K)
+            err = lzh - log_z[pid]
+            rows.append(
+                {
+                    "prompt_id": pid,
+                    "K": K,
+                    "beta": beta,
+                    "strength": lam,
+                    "strength_effective": lam_eff,
+                    "replicate": r,
+                    "log_z_hat": lzh,
+                    "log_z": log_z[pid],
+                    "error": err,
+                    "ess": ess_s,
+                    "ess_frac": ess_s / K,
+                    "max_weight": max(w) / sum(w),
+                    "se": se,
+                    "bias_delta": -0.5 * (1 / fs - 1) / K,
+                    "covered": abs(err) <= 2 * se,
+                    "n_rewarded": rewarded,
+                    "ess_frac_pop": f_pop,
+                    "ess_frac_strat": f_strat,
+                    "pred_bias": -0.5 * (1 / f_strat - 1) / K,
+                    "pred_var": (1 / f_strat - 1) / K,
+                    "pred_var_iid": (1 / f_pop - 1) / K,
+                    "exact_bias": exact[0],
+                    "exact_var": exact[1],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _assert_frames_close(got, want):
+    assert got.columns.tolist() == want.columns.tolist()
+    assert len(got) == len(want)
+    for col in want:
+        g, w = got[col].tolist(), want[col].tolist()
+        if want[col].dtype.kind in "fc":
+            # se = √(1/ess_frac − 1)/√K: at equal weights √(rounding) ~ 1e-8, not 0
+            atol = 1e-7 if col == "se" else 1e-12
+            assert np.allclose(g, w, rtol=1e-9, atol=atol, equal_nan=True), col
+        else:
+            assert g == w, col
+
+
+@pytest.mark.parametrize(("reward_scale", "tempered"), [(1.0, False), (0.5, False), (1.0, True)])
+def test_bias_variance_table_against_a_sample_by_sample_reference(reward_scale, tempered):
+    """Every column of the study's table, recomputed by loops over the cached samples: K = 1
+    (one sample a replicate), λ that rounds to 0 or 1 at small K, a non-binary reward and a
+    π_ref proposal that is not π_ref itself (no exact plain-MC values for either)."""
+    scores = _scores(7, prompts=("a", "b", "z"), seed=3)
+    scores.loc[scores.prompt_id == "z", "reward"] = 0.0  # a prompt nothing solves: P = 0
+    # indexed by prompt id, in no particular order
+    log_p_correct = pd.concat([pd.Series([-np.inf], index=["z"]), LOG_P_CORRECT])
+    scores["reward"] *= reward_scale
+    if tempered:
+        scores["logq_ref"] = scores.logp_ref * 0.9
+    K, beta, lam = [1, 3], [0.5, 2.0], [0.0, 0.3, 1.0]
+    table, skipped = studies.bias_variance_table(
+        scores, log_p_correct, K=K, beta=beta, strength=lam
+    )
+    assert skipped == []
+    want = pd.concat(
+        [_reference_table(scores, log_p_correct, k, b, x) for x in lam for k in K for b in beta],
+        ignore_index=True,
+    )
+    _assert_frames_close(table, want)
+    assert table.index.tolist() == list(range(len(table)))
+    assert want.covered.any() and not want.covered.all()
+    assert (want.n_rewarded == 0).any() and (want.n_rewarded > 1).any()
+
+
+def test_summarize_bias_variance_by_hand():
+    """The per-(K, β, λ) summary of a small hand-built table, group by group with loops."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for K, lam in ((4, 0.5), (2, 0.0)):  # out of order: the summary sorts
+        for pid in ("q", "p"):
+            for r in range(3):
+                rows.append(
+                    {
+                        "prompt_id": pid,
+                        "K": K,
+                        "beta": 1.0,
+                        "strength": lam,
+                        "strength_effective": lam,
+                        "replicate": r,
+                        "log_z": 0.4 if pid == "p" else 0.9,
+                        "log_z_hat": rng.normal(0.5, 0.3),
+                        "se": rng.uniform(0.05, 0.3),
+                        "bias_delta": rng.uniform(-0.1, 0),
+                        "covered": bool(rng.random() < 0.6),
+                        "n_rewarded": int(rng.integers(0, 3)),
+                        "ess_frac": rng.uniform(0.2, 1),
+                        "ess_frac_pop": rng.uniform(0.2, 1),
+                        "ess_frac_strat": rng.uniform(0.2, 1),
+                        "pred_bias": rng.uniform(-0.2, 0),
+                        "pred_var": rng.uniform(0, 0.2),
+                        "pred_var_iid": rng.uniform(0, 0.3),
+                        "exact_bias": rng.normal() if lam == 0 else np.nan,
+                        "exact_var": rng.uniform() if lam == 0 else np.nan,
+                    }
+                )
+    table = pd.DataFrame(rows)
+    table["error"] = table.log_z_hat - table.log_z
+    table.loc[0, "n_rewarded"] = 0
+    agg = studies.summarize_bias_variance(table)
+    assert agg.columns.tolist()[:4] == ["K", "beta", "strength", "strength_effective"]
+    assert agg.columns.tolist()[4:] == [
+        "prompts",
+        "replicates",
+        "mean_log_z",
+        "bias",
+        "bias_se",
+        "pred_bias",
+        "plugin_bias",
+        "exact_bias",
+        "var",
+        "pred_var",
+        "pred_var_iid",
+        "plugin_var",
+        "exact_var",
+        "mse",
+        "pred_mse",
+        "coverage",
+        "ess_frac",
+        "ess_frac_pop",
+        "ess_frac_strat",
+        "no_reward",
+    ]
+    assert agg.K.tolist() == [2, 4] and agg.index.tolist() == [0, 1]
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs)
+
+    def var1(xs):
+        xs = list(xs)
+        m = mean(xs)
+        return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    for i, K in enumerate((2, 4)):
+        g = [
+            r | {"error": r["log_z_hat"] - r["log_z"]}
+            for r in table.to_dict("records")
+            if r["K"] == K
+        ]
+        a = agg.iloc[i]
+        assert (a.prompts, a.replicates) == (2, 3)
+        e = [r["error"] for r in g]
+        assert a.bias == pytest.approx(mean(e), rel=1e-12)
+        assert a.bias_se == pytest.approx(math.sqrt(var1(e) / len(e)), rel=1e-12)
+        assert a.mse == pytest.approx(mean(x * x for x in e), rel=1e-12)
+        per_prompt = [var1(r["log_z_hat"] for r in g if r["prompt_id"] == p) for p in ("p", "q")]
+        assert a["var"] == pytest.approx(mean(per_prompt), rel=1e-12)
+        assert a.pred_mse == pytest.approx(
+            mean(r["pred_bias"] ** 2 + r["pred_var"] for r in g), rel=1e-12
+        )
+        assert a.plugin_var == pytest.approx(mean(r["se"] ** 2 for r in g), rel=1e-12)
+        assert a.plugin_bias == pytest.approx(mean(r["bias_delta"] for r in g), rel=1e-12)
+        assert a.coverage == pytest.approx(mean(r["covered"] for r in g), rel=1e-12)
+        assert a.no_reward == pytest.approx(mean(r["n_rewarded"] == 0 for r in g), rel=1e-12)
+        assert a.mean_log_z == pytest.approx(0.65, rel=1e-12)
+        for col in (
+            "pred_bias",
+            "pred_var",
+            "pred_var_iid",
+            "ess_frac",
+            "ess_frac_pop",
+            "ess_frac_strat",
+        ):
+            assert a[col] == pytest.approx(mean(r[col] for r in g), rel=1e-12), col
+        if K == 2:
+            assert a.exact_bias == pytest.approx(mean(r["exact_bias"] for r in g), rel=1e-12)
+            assert a.exact_var == pytest.approx(mean(r["exact_var"] for r in g), rel=1e-12)
+        else:
+            assert math.isnan(a.exact_bias) and math.isnan(a.exact_var)
+
+
+def test_population_ess_by_hand():
+    """ess_frac_pop and ess_frac_strat from every cached sample, by loops; only the
+    components that λ samples count (a prompt seen only in the other one is absent)."""
+    scores = _scores(5, prompts=("a", "b"), seed=2)
+    extra = _scores(5, prompts=("c", "d"), seed=4)  # c: proposal samples only, d: ref only
+    keep = ((extra.prompt_id == "c") & (extra.component == "proposal")) | (
+        (extra.prompt_id == "d") & (extra.component == "ref")
+    )
+    scores = pd.concat([scores, extra[keep]], ignore_index=True)
+    log_z = pd.Series([0.3, 0.8, 0.5, 0.1], index=["a", "b", "c", "d"])
+    for lam, prompts in (
+        (0.0, ["a", "b", "d"]),
+        (0.4, ["a", "b", "c", "d"]),
+        (1.0, ["a", "b", "c"]),
+    ):
+        got = studies.population_ess(scores, 1.5, lam, log_z)
+        assert got.index.tolist() == prompts and got.columns.tolist() == [
+            "ess_frac_pop",
+            "ess_frac_strat",
+        ]
+        want = _reference_ess(scores, 1.5, lam, log_z.to_dict())
+        for pid in prompts:
+            assert got.loc[pid].tolist() == pytest.approx(list(want[pid]), rel=1e-12), (lam, pid)
+
+
+def test_replicate_blocks_edges():
+    scores = _scores(20, prompts=("a", "b"))
+    # b has fewer ref samples: the fewest over prompts bound R; 20 // 8 = 2 blocks, not 2.5
+    scores = scores[
+        ~((scores.prompt_id == "b") & (scores.component == "ref") & (scores.sample_idx >= 18))
+    ]
+    shuffled = scores.sample(frac=1.0, random_state=0)
+    rows, lam, R = studies.replicate_blocks(shuffled, 8, 0.25)
+    assert (lam, R) == (0.25, 2) and type(R) is int
+    assert rows.index.tolist() == list(range(len(rows)))
+    assert rows.columns.tolist() == [*scores.columns, "replicate"]
+    want = [
+        (pid, r, comp, j)
+        for pid in ("a", "b")
+        for r in range(2)
+        for comp, kc in (("proposal", 2), ("ref", 6))
+        for j in range(8 * r, 8 * r + kc)
+    ]
+    assert list(zip(rows.prompt_id, rows.replicate, rows.component, rows.sample_idx)) == want
+    assert rows.replicate.dtype.kind == "i"
+    assert studies.replicate_blocks(scores, 9, 0.0)[2] == 2  # 18 // 9, ref only
+    assert studies.replicate_blocks(scores, 8, 0.25, max_replicates=5)[2] == 2
+    # λ = 0 needs no proposal at all, not even its log-density column
+    ref_only = scores[scores.component == "ref"].drop(columns="logq_proposal")
+    rows0, lam0, R0 = studies.replicate_blocks(ref_only, 4, 0.0)
+    assert (lam0, R0, len(rows0)) == (0.0, 4, 2 * 4 * 4)
+    table, _ = studies.bias_variance_table(
+        ref_only, LOG_P_CORRECT, K=[4], beta=[1.0], strength=[0.0]
+    )
+    assert len(table) == 2 * 4
+    # but any λ that rounds to one proposal sample does
+    with pytest.raises(
+        ValueError,
+        match=r"^strength λ=0\.125 needs samples from the \['proposal'\] component\(s\), "
+        r"which the rollout cache lacks \(it has \['ref'\]\); use proposal=mixture, or λ=0 only$",
+    ):
+        studies.replicate_blocks(ref_only, 8, 0.125)
+
+
+def test_bias_variance_table_options_and_errors():
+    scores = _scores(16)
+    table, skipped = studies.bias_variance_table(
+        scores,
+        LOG_P_CORRECT,
+        K=[8, 4],
+        beta=[1.0],
+        strength=[0.5],
+        max_replicates=3,
+        min_replicates=3,
+    )
+    assert skipped == [(8, 0.5)]  # 2 blocks < 3; the next K still runs
+    assert sorted(set(table.replicate)) == [0, 1, 2] and set(table.K) == {4}
+    one, skipped = studies.bias_variance_table(
+        scores, LOG_P_CORRECT, K=[16], beta=[1.0], strength=[0.5], min_replicates=1
+    )
+    assert skipped == [] and len(one) == 2
+    bad = scores.copy()
+    bad.loc[3, "logp_ref"] = np.nan
+    with pytest.raises(
+        ValueError, match=r"^non-finite logp_ref for 1 trajectories \(prompt ids \['a'\]\)"
+    ):
+        studies.bias_variance_table(bad, LOG_P_CORRECT, K=[4], beta=[1.0], strength=[0.0])
+    with pytest.raises(
+        ValueError,
+        match=r"^no \(K, λ\) setting has 2 disjoint replicates in the rollout cache \(samples per prompt "
+        r"and component: \{'proposal': 16, 'ref': 16\}\); lower study\.K or raise proposal\.num_samples$",
+    ):
+        studies.bias_variance_table(scores, LOG_P_CORRECT, K=[9], beta=[1.0], strength=[0.5])

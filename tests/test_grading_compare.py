@@ -1,0 +1,256 @@
+"""The grading comparisons, called in this process (no worker pool): math answer extraction
+and equivalence (disa.tasks.math_reward) and the output comparison of code tests
+(disa.tasks.code_reward), against hand-worked cases. ``experiments/mutation.py grading``
+mutates the lines these tests reach."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import signal
+from fractions import Fraction
+
+import pytest
+
+from disa.tasks import code_reward as cr
+from disa.tasks import math_reward as mr
+
+
+# -- math: answer extraction ---------------------------------------------------------------
+def test_last_boxed_braces():
+    assert mr.last_boxed(r"\boxed{ 7 }") == "7"  # stripped
+    # escaped braces belong to the answer (sets), they neither open nor close it
+    assert mr.last_boxed(r"\boxed{\{1, 2\}} and more") == r"\{1, 2\}"
+    assert mr.last_boxed(r"\boxed{a\}") is None  # only an escaped brace: never closed
+    assert mr.last_boxed("\\boxed{1\\") is None  # a trailing backslash at the very end
+    assert mr.last_boxed(r"\boxed{a}\boxed{b}") == "b"
+    assert mr.last_boxed(r"\boxed{x^{2}} + \fbox{y_{1}}") == "y_{1}"
+    assert mr.last_boxed("") is None
+
+
+def test_strip_math_delims():
+    assert mr._strip_math_delims("  $5$ ") == "5"
+    assert mr._strip_math_delims("$$ x $$") == "x"
+    assert mr._strip_math_delims(r"\( x \)") == "x"
+    assert mr._strip_math_delims(r"\[x\]") == "x"
+    assert mr._strip_math_delims(r"$ \(5\) $") == "5"  # nested: the inner pair goes too
+    assert mr._strip_math_delims("$$") == ""  # an empty $...$
+    assert mr._strip_math_delims("$") == "$"  # too short to be a pair
+    assert mr._strip_math_delims("$5") == "$5"
+
+
+@pytest.mark.parametrize(
+    ("completion", "want"),
+    [
+        ("Answer: 1\nthen\nAnswer: 2", "2"),  # the last marker
+        ("Answer: 1\nanswer：3", "3"),  # case and the full-width colon
+        ("**Answer: 5**", "5"),
+        ("Answer: 2X", "2X"),
+        ("Answer: 2X.", "2X"),
+        ("Answer: $2X.$", "2X"),
+        ("Answer: $2.$ ", "2"),
+        ("Answer: 5. I hope it is correct.", "5"),
+        ("Answer: The final answer is: 9", "9"),
+        ("Answer: $$", None),  # nothing left
+        ("Answer: $", "$"),
+        ("Answer:   ", None),
+        ("no marker", None),
+    ],
+)
+def test_answer_marker(completion, want):
+    assert mr._answer_marker(completion) == want
+
+
+def test_extract_says_how():
+    assert mr._extract(r"so \boxed{7}", "strict") == ("7", "boxed")
+    assert mr._extract("Answer: 42", "strict") == ("42", "marker")
+    # the last \boxed is unclosed (truncated): the marker's own \boxed is used, unwrapped
+    assert mr._extract("Answer: \\boxed{7}\n\\boxed{8", "strict") == ("7", "marker")
+    assert mr._extract(r"\boxed{} Answer: 3", "strict") == ("3", "marker")  # an empty box is none
+    assert mr._extract("so 5", "lenient") == ("so 5", "whole")
+    assert mr._extract("so 5", "strict") == (None, "none")
+    assert mr._extract(" \n\t", "lenient") == (None, "none")
+    assert mr.extract_answer(" \n\t", "lenient") is None
+    assert mr.extract_answer("so 5") is None  # strict by default
+    with pytest.raises(ValueError, match=r"^mode='loose'; allowed: \['strict', 'lenient'\]$"):
+        mr._extract("x", "loose")
+
+
+def test_as_latex():
+    assert mr._as_latex("$69$,$84$") == r"\boxed{69,84}"
+    assert mr._as_latex(" 5 ") == r"\boxed{5}"
+    assert mr._as_latex(r"\$5") == r"\boxed{\$5}"  # an escaped dollar stays
+    assert mr._as_latex(r"$\boxed{3}$") == r"\boxed{3}"  # already boxed: not boxed twice
+
+
+# -- math: equivalence (math-verify, in this process) ---------------------------------------
+@pytest.fixture(scope="module")
+def mv():
+    return pytest.importorskip("math_verify")
+
+
+def test_grade_one_in_process(mv):
+    assert mr.grade_one("0.5", r"so \boxed{\frac{1}{2}}") == 1.0
+    assert mr.grade_one("27", "Answer: 27") == 1.0
+    # the extracted answer is parsed, boxed, not the completion: math-verify reads no bare
+    # LaTeX in plain text, and would take an earlier "final answer is" over the marker
+    assert mr.grade_one(r"\sqrt{2}", r"Answer: \sqrt{2}") == 1.0
+    assert mr.grade_one("7", "The final answer is $5$.\nAnswer: 7") == 1.0
+    assert mr.grade_one("5", r"\boxed{6}") == 0.0
+    assert mr.grade_one("5", "the total is 5") == 0.0  # strict by default: no final answer
+    assert mr.grade_one("5", "the total is 5", "lenient") == 1.0  # the whole text, parsed as is
+    assert mr.grade_one("5", "???", "lenient") == 0.0  # nothing parses
+    with pytest.raises(mr.GoldParseError, match=r"^gold '' does not parse$"):
+        mr.grade_one("", r"\boxed{5}")
+
+
+def test_grade_one_leaves_the_callers_timer_alone(mv):
+    """The worker bounds an item with its own interval timer; math-verify's alarms (its
+    default timeouts) would cancel it, so grade_one must switch them off."""
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        assert mr.grade_one("0.5", r"\boxed{\frac{1}{2}}") == 1.0
+        assert mr.grade_one("0.5", r"\boxed{0.6}") == 0.0
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert 90 < remaining <= 100 and not fired
+
+
+def _fake_version(version):
+    def fake(name):
+        if name != "math-verify":
+            raise importlib.metadata.PackageNotFoundError(name)
+        if isinstance(version, Exception):
+            raise version
+        return version
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [
+        ("0.7.9", False),
+        ("0.8.0", True),
+        ("0.10.1", True),  # numeric, not string order
+        ("1.0", True),
+        (importlib.metadata.PackageNotFoundError("math-verify"), True),  # a source checkout
+        ("main", True),  # unparsable: assumed recent
+    ],
+)
+def test_math_verify_version_gate(mv, monkeypatch, version, ok):
+    monkeypatch.setattr(mr, "_VERSION_CHECKED", False)
+    monkeypatch.setattr(importlib.metadata, "version", _fake_version(version))
+    if ok:
+        assert mr._import_math_verify() == (mv.parse, mv.verify)
+        # checked once per process: a later call does not look again
+        monkeypatch.setattr(importlib.metadata, "version", _fake_version("0.1.0"))
+        assert mr._import_math_verify() == (mv.parse, mv.verify)
+    else:
+        with pytest.raises(
+            ImportError,
+            match=r"^math grading needs math-verify>=0\.8 \(math grading needs the 'math' extra",
+        ):
+            mr._import_math_verify()
+        assert mr._VERSION_CHECKED is False  # and it is checked again next time
+
+
+# -- code: extraction and output comparison ------------------------------------------------
+def test_extract_code():
+    assert cr.extract_code("```Python\nprint(1)\n```") == "print(1)"
+    assert cr.extract_code("```py3 main\na\n```\n```\nb\n```") == "a"  # python over plain
+    assert cr.extract_code("```python\na\n```\n```python\nb\n```") == "b"  # the last one
+    assert cr.extract_code("```\nb\n```\n```js\nc\n```") == "b"  # no python: the plain one
+    assert cr.extract_code("```js\nc\n```") == "```js\nc\n```"  # else the whole text
+    assert cr.extract_code("\n\n  x = 1\n\n") == "  x = 1"  # newlines only are trimmed
+    assert cr.extract_code("X = 1\nX\n") == "X = 1\nX"
+    assert cr.extract_code("```python\nX\n```") == "X"
+    assert cr.extract_code("```python\n\n  x = 1\n\n") == "  x = 1"  # unclosed: to the end
+
+
+def test_normalize_output():
+    assert cr.normalize_output("\n\n  a \t b  \n\tc\n\n") == ["a b", "c"]
+    assert cr.normalize_output("a\n\nb") == ["a", "", "b"]  # inner blank lines count
+    assert cr.normalize_output("") == []
+
+
+def test_has_float():
+    assert cr._has_float(1.5) and not cr._has_float(1) and not cr._has_float("1.5")
+    for box in (list, tuple, set, frozenset):
+        assert cr._has_float(box([1, 2.0])), box
+        assert not cr._has_float(box([1, 2])), box
+    assert cr._has_float([[1], [(2, 3.0)]])
+    assert cr._has_float({"a": 1, "b": 2.0}) and not cr._has_float({1.5: 1})  # values only
+
+
+class _Boom:
+    def __eq__(self, other):
+        raise RuntimeError("no comparison")
+
+    __hash__ = object.__hash__
+
+
+@pytest.mark.parametrize(
+    ("out", "exp", "kw", "want"),
+    [
+        (1, 2, {}, False),
+        ("a", "a", {}, True),
+        (1, 1.0, {}, True),  # an int where a float is expected: compared as numbers
+        ([1, 2.0000001], [1, 2.0], {}, True),  # one float inside turns the tolerance on
+        ({"a": 1.0000001}, {"a": 1.0}, {}, True),
+        ({"a": 1.0000001}, {"b": 1.0}, {}, False),
+        ({"a": 1.0, "b": 2.0}, {"a": 1.0000001}, {}, False),  # an extra key
+        ([1.0], {0: 1.0000001}, {}, False),  # a list is not a dict, even where indices match
+        ([1.0, 2.0], {"a": 1.0}, {}, False),
+        ([1.0, 2.0], [1.0], {}, False),  # lengths differ
+        ([1.0], (1.0,), {}, False),  # container types differ
+        (["a", 1.0000001], ["a", 1.0], {}, True),
+        (["b", 1.0000001], ["a", 1.0], {}, False),
+        ([True, 1.0000001], [1, 1.0], {}, False),  # a bool is not a number
+        ([1, 1.0000001], [True, 1.0], {}, False),
+        ([True, 1.0000001], [True, 1.0], {}, True),
+        (True, 1, {"atol": 0.5}, False),
+        (2, 1, {"atol": 1}, True),  # atol alone turns the tolerance on
+        (1.0, float("nan"), {}, False),
+        (float("nan"), 1.0, {}, False),
+        ([float("inf"), 1.0000001], [float("inf"), 1.0], {}, True),
+        ([float("-inf"), 1.0], [float("inf"), 1.0], {}, False),
+        (1.0, float("inf"), {}, False),
+        (1e308, float("inf"), {}, False),
+        (float("inf"), 1e308, {}, False),
+        # |out − exp| ≤ atol + rtol·|exp|, at the boundary and with the rtol term
+        (1.5, 1.0, {"atol": 0.5, "rtol": 0.0}, True),
+        (1.0, 1.5, {"atol": 0.5, "rtol": 0.0}, True),
+        (1.5000001, 1.0, {"atol": 0.5, "rtol": 0.0}, False),
+        (1e6 + 0.05, 1e6, {}, True),  # 1e-6 + 1e-7·1e6 = 0.100001
+        (1e6 - 0.05, 1e6, {}, True),
+        (1e6 + 0.2, 1e6, {}, False),
+        (-1e6 - 0.05, -1e6, {}, True),  # |exp|, not exp
+        (1.0 + 2e-6, 1.0, {}, False),
+        (1.0 + 5e-7, 1.0, {}, True),
+        # the tolerance is for int and float only, on both sides
+        (Fraction(1, 2), 0.5000001, {}, False),
+        (0.5000001, Fraction(1, 2), {"atol": 1e-6}, False),
+    ],
+)
+def test_outputs_match_cases(out, exp, kw, want):
+    assert cr.outputs_match(out, exp, **kw) is want
+
+
+def test_outputs_match_errors_are_mismatches():
+    b = _Boom()
+    assert cr.outputs_match(b, 1) is False  # == raises at the top
+    # the same object passes list equality unasked (identity), then raises inside _close
+    assert cr.outputs_match([1.0000001, b], [1.0, b]) is False
+
+
+def test_lists_for_tuples():
+    got = cr._lists_for_tuples((1, (2, [3, (4,)]), {"k": (5, 6)}, "s"))
+    assert got == [1, [2, [3, [4]]], {"k": [5, 6]}, "s"]
+    assert type(got[1]) is list and type(got[1][1][1]) is list and type(got[2]["k"]) is list
+    assert cr.outputs_match(cr._lists_for_tuples((0, 1)), [0, 1])
+    assert math.isnan(cr._lists_for_tuples(float("nan")))
