@@ -151,6 +151,45 @@ def test_rewarded_logprobs_match_naive_teacher_forcing(sum_model, sum_tok, small
         assert lpc[pid] < 0
 
 
+def test_log_p_correct_closed_forms_order_and_extremes():
+    # groups in order of first appearance (not sorted: "sum-10" < "sum-2" < "sum-5"), values
+    # whose exp underflows even in float64, and a spread of 800 that a shift by anything but
+    # the max would overflow
+    table = pd.DataFrame({
+        "prompt_id": ["sum-5", "sum-10", "sum-5", "sum-2", "sum-10", "sum-2"],
+        "answer": ["0+5", "0+10", "1+4", "0+2", "1+9", "1+1"],
+        "logp": [-1000.0, 0.0, -1000.0 - math.log(3), -7.5, -800.0, -7.5],
+    })
+    lpc = log_p_correct(table)
+    assert lpc.index.tolist() == ["sum-5", "sum-10", "sum-2"]
+    assert lpc["sum-5"] == pytest.approx(-1000.0 + math.log(4 / 3), abs=1e-12)  # e^a (1 + 1/3)
+    assert lpc["sum-10"] == 0.0  # log(1 + e^-800)
+    assert lpc["sum-2"] == pytest.approx(-7.5 + math.log(2), abs=1e-12)
+    assert log_p_correct(table.iloc[[3]])["sum-2"] == -7.5  # a single answer is its own log-prob
+
+
+@torch.no_grad()
+def test_rewarded_logprobs_batches_and_progress(sum_model, sum_tok, small_task, monkeypatch, capsys):
+    # batch_size and progress reach the scorer: 10 rewarded pairs in batches of ≤ 4, a bar
+    # labelled as asked
+    import disa.scoring as scoring
+
+    sizes = []
+    token_logprobs_ = scoring.token_logprobs
+
+    def spy(model, batch, **kw):
+        sizes.append(batch.input_ids.shape[0])
+        return token_logprobs_(model, batch, **kw)
+
+    monkeypatch.setattr(scoring, "token_logprobs", spy)
+    prompts = _all_prompts(small_task)
+    table = rewarded_logprobs(sum_model, sum_tok, small_task, prompts, batch_size=4, progress="oracle pairs")
+    assert sizes == [4, 4, 2] and len(table) == 10
+    assert "oracle pairs" in capsys.readouterr().err
+    rewarded_logprobs(sum_model, sum_tok, small_task, prompts.iloc[:1])
+    assert capsys.readouterr().err == ""  # no bar unless asked
+
+
 @torch.no_grad()
 def _prefix_tree(model, prompt: list[int], vocab: int, eos: int, depth: int):
     """P(prefix) and next-token distributions for every EOS-free prefix of length ≤ depth."""
