@@ -83,7 +83,9 @@ def _int(x: Any) -> bool:
 
 # (setting, check, what is allowed)
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("beta", lambda v: _num(v) and v > 0, "a number > 0 (inverse temperature β)"),
+    # β·r enters float32 losses squared: past 1e4 the reward term swamps the log-prob terms'
+    # precision (and near 1e19 overflows), so training would fit noise or write NaN weights.
+    ("beta", lambda v: _num(v) and 0 < v <= 1e4, "a number in (0, 1e4] (inverse temperature β)"),
     ("seed", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     ("stage", lambda v: v in STAGE_CHOICES, f"one of {list(STAGE_CHOICES)}"),
     ("proposal.kind", lambda v: v in ("ref", "model", "mixture"), "one of ['ref', 'model', 'mixture']"),

@@ -70,6 +70,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     cache = Cache(cfg.cache_dir)
     leader = launch_rank() == 0
     loggers = tracking.build_loggers(cfg, run_dir) if leader else []  # one W&B run, rank 0's
+    restore = _raise_on_signals()
     try:
         t0 = time.perf_counter()
         backbone = resolve_backbone(cfg, task, cache)
@@ -93,6 +94,31 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         return summary
     finally:
         tracking.finish(loggers)
+        restore()
+
+
+class JobInterrupted(SystemExit):
+    """A SIGTERM or SIGINT stopped the job: it exits 128 + the signal number, as a shell
+    does, so a scheduler or a sweep records a failure, and the ``finally`` blocks on its way
+    out mark the W&B run failed. Being a SystemExit, Lightning's graceful-shutdown path for
+    KeyboardInterrupt (which returns normally, exit 0) does not swallow it."""
+
+
+def _raise_on_signals():
+    """Make SIGTERM and SIGINT raise :class:`JobInterrupted`; return a function that puts
+    the previous handlers back. Signal handlers belong to the main thread: elsewhere
+    (a joblib worker thread) this does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise JobInterrupted(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
 
 
 def launch_rank() -> int:

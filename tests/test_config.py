@@ -39,8 +39,9 @@ def test_valid_variants(make_cfg, overrides):
 @pytest.mark.parametrize(
     ("override", "setting", "allowed"),
     [
-        ("beta=0", "beta", "> 0"),
-        ("beta=-1", "beta", "> 0"),
+        ("beta=0", "beta", "(0, 1e4]"),
+        ("beta=-1", "beta", "(0, 1e4]"),
+        ("beta=20000", "beta", "(0, 1e4]"),  # beta=1e308 once passed and trained all-NaN weights
         ("proposal.strength=1.5", "proposal.strength", "[0, 1]"),
         ("proposal.strength=-0.1", "proposal.strength", "[0, 1]"),
         ("proposal.num_samples=0", "proposal.num_samples", ">= 1"),

@@ -581,7 +581,7 @@ def test_misspelt_setting_is_refused():
     ("trainer.max_steps=-5", "trainer.max_steps=-5 is invalid; allowed: an integer >= 1"),
     ("sampler.temperature=-1", "sampler.temperature=-1 is invalid; allowed: a number > 0"),
     ("proposal.min_ess=0.5", "proposal.min_ess=0.5 is invalid; allowed: a number >= 1"),
-    ("beta=nan", "beta=nan is invalid; allowed: a number > 0"),
+    ("beta=nan", "beta=nan is invalid; allowed: a number in (0, 1e4]"),
     ("proposal.strength=nan", "proposal.strength=nan is invalid; allowed: a number in [0, 1]"),
     ("task.test_fraction=1.5", "task.test_fraction=1.5; allowed: a number in (0, 1)"),
 ])

@@ -14,11 +14,13 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from disa.cache import Artifact
 from disa.models import load_model
+from disa.training.checkpoints import AtomicCheckpointIO, FiniteGuard, PoisonedCheckpointError, verify_checkpoint
 from disa.tokenization import load_tokenizer
 
 
@@ -43,8 +45,9 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
                                  every_n_train_steps=int(cfg.checkpoint.every_n_steps))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoint, _Progress()], logger=ctx.loggers or False,
-        default_root_dir=str(art.path), enable_model_summary=False, **trainer_overrides,
+        cfg.trainer, callbacks=[checkpoint, _Progress(), FiniteGuard()], logger=ctx.loggers or False,
+        plugins=[AtomicCheckpointIO()], default_root_dir=str(art.path), enable_model_summary=False,
+        **trainer_overrides,
     )
     sharded = _fsdp2(trainer)
     if alg.get("lora"):  # every algorithm, online ones included, trains the same adapters
@@ -71,6 +74,8 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
 
     last = ckpt_dir / "last.ckpt"
     resumed = last.exists()
+    if resumed:  # a truncated or NaN checkpoint is refused by name, never trained on
+        verify_checkpoint(last)
     t0 = time.perf_counter()
     if s.online:
         trainer.fit(module, train_dataloaders=data, ckpt_path=str(last) if resumed else None)
@@ -79,6 +84,9 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     final = _trained_policy(ctx, trainer, module)  # a collective under sharding: every rank calls it
     if trainer.global_rank == 0:
+        bad = [n for n, p in final.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # never sealed into the cache
+            raise PoisonedCheckpointError(f"the trained policy holds non-finite weights in {bad[:5]}; not saved")
         if alg.get("lora"):
             final = final.merge_and_unload()  # evaluation loads a plain transformers model
         final.save_pretrained(art.path / "policy")

@@ -1,0 +1,99 @@
+"""Checkpoints that are whole and finite, or absent.
+
+Lightning's default checkpoint writer streams the file to its final name, so a kill or a
+full disk mid-write leaves a truncated ``last.ckpt`` that every later resume trips over,
+and it writes whatever the weights hold, NaN included. :class:`AtomicCheckpointIO` writes
+to a temporary file in the destination directory, fsyncs it and renames it into place (a
+rename within one directory is atomic on POSIX, whatever filesystem the cache is on), and
+refuses to write a checkpoint with a non-finite tensor. :func:`verify_checkpoint` is run
+before resuming from a checkpoint and before the train artifact is sealed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class PoisonedCheckpointError(RuntimeError):
+    """A checkpoint is unreadable or holds non-finite values; it is never resumed from."""
+
+
+def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the floating-point tensors in ``obj`` (nested dicts and lists)
+    that hold a NaN or an infinity."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            return [prefix or "<tensor>"]
+        return []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [p for k, v in items for p in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint via a temp file beside it and ``os.replace``; refuse non-finite ones."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise PoisonedCheckpointError(
+                f"refusing to write checkpoint {path}: non-finite values in {bad[:5]} "
+                f"({len(bad)} tensor(s)); training diverged (lower the learning rate or β, or check the rewards)")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache follows the umask
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`PoisonedCheckpointError`, naming ``path``, when it cannot be read whole
+    or its weights are not all finite."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a truncated zip, a wrong format: all mean "not a checkpoint"
+        raise PoisonedCheckpointError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); it was not resumed from. "
+            "Delete it to restart this training from step 0.") from e
+    bad = non_finite_tensors(state.get("state_dict", {}) if isinstance(state, dict) else state)
+    if bad:
+        raise PoisonedCheckpointError(
+            f"checkpoint {path} holds non-finite weights in {bad[:5]} ({len(bad)} tensor(s)); it was not resumed "
+            "from. Delete it to restart this training from step 0.")
+
+
+class FiniteGuard(Callback):
+    """Before every optimizer step, stop the run when a gradient is non-finite (a NaN
+    reward, an overflowing loss): the update never reaches the weights, and the last
+    checkpoint stays the last finite one."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        bad = [n for n, p in pl_module.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            raise PoisonedCheckpointError(
+                f"non-finite gradient at optimizer step {trainer.global_step} in {bad[:5]} ({len(bad)} "
+                "parameter(s)); the step was not taken. Check the rewards and the loss (train/* metrics), "
+                "or lower β or the learning rate")
