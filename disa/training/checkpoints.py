@@ -6,7 +6,7 @@ and it writes whatever the weights hold, NaN included. :class:`AtomicCheckpointI
 to a temporary file in the destination directory, fsyncs it and renames it into place (a
 rename within one directory is atomic on POSIX, whatever filesystem the cache is on), and
 refuses to write a checkpoint with a non-finite tensor. :func:`verify_checkpoint` is run
-before resuming from a checkpoint and before the train artifact is sealed.
+before resuming from a checkpoint.
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ class FiniteGuard(Callback):
     checkpoint stays the last finite one."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        bad = [n for n, p in pl_module.named_parameters()
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        if bad:
+        grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
+        # one device sync per step, not one per parameter; names only when something is wrong
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+            bad = non_finite_tensors(grads)
             raise PoisonedCheckpointError(
                 f"non-finite gradient at optimizer step {trainer.global_step} in {bad[:5]} ({len(bad)} "
                 "parameter(s)); the step was not taken. Check the rewards and the loss (train/* metrics), "

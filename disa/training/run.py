@@ -14,13 +14,18 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from disa.cache import Artifact
 from disa.models import load_model
-from disa.training.checkpoints import AtomicCheckpointIO, FiniteGuard, PoisonedCheckpointError, verify_checkpoint
+from disa.training.checkpoints import (
+    AtomicCheckpointIO,
+    FiniteGuard,
+    PoisonedCheckpointError,
+    non_finite_tensors,
+    verify_checkpoint,
+)
 from disa.tokenization import load_tokenizer
 
 
@@ -84,7 +89,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     final = _trained_policy(ctx, trainer, module)  # a collective under sharding: every rank calls it
     if trainer.global_rank == 0:
-        bad = [n for n, p in final.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = non_finite_tensors(dict(final.named_parameters()))
         if bad:  # never sealed into the cache
             raise PoisonedCheckpointError(f"the trained policy holds non-finite weights in {bad[:5]}; not saved")
         if alg.get("lora"):
