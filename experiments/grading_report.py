@@ -119,72 +119,121 @@ def canonical_pass_rate(root: Path, workers: int | None = None) -> dict[str, Any
 # -- sandbox ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hostile:
-    """A program that misbehaves on purpose, and what the sandbox must record for it."""
+    """A program that misbehaves on purpose, and what the sandbox must record for it.
+
+    ``source`` is the body of ``solve(x)``, whose correct result is ``x``; its placeholders:
+    ``{marker}`` (a path outside the sandbox that must not appear), ``{secret}`` (a file
+    outside the sandbox holding the expected answer, as a benchmark file or a reference
+    solution would), ``{socket}`` (a listening Unix socket, as a local daemon's), ``{home}``
+    and ``{project}`` (the harness user's home and this repository's README)."""
 
     name: str
-    source: str  # the body of ``solve(x)``; ``{marker}`` is a path outside the sandbox
+    source: str
     status: str  # the grader's status for it
-    needs: str = ""  # the guard without which running it would harm the machine or harness
+    needs: str = ""  # the guard (disa.sandbox.GUARDS) without which running it would do harm
+    grader: str = "stdio"  # "stdio": reads x from stdin; "functional": solve(x) is called by the driver
 
-    def program(self, marker: str) -> str:
-        body = self.source.format(marker=marker)
+    def program(self, places: dict[str, str]) -> str:
+        body = self.source
+        for key, value in places.items():  # not str.format: sources hold braces of their own
+            body = body.replace("{" + key + "}", repr(value))
         fn = "def solve(x):\n" + "".join(f"    {line}\n" for line in body.splitlines())
-        return fn + "\nimport sys\nprint(solve(sys.stdin.read().strip()))\n"
+        return fn if self.grader == "functional" else fn + "\nimport sys\nprint(solve(sys.stdin.read().strip()))\n"
 
 
-#: The hostile programs, each a candidate solution of a stdin/stdout problem whose correct
-#: answer echoes the input.
+_FORGE = "import __main__\n__main__._out.write(__main__.NONCE + {line!r} + '\\n')\n__main__._out.flush()\nreturn x"
+_SPLIT = ("import os, time\nkids = []\nfor _ in range(3):\n    pid = os.fork()\n    if pid == 0:\n"
+          "        b = bytearray(300 * 1024 * 1024)\n        time.sleep(0.5)\n        os._exit(0)\n    kids.append(pid)\n"
+          "for k in kids:\n    os.waitpid(k, 0)\nreturn x")
+
+#: The hostile programs, each a candidate solution of a problem whose correct answer echoes
+#: the input; none may score.
 HOSTILE: tuple[Hostile, ...] = (
     Hostile("infinite_loop", "while True:\n    pass", "timeout"),
     Hostile("fork_bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-            "timeout", needs="processes"),
+            "timeout", needs="processes_limited"),
     Hostile("memory_hog", "xs = []\nwhile True:\n    xs.append(bytearray(50 * 1024 * 1024))", "memory"),
-    Hostile("write_outside_tmp", "open({marker!r}, 'w').write('escaped')\nreturn x", "error", needs="writes"),
+    Hostile("memory_split_over_children", _SPLIT, "memory", needs="memory_limited"),
+    Hostile("fill_the_disk", "for i in range(40):\n    open(f'f{i}', 'wb').write(b'x' * 4 * 1024 * 1024)\nreturn x",
+            "error", needs="disk_limited"),
+    Hostile("write_outside_tmp", "open({marker}, 'w').write('escaped')\nreturn x", "error", needs="writes_confined"),
+    Hostile("read_the_expected_answer", "return open({secret}).read().strip()", "error", needs="reads_confined"),
+    Hostile("read_etc_shadow", "open('/etc/shadow').read()\nreturn x", "error", needs="reads_confined"),
+    Hostile("list_home", "import os\nos.listdir({home})\nreturn x", "error", needs="reads_confined"),
+    Hostile("read_project_files", "open({project}).read()\nreturn x", "error", needs="reads_confined"),
     Hostile("open_socket", "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\nreturn x", "error",
-            needs="network"),
+            needs="network_isolated"),
+    Hostile("unix_socket_daemon", "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({socket})\nreturn x",
+            "error", needs="unix_sockets_blocked"),
     Hostile("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nreturn x", "error",
-            needs="signals"),
+            needs="signals_confined"),
+    # inside the pid namespace the parent's group is the program's own: it kills itself
     Hostile("kill_parent_group", "import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGKILL)\nreturn x",
-            "error", needs="signals"),
+            "killed", needs="signals_confined"),
+    Hostile("imitate_sandbox_failure",
+            "import sys\nsys.stderr.write('unshare: unshare failed: Operation not permitted\\n')\nsys.exit(1)", "error"),
+    Hostile("forge_undecodable_result", _FORGE.format(line='{"i": 0, "status": "ok", "value": {"__int__": "zz"}}'),
+            "forged", grader="functional"),
+    Hostile("forge_deep_result", _FORGE.format(line='{"i": 0, "status": "ok", "value": ' + "[" * 50000 + "]" * 50000 + "}"),
+            "forged", grader="functional"),
+    Hostile("forge_extra_result", _FORGE.format(line='{"i": 0, "status": "ok", "value": 7}'), "forged",
+            grader="functional"),
 )
 
 
 def guards() -> dict[str, bool]:
-    """Which of the sandbox's guards this machine has (see :mod:`disa.sandbox`)."""
-    from disa.sandbox import landlock_abi, network_isolation_available, pids_cgroup_base
+    """Which of the sandbox's guards this machine has (:data:`disa.sandbox.GUARDS`)."""
+    from disa.sandbox import available_guards
 
-    net = network_isolation_available()
-    return {"network": net, "writes": landlock_abi() >= 1, "signals": landlock_abi() >= 6,
-            "processes": pids_cgroup_base() is not None or (net and os.geteuid() != 0)}
+    return available_guards()
 
 
 def containment(timeout_s: float = 3.0) -> list[dict[str, Any]]:
-    """Run every :data:`HOSTILE` program through the stdin/stdout grader. Each row: the
-    status and reward recorded, the reason, whether the harness survived (this process
-    goes on) and whether a file appeared outside the sandbox. A program whose guard this
-    machine lacks is not run (``status: "skipped"``) rather than allowed to do harm."""
-    from disa.tasks.code_reward import grade_stdio
+    """Run every :data:`HOSTILE` program through its grader (stdin/stdout, or the functional
+    driver). Each row: the status and reward recorded, the reason, whether the harness
+    survived (this process goes on) and whether a file appeared outside the sandbox. A
+    program whose guard this machine lacks is not run (``status: "skipped"``) rather than
+    allowed to do harm."""
+    import socket
+
+    from disa.tasks.code_reward import grade_functional, grade_stdio
 
     have = guards()
     rows = []
-    for h in HOSTILE:
-        if h.needs and not have[h.needs]:
-            rows.append({"program": h.name, "status": "skipped", "expected_status": h.status, "reward": 0.0,
-                         "reason": f"not run: this machine lacks the {h.needs} guard", "harness_alive": True,
-                         "escaped_file": False, "wall_s": 0.0})
-            continue
-        marker = Path(tempfile.gettempdir()) / f"disa-escape-{uuid.uuid4().hex}"
-        t0 = time.perf_counter()
-        g = grade_stdio(h.program(str(marker)), [{"input": "7", "output": "7"}], timeout_s=timeout_s,
-                        memory_mb=512, extract=False)
-        rows.append({
-            "program": h.name, "reward": float(g.all_passed), "status": g.statuses[0] if g.statuses else g.error,
-            "expected_status": h.status, "reason": g.detail.strip().splitlines()[-1] if g.detail.strip() else "",
-            "harness_alive": True,  # this line runs in the harness process: reaching it is the check
-            "escaped_file": marker.exists(), "wall_s": round(time.perf_counter() - t0, 2),
-        })
-        if marker.exists():
-            marker.unlink()
+    with tempfile.TemporaryDirectory(prefix="disa-hostile-") as tmp:
+        secret = Path(tmp, "expected_answer.txt")
+        secret.write_text("7\n")
+        daemon = socket.socket(socket.AF_UNIX)
+        daemon.bind(str(Path(tmp, "daemon.sock")))
+        daemon.listen(1)
+        places = {"secret": str(secret), "socket": str(Path(tmp, "daemon.sock")), "home": str(Path.home()),
+                  "project": str(REPO / "README.md")}
+        try:
+            for h in HOSTILE:
+                if h.needs and not have[h.needs]:
+                    rows.append({"program": h.name, "status": "skipped", "expected_status": h.status, "reward": 0.0,
+                                 "reason": f"not run: this machine lacks the {h.needs} guard", "harness_alive": True,
+                                 "escaped_file": False, "wall_s": 0.0})
+                    continue
+                marker = Path(tempfile.gettempdir()) / f"disa-escape-{uuid.uuid4().hex}"
+                program = h.program({**places, "marker": str(marker)})
+                t0 = time.perf_counter()
+                if h.grader == "functional":
+                    g = grade_functional(program, "solve", [{"input": [7], "output": 7}], timeout_s=timeout_s,
+                                         memory_mb=512, extract=False)
+                else:
+                    g = grade_stdio(program, [{"input": "7", "output": "7"}], timeout_s=timeout_s, memory_mb=512,
+                                    extract=False)
+                rows.append({
+                    "program": h.name, "reward": float(g.all_passed), "status": g.statuses[0] if g.statuses else g.error,
+                    "expected_status": h.status, "reason": g.detail.strip().splitlines()[-1] if g.detail.strip() else "",
+                    "harness_alive": True,  # this line runs in the harness process: reaching it is the check
+                    "escaped_file": marker.exists(), "wall_s": round(time.perf_counter() - t0, 2),
+                })
+                if marker.exists():
+                    marker.unlink()
+        finally:
+            daemon.close()
     return rows
 
 

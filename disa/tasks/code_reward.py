@@ -43,6 +43,7 @@ from disa.sandbox import ExecResult, run_program
 
 __all__ = [
     "CodeGrade",
+    "merge_guards",
     "extract_code",
     "grade_functional",
     "grade_humaneval",
@@ -61,9 +62,11 @@ class CodeGrade:
     """Result of grading one program.
 
     ``statuses`` has one entry per test: ``passed``, ``wrong``, ``error``, ``timeout``,
-    ``memory``, ``not_run`` (the process died or was stopped before reaching it), or a
-    sandbox status. ``error`` is set when grading itself failed (then ``pass_fraction`` is
-    NaN and ``all_passed`` False: count it as missing).
+    ``memory``, ``not_run`` (the process died or was stopped before reaching it),
+    ``forged`` (the driver's result lines were tampered with: every test of that run fails),
+    or a sandbox status. ``error`` is set when grading itself failed (then ``pass_fraction``
+    is NaN and ``all_passed`` False: count it as missing). ``guards``: the sandbox guards
+    that confined *every* run of this grade (:data:`disa.sandbox.GUARDS`).
     """
 
     passed: int
@@ -71,6 +74,7 @@ class CodeGrade:
     statuses: list[str] = field(default_factory=list)
     error: str | None = None
     detail: str = ""  # first failure, for debugging (stderr tail, wrong output, ...)
+    guards: dict[str, bool] = field(default_factory=dict)
 
     @property
     def pass_fraction(self) -> float:
@@ -90,6 +94,7 @@ class CodeGrade:
             "total": self.total,
             "error": self.error,
             "detail": self.detail,
+            **{f"sandbox_{g}": v for g, v in self.guards.items()},
         }
 
 
@@ -278,27 +283,63 @@ def _run_calls(
         max_output_bytes=64 * 1024 * 1024,
         file_size_mb=96,
     )
-    statuses = ["not_run"] * len(inputs)
-    values: list[Any] = [None] * len(inputs)
-    load, error = "crashed", ""
-    for line in res.stdout.splitlines():
-        if not line.startswith(nonce):
-            continue
-        try:
-            msg = json.loads(line[len(nonce) :])
-        except json.JSONDecodeError:
-            continue  # a line cut by the output cap
-        if "load" in msg:
-            load, error = msg["load"], msg.get("error", "")
-        elif isinstance(msg.get("i"), int) and 0 <= msg["i"] < len(inputs):
-            statuses[msg["i"]] = msg["status"]
-            if msg["status"] == "ok":
-                values[msg["i"]] = _decode(msg.get("value"))
-            elif not error:
-                error = msg.get("error", msg["status"])
+    load, statuses, values, error = _parse_results(res.stdout, nonce, len(inputs), res.truncated)
     if load == "crashed":
         error = f"sandbox {res.status}: {res.stderr[-500:]}"
     return _CallResults(load, statuses, values, res, error)
+
+
+class _Forged(Exception):
+    """The driver's result lines break its protocol: the program wrote some of them."""
+
+
+_CALL_STATUSES = ("ok", "error", "timeout", "memory")
+_LOAD_STATUSES = ("ok", "error", "timeout", "missing")
+
+
+def _parse_results(stdout: str, nonce: str, n: int, truncated: bool) -> tuple[str, list[str], list[Any], str]:
+    """``(load, statuses, values, error)`` from the driver's ``<nonce><json>`` lines.
+
+    The program runs in the driver's interpreter, so it can learn the nonce and write such
+    lines itself. The driver writes exactly one ``load`` record, then (when it is ``ok``) one
+    record per input, in order; any other sequence, or a record that does not decode, means
+    the lines were tampered with: ``load == "forged"`` and every test fails. A well-formed
+    forged result can only claim a value the program could have returned (expected values
+    never enter the sandbox). A line cut by the output cap ends the results instead."""
+    statuses: list[str] = ["not_run"] * n
+    values: list[Any] = [None] * n
+    load, error, expect = "crashed", "", 0
+    lines = [line for line in stdout.splitlines() if line.startswith(nonce)]
+    try:
+        for j, line in enumerate(lines):
+            try:
+                msg = json.loads(line[len(nonce):])
+            except (ValueError, RecursionError) as e:
+                if truncated and j == len(lines) - 1:
+                    break  # cut by the output cap
+                raise _Forged(f"undecodable result line ({type(e).__name__})") from None
+            if not isinstance(msg, dict):
+                raise _Forged("a result line is not an object")
+            if load == "crashed":
+                if msg.get("load") not in _LOAD_STATUSES:
+                    raise _Forged("the first result line is not the program's load status")
+                load, error = msg["load"], str(msg.get("error", ""))[:500]
+                continue
+            i, status = msg.get("i"), msg.get("status")
+            if load != "ok" or type(i) is not int or i != expect or expect >= n or status not in _CALL_STATUSES:
+                raise _Forged(f"result line {j} out of protocol (expected test {expect} of {n})")
+            expect += 1
+            statuses[i] = status
+            if status == "ok":
+                if "value" not in msg:
+                    raise _Forged(f"test {i}: a result without a value")
+                values[i] = _decode(msg["value"])
+            elif not error:
+                error = str(msg.get("error", status))[:500]
+    except (_Forged, TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError) as e:
+        why = str(e) if isinstance(e, _Forged) else f"a result that does not decode ({type(e).__name__})"
+        return "forged", ["forged"] * n, [None] * n, f"driver output forged or corrupted: {why}"
+    return load, statuses, values, error
 
 
 # --------------------------------------------------------------------------------------
@@ -327,15 +368,15 @@ def grade_stdio(
         return CodeGrade(0, total, ["not_run"] * total, detail="no code")
     statuses: list[str] = []
     detail = ""
+    guards: dict[str, bool] = {}
     for t in tests:
         if stop_on_failure and statuses and statuses[-1] != "passed":
             statuses.append("not_run")
             continue
-        res = run_program(
-            code, stdin=str(t.get("input", "")), timeout_s=timeout_s, memory_mb=memory_mb
-        )
+        res = run_program(code, stdin=str(t.get("input", "")), timeout_s=timeout_s, memory_mb=memory_mb)
         if res.status == "sandbox_error":
             return CodeGrade(0, total, statuses, error=res.stderr[-500:])
+        guards = merge_guards(guards, res.guards)
         if res.status != "ok":
             statuses.append(res.status)
             why = res.stderr[-300:].strip() or (
@@ -347,7 +388,15 @@ def grade_stdio(
         else:
             statuses.append("wrong")
             detail = detail or f"wrong output: {res.stdout[:200]!r}"
-    return CodeGrade(statuses.count("passed"), total, statuses, detail=detail)
+    return CodeGrade(statuses.count("passed"), total, statuses, detail=detail, guards=guards)
+
+
+def merge_guards(a: Mapping[str, bool], b: Mapping[str, bool]) -> dict[str, bool]:
+    """The guards of two sets of runs: a guard holds for the union only where it held for
+    both (an empty mapping is "no run", and leaves the other unchanged)."""
+    if not a or not b:
+        return dict(a or b)
+    return {g: bool(a.get(g)) and bool(b.get(g)) for g in {*a, *b}}
 
 
 # --------------------------------------------------------------------------------------
@@ -402,9 +451,11 @@ def grade_functional(
 def _score(
     calls: _CallResults, expected: Sequence[Any], atol: float, *, as_json: bool, check=None
 ) -> CodeGrade:
-    total = len(expected)
+    total, guards = len(expected), calls.run.guards
+    if calls.load == "forged":
+        return CodeGrade(0, total, ["forged"] * total, detail=calls.error, guards=guards)
     if calls.load != "ok":
-        return CodeGrade(0, total, [f"load_{calls.load}"] * total, detail=calls.error)
+        return CodeGrade(0, total, [f"load_{calls.load}"] * total, detail=calls.error, guards=guards)
     statuses = []
     detail = calls.error
     for i, (st, val, exp) in enumerate(zip(calls.statuses, calls.values, expected)):
@@ -416,7 +467,7 @@ def _score(
         statuses.append("passed" if ok else "wrong")
         if not ok and not detail:
             detail = f"test {i}: got {val!r:.200}, expected {exp!r:.200}"
-    return CodeGrade(statuses.count("passed"), total, statuses, detail=detail)
+    return CodeGrade(statuses.count("passed"), total, statuses, detail=detail, guards=guards)
 
 
 # --------------------------------------------------------------------------------------
