@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pandas as pd
 
@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 
 class CacheError(RuntimeError):
     """A cached artifact is missing, corrupted or inconsistent with its manifest."""
+
+
+class CacheWriteError(CacheError, OSError):
+    """A file could not be written (disk full, permission): a :class:`CacheError` that is
+    also the ``OSError`` it came from (its ``errno`` kept)."""
+
 
 
 def spec_key(spec: Mapping[str, Any]) -> str:
@@ -63,26 +69,59 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all: ``write(f)`` fills a temp file in the same
+    directory, which is fsynced, given the permissions the umask allows (as ``open`` would;
+    a temp file starts at 0600, which would keep a shared cache from the group) and renamed
+    into place (atomic within one directory, whatever filesystem it is on).
 
-    On failure (disk full, permission) the previous file at ``path`` is left untouched and
-    the error names the file.
+    On failure (disk full, permission, an exception of ``write``) the previous file at
+    ``path`` is left untouched, no temp file remains, and an ``OSError`` is raised as a
+    :class:`CacheWriteError` naming the file.
     """
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise CacheError(f"could not write {path}: {e}") from e
+        cause = _os_error(e)
+        if cause is not None:
+            err = CacheWriteError(f"could not write {path}: {cause}")
+            err.errno = cause.errno
+            raise err from e
+        raise
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The ``OSError`` behind ``e``: itself, or one it was raised while handling (torch's
+    zip writer turns a full disk into a RuntimeError about file positions)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` of ``data``."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -312,6 +351,11 @@ class Cache:
 
     def artifact(self, stage: str, spec: Mapping[str, Any]) -> Artifact:
         return Artifact(self.root, stage, spec)
+
+    def has_any(self, stage: str) -> bool:
+        """Whether any complete artifact of ``stage`` is cached (a cheap check, before a job
+        spends time on work that needs one)."""
+        return any((p / MANIFEST).exists() for p in (self.root / stage).glob("*"))
 
     def build(
         self, stage: str, spec: Mapping[str, Any], builder: Callable[[Artifact], dict | None]

@@ -95,7 +95,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("proposal.num_samples", lambda v: _int(v) and v >= 1, "an integer K >= 1"),
     ("proposal.min_ess", lambda v: _num(v) and v >= 1, "a number >= 1"),
     ("sampler.engine", lambda v: v in ("hf", "vllm"), "one of ['hf', 'vllm']"),
-    ("sampler.temperature", lambda v: _num(v) and v > 0, "a number > 0"),
+    # Temperatures divide the logits: far below 1e-3 scaled float32 logits lose the precision
+    # log μ needs (and near 1e-38 they overflow); far above 1e3 the density is flat noise.
+    ("sampler.temperature", lambda v: _num(v) and 1e-3 <= v <= 1e3, "a number in [1e-3, 1e3]"),
     ("sampler.top_p", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("sampler.top_k", lambda v: _int(v) and v >= 0, "an integer >= 0 (0 disables top-k)"),
     ("sampler.max_new_tokens", lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -103,7 +105,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sampler.prompts_per_shard", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("eval.k", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("eval.split", lambda v: v in ("train", "test"), "one of ['train', 'test']"),
-    ("eval.sampler.temperature", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("eval.sampler.temperature", lambda v: _num(v) and 1e-3 <= v <= 1e3, "a number in [1e-3, 1e3]"),
     ("eval.sampler.top_p", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("eval.sampler.top_k", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     ("algorithm.batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -111,7 +113,10 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("checkpoint.every_n_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("checkpoint.activations", lambda v: isinstance(v, bool), "true or false"),
     ("backbone.kind", lambda v: v in ("embedded", "hf", "gguf"), "one of ['embedded', 'hf', 'gguf']"),
+    ("device", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+     "one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']"),
 ]
+
 
 
 def validate(cfg: DictConfig) -> None:
@@ -125,10 +130,43 @@ def validate(cfg: DictConfig) -> None:
         elif not ok(value):
             errors.append(f"{key}={value!r} is invalid; allowed: {allowed}")
             bad.add(key)
+    errors += _unknown_keys(cfg)
     errors += _cross_checks(cfg, bad)
+    errors += _task_checks(cfg, bad)
     errors += _scale_checks(cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+#: the composed config's top level: the groups and settings of conf/config.yaml (read from
+#: it), and the blocks an experiment may add
+_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _known_top_level() -> set[str] | None:
+    """Top-level keys the config may have: the settings and group names of conf/config.yaml
+    (None where the conf folder is not beside the package, e.g. a wheel install)."""
+    path = _CONF / "config.yaml"
+    if not path.is_file():
+        return None
+    top = OmegaConf.load(path)
+    groups = {next(iter(d)) if isinstance(d, dict) else str(d) for d in OmegaConf.to_container(top.get("defaults", []))}
+    return {str(k) for k in top if k != "defaults"} | {g.split("@")[0].removeprefix("optional ") for g in groups}
+
+
+def _unknown_keys(cfg: DictConfig) -> list[str]:
+    """A top-level key no config file declares (``+foo=1``, a typo of a setting) would be
+    accepted and ignored: refuse it."""
+    known = _known_top_level()
+    if known is None:
+        return []
+    unknown = sorted(str(k) for k in cfg if str(k) not in known and str(k) not in RENAMED_BLOCKS)
+    return [f"{k} is not a setting; allowed top-level settings and groups: {sorted(known - {'_self_', 'hydra'})}"
+            for k in unknown]
+
+
+#: top-level blocks that only renamed settings used (moved by :func:`upgrade_config`)
+RENAMED_BLOCKS = {old.split(".")[0] for old in RENAMED}
 
 
 def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
@@ -136,6 +174,23 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
     from disa.losses import LOSSES
 
     errors = []
+    device = cfg.get("device")
+    if "device" not in bad and str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append(f"device={device!r}: this machine has no CUDA device; allowed: 'auto' or 'cpu'")
+        elif ":" in str(device) and int(str(device).split(":")[1]) >= torch.cuda.device_count():
+            errors.append(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"allowed: cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    lr = OmegaConf.select(cfg, "algorithm.optimizer.lr", default=None)
+    if lr is not None and not (_num(lr) and 0 < lr <= 1):
+        errors.append(f"algorithm.optimizer.lr={lr!r} is invalid; allowed: a number in (0, 1] (learning rate)")
+    for key, value in (cfg.algorithm.get("loss_args") or {}).items():
+        # the loss's own checks give the ranges; this one keeps overflow out of every loss
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (_num(value) and abs(value) <= 1e4):
+            errors.append(f"algorithm.loss_args.{key}={value!r} is invalid; allowed: a finite number of magnitude "
+                          "<= 1e4 (larger values overflow float32 losses)")
     k = cfg.eval.k
     wrong = [j for j in cfg.eval.pass_k if not (_int(j) and 1 <= j <= k)]
     if wrong and "eval.k" not in bad:
@@ -212,6 +267,49 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
         from disa.tasks import TASK_NAMES
 
         errors.append(f"task.name={cfg.task.name!r} is not known; allowed: {list(TASK_NAMES)}")
+    return errors
+
+
+#: grader settings a task's ``task.grader`` may hold: (what is allowed, check)
+GRADER_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "workers": ("null or an integer >= 1 (parallel graders)", lambda v: v is None or (_int(v) and v >= 1)),
+    "timeout_s": ("a number in (0, 3600] (seconds per item, or per test for code)", lambda v: _num(v) and 0 < v <= 3600),
+    "memory_mb": ("an integer in [64, 65536] (MiB for a program and all its processes)",
+                  lambda v: _int(v) and 64 <= v <= 65536),
+    "require_isolation": ("true or false (refuse a machine whose sandbox lacks a guard)", lambda v: isinstance(v, bool)),
+}
+
+
+def _task_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
+    """The task's settings against the backbone, the benchmarks and the sandbox."""
+    errors = []
+    name = cfg.task.name
+    if cfg.backbone.kind == "embedded" and "backbone.kind" not in bad and name != "sumpairs":
+        errors.append(f"task={name} with backbone=embedded is not supported: the embedded backbone is a character "
+                      "model pre-trained on the sumpairs task's texts; allowed: task=sumpairs, or a real backbone "
+                      "(backbone=smollm2-135m, backbone=hf backbone.path=<model dir>)")
+    if name not in ("math", "code"):
+        return errors
+    grader = cfg.task.get("grader") or {}
+    for key in grader:
+        if key not in GRADER_KEYS:
+            errors.append(f"task.grader.{key} is not a grader setting; allowed: {sorted(GRADER_KEYS)}")
+        elif not GRADER_KEYS[key][1](grader[key]):
+            errors.append(f"task.grader.{key}={grader[key]!r} is invalid; allowed: {GRADER_KEYS[key][0]}")
+    if name == "code" and grader.get("require_isolation") is True:
+        from disa.tasks.code_reward import missing_sandbox_guards
+
+        missing = missing_sandbox_guards()
+        if missing:
+            errors.append(f"task.grader.require_isolation=true, but this machine's sandbox lacks {missing} (see "
+                          "README, Reliability: user namespaces, Landlock, cgroups); allowed: a machine that has "
+                          "them, or task.grader.require_isolation=false to run with the guards it has (each "
+                          "result records them as sandbox.*)")
+    names = [e if isinstance(e, str) else e.get("name") for e in cfg.task.get("eval_benchmarks") or []]
+    dups = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dups:
+        errors.append(f"task.eval_benchmarks names {dups} more than once; allowed: each benchmark once (give a "
+                      "mapping a `name` of its own to evaluate two versions)")
     return errors
 
 

@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from disa import stages, tracking
-from disa.cache import Cache, atomic_write_json
+from disa.cache import Cache, CacheError, atomic_write_json
 from disa.config import upgrade_config, validate
 from disa.models import resolve_backbone
 from disa.settings import Settings
@@ -72,14 +72,15 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     loggers = tracking.build_loggers(cfg, run_dir) if leader else []  # one W&B run, rank 0's
     restore = _raise_on_signals()
     try:
-        t0 = time.perf_counter()
-        backbone = resolve_backbone(cfg, task, cache)
-        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, _device(cfg.device), loggers, leader)
-        ctx.timings["backbone"] = time.perf_counter() - t0
         study = cfg.get("study")
         plan = stages.plan(settings.stage, online=settings.online, study=bool(study),
                            study_stops=bool(study.get("stop", True)) if study else True,
                            enumerable=hasattr(task, "rewarded_set"), leader=leader)
+        _check_inputs_cached(settings.stage, plan, cache)
+        t0 = time.perf_counter()
+        backbone = resolve_backbone(cfg, task, cache)
+        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, _device(cfg.device), loggers, leader)
+        ctx.timings["backbone"] = time.perf_counter() - t0
         results = stages.run_plan(ctx, plan)
         if not leader:
             return {}
@@ -95,6 +96,19 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     finally:
         tracking.finish(loggers)
         restore()
+
+
+def _check_inputs_cached(stage: str, plan: list[stages.Stage], cache: Cache) -> None:
+    """``stage=<name>`` reuses the artifacts of the stages before it: refuse at once, before
+    any backbone is loaded or pre-trained, when the cache holds none of a stage's. (Whether
+    the exact artifacts exist is known only once the backbone is fingerprinted; the stage
+    that reads one checks that.)"""
+    if stage == "all":
+        return
+    missing = [s.name for s in plan if s.name in stages.CACHED_INPUTS and s.name != stage and not cache.has_any(s.name)]
+    if missing:
+        raise CacheError(f"stage={stage} reuses cached {missing} artifacts, and cache_dir={cache.root} holds none; "
+                         f"run stage={missing[0]} (or stage=all) first")
 
 
 class JobInterrupted(SystemExit):

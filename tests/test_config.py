@@ -47,7 +47,7 @@ def test_valid_variants(make_cfg, overrides):
         ("proposal.num_samples=0", "proposal.num_samples", ">= 1"),
         ("proposal.num_samples=2.5", "proposal.num_samples", ">= 1"),
         ("sampler.top_p=0", "sampler.top_p", "(0, 1]"),
-        ("sampler.temperature=0", "sampler.temperature", "> 0"),
+        ("sampler.temperature=0", "sampler.temperature", "[1e-3, 1e3]"),
         ("sampler.top_k=-1", "sampler.top_k", ">= 0"),
         ("seed=-3", "seed", ">= 0"),
         ("stage=fit", "stage", "sample"),

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sandbox import _all_gone, _live_marked, _marked
 
 from disa import sandbox
 from disa.sandbox import GUARDS, SandboxUnavailable, available_guards, run_program
 from disa.tasks.code_reward import _parse_results, grade_functional, grade_many, grade_stdio
-from test_sandbox import _all_gone, _live_marked, _marked
 
 HAVE = available_guards()
 

@@ -65,6 +65,44 @@ def test_flowrl_grad_reaches_log_z_head_not_reference(char_tok):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
 
+def test_a_group_with_a_missing_reward_is_dropped_whole(char_tok):
+    """A grader timeout (NaN) in one completion of prompt p1: p1's whole group leaves the
+    rollout and is counted; p0's group trains with its own statistics. Every group missing:
+    no update."""
+    from disa.losses import group_normalize
+
+    policy = tiny_llama(len(char_tok))
+    missing = {"p1"}
+    texts_seen: list[str] = []
+
+    def rewards(rows, texts):
+        texts_seen[:] = texts
+        out = [float(len(t) % 2) for t in texts]
+        first_of = {pid: i for i, pid in reversed(list(enumerate(rows.prompt_id)))}
+        for pid in missing & set(first_of):
+            out[first_of[pid]] = float("nan")  # one member of the group: a timeout
+        return out
+
+    task = type("T", (), {"rewards": lambda self, rows, texts: rewards(rows, texts)})()
+    prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["ab", "c"]})
+    grpo = get_loss("grpo")
+    module = OnlinePolicyModule(
+        policy, None, char_tok, task, prompts, HFSampler(64), SamplerSettings(max_new_tokens=3), grpo,
+        grpo.make_options({}), lambda p: torch.optim.SGD(p, lr=0.1), group_size=4, updates_per_rollout=1,
+        minibatch_size=8,
+    )
+    module.trainer = type("Tr", (), {"max_steps": 10})()
+    module._trainer = None
+    roll = module.rollout([0, 1])
+    assert module.groups_dropped == 1 and module.rollouts_done == 1
+    assert roll["input_ids"].shape[0] == 4 and roll["group_ids"].tolist() == [0, 0, 0, 0]
+    kept = torch.tensor([float(len(t) % 2) for t in texts_seen[:4]])  # p0's group, in order
+    assert torch.equal(roll["reward"], kept)
+    assert torch.allclose(roll["advantages"], group_normalize(kept, torch.zeros(4, dtype=torch.long), "group"))
+    missing.add("p0")
+    assert module.rollout([0, 1]) is None and module.groups_dropped == 3 and module.rollouts_done == 2
+
+
 def test_whole_group_minibatches(char_tok):
     module = OnlinePolicyModule.__new__(OnlinePolicyModule)
     module.group_size, module.minibatch = 4, 8

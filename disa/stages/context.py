@@ -93,6 +93,13 @@ class Context:
         path = self.model_path(component_or_path) if component_or_path in ("ref", "proposal") else component_or_path
         return self.backbone.load(path, self.device).eval()
 
+    def grade(self, prompts: pd.DataFrame, completions: list[str]) -> pd.DataFrame:
+        """The task's grades of ``completions`` (:func:`disa.tasks.grade`: ``reward``, NaN
+        for a grading failure, plus the task's own columns), checked to be numbers."""
+        from disa.tasks import grade
+
+        return grade(self.task, prompts, completions)
+
     def prompt_rows(self, prompt_ids: pd.Series) -> pd.DataFrame:
         """The task's prompt rows (any split), one per id in ``prompt_ids``: what a reward reads."""
         return self.prompts_all().set_index("prompt_id").loc[prompt_ids.to_numpy()].reset_index()

@@ -44,7 +44,7 @@ def run(ctx: Context, rollouts: dict[str, Artifact]) -> Artifact:
                 art.write_shard(i, pd.DataFrame({column: lp}), prefix=column)
             del model
         out = frame.copy()
-        out["reward"] = ctx.task.rewards(ctx.prompt_rows(out.prompt_id), out.text.tolist())
+        out["reward"] = ctx.grade(ctx.prompt_rows(out.prompt_id), out.text.tolist())["reward"].to_numpy()
         for _, column, _ in passes:
             out[column] = art.collect_shards(column)[column].to_numpy()
         if "logq_ref" not in out and "ref" in s.components:

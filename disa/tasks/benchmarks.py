@@ -21,12 +21,14 @@ import json
 import math
 import os
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from disa.tasks.math_reward import last_boxed
 
@@ -59,10 +61,20 @@ def _open_text(path: Path):
 
 def load_records(path: str | os.PathLike) -> list[dict]:
     """Rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``) or ``.parquet`` file;
-    ``.jsonl.gz`` / ``.json.gz`` also work. Raises ``FileNotFoundError`` naming the path."""
+    ``.jsonl.gz`` / ``.json.gz`` also work. Raises ``FileNotFoundError`` naming the path, and
+    ``ValueError`` naming it for a file that cannot be decoded (not UTF-8, a truncated or
+    corrupt ``.gz`` or parquet)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"benchmark file not found: {p}")
+    try:
+        return _read_records(p)
+    except (UnicodeDecodeError, EOFError, zlib.error, OSError, pa.ArrowException) as e:
+        raise ValueError(f"{p}: could not read the benchmark file ({type(e).__name__}: {e}); "
+                         "allowed: UTF-8 jsonl/json (optionally gzip-compressed, whole) or parquet") from e
+
+
+def _read_records(p: Path) -> list[dict]:
     name = p.name.lower()
     base = name[:-3] if name.endswith(".gz") else name
     if base.endswith(".parquet"):

@@ -44,6 +44,7 @@ from disa.sandbox import ExecResult, run_program
 __all__ = [
     "CodeGrade",
     "merge_guards",
+    "missing_sandbox_guards",
     "extract_code",
     "grade_functional",
     "grade_humaneval",
@@ -263,6 +264,7 @@ def _run_calls(
     timeout_s: float,
     max_total_s: float,
     memory_mb: int,
+    require: Sequence[str] = (),
 ) -> _CallResults:
     """Run ``program`` in the sandbox and call ``fn_name(*args)`` for each input."""
     nonce = secrets.token_hex(8)
@@ -282,6 +284,7 @@ def _run_calls(
         files={"solution.py": program, "tests.json": json.dumps(cfg)},
         max_output_bytes=64 * 1024 * 1024,
         file_size_mb=96,
+        require=require,
     )
     load, statuses, values, error = _parse_results(res.stdout, nonce, len(inputs), res.truncated)
     if load == "crashed":
@@ -353,12 +356,14 @@ def grade_stdio(
     memory_mb: int = 1024,
     stop_on_failure: bool = False,
     extract: bool = True,
+    require: Sequence[str] = (),
 ) -> CodeGrade:
     """Run the program once per test with ``input`` on stdin; a test passes when the
     normalised stdout equals the normalised ``output`` and the program exited with 0.
 
     ``stop_on_failure``: skip the remaining tests after the first failure (they count as
-    failed, ``not_run``) — cheaper when only all-pass matters.
+    failed, ``not_run``) — cheaper when only all-pass matters. ``require``: sandbox guards
+    without which no program runs (:class:`disa.sandbox.SandboxUnavailable`).
     """
     code = extract_code(completion) if extract else completion
     total = len(tests)
@@ -373,7 +378,8 @@ def grade_stdio(
         if stop_on_failure and statuses and statuses[-1] != "passed":
             statuses.append("not_run")
             continue
-        res = run_program(code, stdin=str(t.get("input", "")), timeout_s=timeout_s, memory_mb=memory_mb)
+        res = run_program(code, stdin=str(t.get("input", "")), timeout_s=timeout_s, memory_mb=memory_mb,
+                          require=require)
         if res.status == "sandbox_error":
             return CodeGrade(0, total, statuses, error=res.stderr[-500:])
         guards = merge_guards(guards, res.guards)
@@ -424,6 +430,7 @@ def grade_functional(
     memory_mb: int = 1024,
     atol: float = 0.0,
     extract: bool = True,
+    require: Sequence[str] = (),
 ) -> CodeGrade:
     """Call ``fn_name`` (a function, or a method of ``class Solution``) on each test's
     ``input`` and compare with ``output`` (:func:`outputs_match`, tuples compared as lists
@@ -441,7 +448,7 @@ def grade_functional(
     if not code.strip():
         return CodeGrade(0, total, ["not_run"] * total, detail="no code")
     calls = _run_calls(
-        code, fn_name, inputs, timeout_s=timeout_s, max_total_s=max_total_s, memory_mb=memory_mb
+        code, fn_name, inputs, timeout_s=timeout_s, max_total_s=max_total_s, memory_mb=memory_mb, require=require
     )
     if calls.run.status == "sandbox_error":
         return CodeGrade(0, total, [], error=calls.run.stderr[-500:])
@@ -563,6 +570,7 @@ def grade_humaneval(
     memory_mb: int = 1024,
     expected: Sequence[Any] | None = None,
     extract: bool = True,
+    require: Sequence[str] = (),
 ) -> CodeGrade:
     """Grade a completion on a HumanEval(+) task: base inputs, plus the ``plus_input`` ones
     when ``use_plus``. ``expected`` (from :func:`humaneval_expected`) may be passed in to
@@ -586,6 +594,7 @@ def grade_humaneval(
         timeout_s=timeout_s,
         max_total_s=max_total_s,
         memory_mb=memory_mb,
+        require=require,
     )
     if calls.run.status == "sandbox_error":
         return CodeGrade(0, total, [], error=calls.run.stderr[-500:])
@@ -700,9 +709,16 @@ def grade_many(
         return list(pool.map(one, range(len(problems))))
 
 
-_STDIO_KW = ("timeout_s", "memory_mb", "stop_on_failure", "extract")
-_FUNCTIONAL_KW = ("timeout_s", "max_total_s", "memory_mb", "atol", "extract")
-_HUMANEVAL_KW = ("use_plus", "timeout_s", "max_total_s", "memory_mb", "extract")
+_STDIO_KW = ("timeout_s", "memory_mb", "stop_on_failure", "extract", "require")
+_FUNCTIONAL_KW = ("timeout_s", "max_total_s", "memory_mb", "atol", "extract", "require")
+_HUMANEVAL_KW = ("use_plus", "timeout_s", "max_total_s", "memory_mb", "extract", "require")
+
+
+def missing_sandbox_guards() -> list[str]:
+    """The sandbox guards (:data:`disa.sandbox.GUARDS`) this machine cannot give a program."""
+    from disa.sandbox import missing_guards
+
+    return missing_guards()
 
 
 def _only(kwargs: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:

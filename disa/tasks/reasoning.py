@@ -114,7 +114,21 @@ class BenchmarkTask:
                             workers=int(self.grader.get("workers", 2)))
                 out[sel] = [np.nan if g is None else g for g in got]
             return out
+        return self.reward_details(prompts, completions)["reward"].to_numpy()
+
+    def reward_details(self, prompts: pd.DataFrame, completions: list[str]) -> pd.DataFrame:
+        """``reward`` and, for code, the sandbox guards that confined each graded program
+        (``sandbox_<guard>``; None where no program ran)."""
+        if self.kind == "math":
+            return pd.DataFrame({"reward": self.rewards(prompts, completions)})
+        from disa.sandbox import GUARDS
         from disa.tasks.code_reward import grade_many
 
-        grades = grade_many(prompts, completions, workers=self.grader.get("workers"))
-        return np.array([np.nan if np.isnan(g.pass_fraction) else float(g.all_passed) for g in grades])
+        limits = {k: self.grader[k] for k in ("timeout_s", "memory_mb") if self.grader.get(k) is not None}
+        require = GUARDS if self.grader.get("require_isolation") else ()
+        grades = grade_many(prompts, completions, workers=self.grader.get("workers"), require=require, **limits)
+        table = pd.DataFrame({"reward": [np.nan if np.isnan(g.pass_fraction) else float(g.all_passed)
+                                         for g in grades]})
+        for guard in GUARDS:
+            table[f"sandbox_{guard}"] = [g.guards.get(guard) if g.guards else None for g in grades]
+        return table

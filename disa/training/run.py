@@ -207,5 +207,6 @@ def _online(ctx, policy, tok, optimizer):
         updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
         scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         log_z_head=head, chunk_size=s.chunk_size, seed=s.seed, chat_template=s.chat_template,
+        grade=lambda rows, texts: ctx.grade(rows, texts)["reward"].to_numpy(),
     )
     return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))
