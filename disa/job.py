@@ -16,7 +16,9 @@ needed). Its keys:
   correct answers per solved prompt), ``coverage`` (of the rewarded set), ``distinct_2``,
   and on an enumerable task (sumpairs) ``p_correct_exact``, ``tv_target``, ``kl_target``,
   ``tv_rewarded``, ``kl_rewarded`` (exact distances to p*; see
-  :func:`disa.evaluation.target_distances`), ``tokens_generated``;
+  :func:`disa.evaluation.target_distances`), ``tokens_generated``; on a code task
+  ``sandbox.<guard>`` (:data:`disa.sandbox.GUARDS`): whether that guard confined every
+  program graded for the model;
 - ``train.*``: ``wall_s``, ``steps``, ``trajectories``, ``resumed``, final training metrics;
 - ``time.{backbone,sample,score,oracle,anchor,train,evaluate,total}_s``: wall time of each
   stage in this job (a reused artifact costs only its verification);

@@ -539,8 +539,12 @@ def test_training_on_a_full_filesystem_fails_cleanly_and_resumes_exactly(seed, r
     checkpoint fits, the second does not. The job fails naming the file, leaves no
     truncated checkpoint and no temp file, seals nothing; given room, the next job resumes
     from the last whole checkpoint to the uninterrupted run's result."""
-    with tmpfs(tmp_path / "cache", "4m") as cache:
-        fresh_cache(seed, cache, ("backbone", "sample", "score", "oracle", "anchor", "evaluate"))
+    inputs = ("backbone", "sample", "score", "oracle", "anchor", "evaluate")
+    used = sum(f.stat().st_size for st in inputs for f in (seed / "cache" / st).rglob("*") if f.is_file())
+    ckpt = (seed / "cache" / "train" / ref["artifact.train"] / "checkpoints" / "last.ckpt").stat().st_size
+    # room for the inputs, a step checkpoint and last.ckpt, not for the next step's checkpoint
+    with tmpfs(tmp_path / "cache", f"{(used + int(2.5 * ckpt)) // 1024}k") as cache:
+        fresh_cache(seed, cache, inputs)
         proc = run_py(cache, tmp_path / "full", check=False)
         assert proc.returncode != 0
         out = proc.stdout + proc.stderr

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from test_sandbox import _all_gone, _live_marked, _marked
 
@@ -231,3 +232,15 @@ def test_required_guards_refuse_a_machine_without_them(monkeypatch):
         run_program("print(1)", require=["reads_confined"])
     r = run_program("print(1)")  # not required: runs, and says what it lacked
     assert r.ok and not r.reads_confined and not r.writes_confined
+
+
+def test_guard_flags_reach_the_run_summary():
+    """``{model}.sandbox.<guard>``: True only where the guard confined every program that
+    ran; samples without a run (no code) do not count; no sandbox column, no entry."""
+    from disa.stages.evaluate import sandbox_guards
+
+    samples = pd.DataFrame({"reward": [1.0, 0.0, 0.0], "sandbox_reads_confined": [True, True, None],
+                            "sandbox_memory_limited": [True, False, None]})
+    assert sandbox_guards(samples, "policy") == {"policy.sandbox.reads_confined": True,
+                                                 "policy.sandbox.memory_limited": False}
+    assert sandbox_guards(samples[["reward"]], "ref") == {}

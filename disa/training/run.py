@@ -89,6 +89,8 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     final = _trained_policy(ctx, trainer, module)  # a collective under sharding: every rank calls it
     if trainer.global_rank == 0:
+        if last.exists():  # sealed into the artifact with it: whole and finite, or the build fails
+            verify_checkpoint(last)
         bad = non_finite_tensors(dict(final.named_parameters()))
         if bad:  # never sealed into the cache
             raise PoisonedCheckpointError(f"the trained policy holds non-finite weights in {bad[:5]}; not saved")
