@@ -5,16 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, MissingConfigException
 
 from disa.config import ConfigError, validate
-
-
-@pytest.fixture(scope="module")
-def make_cfg(repo):
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
 
 
 def _errors(cfg) -> str:

@@ -13,16 +13,9 @@ import stat
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from disa.cache import Cache, CacheError, atomic_write_bytes
 from disa.config import ConfigError, validate
-
-
-@pytest.fixture(scope="module")
-def make_cfg(repo):
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
 
 
 def _errors(cfg) -> str:

@@ -55,6 +55,14 @@ def test_reads_confined_to_the_interpreter_and_own_files(tmp_path, repo):
     assert r.ok and r.stdout.strip() == "ANSWER = 42"
 
 
+@needs("reads_confined")
+def test_site_packages_readable_when_asked_the_project_never():
+    r = run_program("import numpy\nprint(numpy.__name__)", site_packages=True, memory_mb=2048)
+    assert r.ok and r.stdout.strip() == "numpy", r.stderr[-300:]
+    r = run_program("import disa", site_packages=True, memory_mb=2048)  # an editable install points into the project
+    assert r.status == "error" and "PermissionError" in r.stderr
+
+
 # -- sockets --------------------------------------------------------------------------------
 @needs("unix_sockets_blocked")
 def test_unix_sockets_unreachable(tmp_path):

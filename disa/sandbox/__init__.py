@@ -176,9 +176,7 @@ def network_isolation_available() -> bool:
             if sys.platform.startswith("linux") and not os.environ.get(
                 "DISA_SANDBOX_NO_NAMESPACES"
             ):
-                r = _run(
-                    "pass", namespaces=True, landlock=0, seccomp=False, cgroups={}, timeout_s=10
-                )
+                r = run_program("pass", timeout_s=10, _confine=(True, 0, False, {}))
                 ok = r.status == "ok"
             _NAMESPACES.append(ok)
         return _NAMESPACES[0]
@@ -502,6 +500,7 @@ def run_program(
     require_network_isolation: bool = False,
     site_packages: bool = False,
     python: str | None = None,
+    _confine: tuple[bool, int, bool, Mapping[str, int]] | None = None,
 ) -> ExecResult:
     """Run the Python program ``source`` in a sandboxed child process.
 
@@ -532,6 +531,8 @@ def run_program(
         require_network_isolation: shorthand for ``require=["network_isolated"]``.
         site_packages: let the program import installed packages (drops ``-S``).
         python: interpreter to use; default ``sys.executable``.
+        _confine: the guards decided by the caller instead of detected (the detection's own
+            probe): ``(namespaces, landlock ABI, seccomp, {cgroup controller: limit})``.
 
     Returns:
         An :class:`ExecResult`. Never raises for anything the program does.
@@ -551,59 +552,20 @@ def run_program(
             f"the sandbox on this machine lacks {sorted(set(missing))}, which this run requires "
             "(user namespaces, Landlock, cgroups: see disa/sandbox/__init__.py)"
         )
-    nproc = int(max_processes) if max_processes is not None else DEFAULT_MAX_PROCESSES
-    namespaces = isolate_network and network_isolation_available()
-    # the bootstrap's outer and init processes live in the same budgets as the program
-    cgroups = {"pids": nproc + _BOOTSTRAP_PROCESSES, "memory": (int(memory_mb) + _BOOTSTRAP_MB) * 1024 * 1024}
-    return _run(
-        source,
-        stdin=stdin,
-        timeout_s=timeout_s,
-        memory_mb=memory_mb,
-        cpu_s=cpu_s,
-        file_size_mb=file_size_mb,
-        disk_mb=disk_mb,
-        max_open_files=max_open_files,
-        max_processes=max_processes,
-        max_output_bytes=max_output_bytes,
-        files=files,
-        args=args,
-        env=env,
-        readable=readable,
-        namespaces=namespaces,
-        landlock=landlock_abi() if confine_writes else 0,
-        seccomp=_seccomp_available(),
-        cgroups=cgroups,
-        site_packages=site_packages,
-        python=python,
-    )
-
-
-def _run(
-    source: str,
-    *,
-    namespaces: bool,
-    landlock: int,
-    seccomp: bool,
-    cgroups: Mapping[str, int],
-    stdin: str = "",
-    timeout_s: float = 5.0,
-    memory_mb: int = 1024,
-    cpu_s: float | None = None,
-    file_size_mb: int = 16,
-    disk_mb: int = 64,
-    max_open_files: int = 64,
-    max_processes: int | None = None,
-    max_output_bytes: int = 4 * 1024 * 1024,
-    files: Mapping[str, str | bytes] | None = None,
-    args: list[str] | None = None,
-    env: Mapping[str, str] | None = None,
-    readable: Iterable[str] = (),
-    site_packages: bool = False,
-    python: str | None = None,
-) -> ExecResult:
-    """:func:`run_program` with the guards decided: ``cgroups`` maps a controller to its
-    limit (``{}``: none)."""
+    if _confine is None:
+        nproc = int(max_processes) if max_processes is not None else DEFAULT_MAX_PROCESSES
+        # the bootstrap's outer and init processes live in the same budgets as the program
+        cgroups = {
+            "pids": nproc + _BOOTSTRAP_PROCESSES,
+            "memory": (int(memory_mb) + _BOOTSTRAP_MB) * 2**20,
+        }
+        _confine = (
+            isolate_network and network_isolation_available(),
+            landlock_abi() if confine_writes else 0,
+            _seccomp_available(),
+            cgroups,
+        )
+    namespaces, landlock, seccomp, cgroups = _confine
     python = python or sys.executable
     cpu = max(int(cpu_s) if cpu_s is not None else int(timeout_s) + 2, 1)
     mem, fsize = int(memory_mb) * 1024 * 1024, int(file_size_mb) * 1024 * 1024
