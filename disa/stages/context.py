@@ -100,6 +100,11 @@ class Context:
 
         return grade(self.task, prompts, completions)
 
+    def rewards(self) -> Rewards:
+        """The checked rewards as a function the training loop can hold (and pickle, for
+        ``ddp_spawn``): ``(prompt rows, texts) -> float array``."""
+        return Rewards(self.task)
+
     def prompt_rows(self, prompt_ids: pd.Series) -> pd.DataFrame:
         """The task's prompt rows (any split), one per id in ``prompt_ids``: what a reward reads."""
         return self.prompts_all().set_index("prompt_id").loc[prompt_ids.to_numpy()].reset_index()
@@ -107,6 +112,19 @@ class Context:
     def prompts_all(self) -> pd.DataFrame:
         """The task's prompts of both splits."""
         return pd.concat([self.task.prompts("train"), self.task.prompts("test")], ignore_index=True)
+
+
+class Rewards:
+    """``(prompt rows, texts) -> float64 array`` of a task's rewards, checked by
+    :func:`disa.tasks.grade`; a class, not a closure, so that it pickles."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, prompts: pd.DataFrame, completions: list[str]):
+        from disa.tasks import grade
+
+        return grade(self.task, prompts, completions)["reward"].to_numpy()
 
 
 def shards(n: int, size: int) -> list[range]:

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from disa.cache import Artifact
 from disa.models import load_model
+from disa.tokenization import load_tokenizer
 from disa.training.checkpoints import (
     AtomicCheckpointIO,
     FiniteGuard,
@@ -26,7 +27,6 @@ from disa.training.checkpoints import (
     non_finite_tensors,
     verify_checkpoint,
 )
-from disa.tokenization import load_tokenizer
 
 
 def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
@@ -209,6 +209,6 @@ def _online(ctx, policy, tok, optimizer):
         updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
         scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         log_z_head=head, chunk_size=s.chunk_size, seed=s.seed, chat_template=s.chat_template,
-        grade=lambda rows, texts: ctx.grade(rows, texts)["reward"].to_numpy(),
+        grade=ctx.rewards(),
     )
     return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))
