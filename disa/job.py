@@ -33,21 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from disa import stages, tracking
 from disa.cache import Cache, atomic_write_json
 from disa.config import upgrade_config, validate
+from disa.executors import build_executor
 from disa.models import resolve_backbone
 from disa.settings import Settings
 from disa.tasks import build_task
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -71,10 +65,12 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     leader = launch_rank() == 0
     loggers = tracking.build_loggers(cfg, run_dir) if leader else []  # one W&B run, rank 0's
     restore = _raise_on_signals()
+    executor = build_executor(cfg.get("executor"))
     try:
         t0 = time.perf_counter()
         backbone = resolve_backbone(cfg, task, cache)
-        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, _device(cfg.device), loggers, leader)
+        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, stages.resolve_device(cfg.device), loggers,
+                             leader, executor=executor)
         ctx.timings["backbone"] = time.perf_counter() - t0
         study = cfg.get("study")
         plan = stages.plan(settings.stage, online=settings.online, study=bool(study),
@@ -93,6 +89,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         print_summary(summary)
         return summary
     finally:
+        executor.close()
         tracking.finish(loggers)
         restore()
 
