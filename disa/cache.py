@@ -290,12 +290,14 @@ class Artifact:
                 p.unlink()
 
     def _journal_shard(self, prefix: str, index: int, rows: int, seconds: float) -> None:
-        line = json.dumps({"shard": f"{prefix}-{index:05d}", "rows": rows, "seconds": round(seconds, 4), **_who()})
+        line = json.dumps({"shard": f"{prefix}-{index:05d}", "rows": rows, "seconds": round(seconds, 4),
+                           "done": round(time.time(), 3), **_who()})
         with contextlib.suppress(OSError), open(self.path / ".shards.jsonl", "a") as f:
             f.write(line + "\n")
 
     def shard_journal(self) -> list[dict[str, Any]]:
-        """One entry per shard written: ``shard``, ``rows``, ``seconds`` and who wrote it."""
+        """One entry per shard written: ``shard``, ``rows``, ``seconds`` (to build it), ``done``
+        (Unix time it was written) and who wrote it (``pid``, ``host``)."""
         path = self.path / ".shards.jsonl"
         if not path.exists():
             return []

@@ -46,7 +46,9 @@ class ExecutorMissing(ImportError):
 def _need(name: str) -> None:
     module, extra = EXTRAS[name]
     if importlib.util.find_spec(module) is None:
-        raise ExecutorMissing(f"executor={name} needs the '{extra}' extra: pip install 'disa[{extra}]'")
+        raise ExecutorMissing(
+            f"executor={name} needs the '{extra}' extra: pip install 'disa[{extra}]'"
+        )
 
 
 @dataclass
@@ -91,16 +93,19 @@ class RayExecutor:
         import ray
 
         self._start()
-        task = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
-                          max_retries=self.max_retries)(fn)
+        task = ray.remote(
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker,
+            max_retries=self.max_retries,
+        )(fn)
         refs = [task.remote(*args, w) for w in range(self.workers)]
         try:
             out = []
             for ref in refs:
                 try:
                     out.append(ray.get(ref))
-                except Exception as e:  # a worker that failed for good; its shards are checked after
-                    out.append(e)
+                except Exception as e:
+                    out.append(e)  # a worker that failed for good; its shards are checked after
             return out
         except BaseException:  # interrupted: stop the workers (their claims are released)
             for ref in refs:
@@ -124,7 +129,8 @@ class SlurmExecutor:
     folder: str
     cluster: str = "slurm"
     cpus_per_worker: int = 1
-    parameters: dict | None = None  #: submitit parameters (timeout_min, slurm_partition, gpus_per_node, ...)
+    #: submitit parameters (timeout_min, slurm_partition, gpus_per_node, ...)
+    parameters: dict | None = None
     name: str = "slurm"
 
     def run(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
@@ -133,15 +139,19 @@ class SlurmExecutor:
         ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         ex.update_parameters(**{"cpus_per_task": self.cpus_per_worker, **(self.parameters or {})})
         jobs = ex.map_array(fn, *([a] * self.workers for a in args), list(range(self.workers)))
-        log.info("submitted %d array task(s) (%s), logs in %s", len(jobs), jobs[0].job_id if jobs else "-",
-                 self.folder)
+        log.info(
+            "submitted %d array task(s) (%s), logs in %s",
+            len(jobs),
+            jobs[0].job_id if jobs else "-",
+            self.folder,
+        )
         try:
             out = []
             for job in jobs:
                 try:
                     out.append(job.result())
-                except Exception as e:  # a task that failed or was killed; its shards are checked after
-                    out.append(e)
+                except Exception as e:
+                    out.append(e)  # a task that failed or was killed; its shards are checked after
             return out
         except BaseException:
             for job in jobs:
@@ -154,10 +164,16 @@ class SlurmExecutor:
 
 #: settings of conf/executor/slurm.yaml passed to submitit, and submitit's name for each
 _SLURM_PARAMETERS = {
-    "timeout_min": "timeout_min", "mem_gb": "mem_gb", "gpus_per_node": "gpus_per_node",
-    "partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
-    "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
-    "setup": "slurm_setup", "additional_parameters": "slurm_additional_parameters",
+    "timeout_min": "timeout_min",
+    "mem_gb": "mem_gb",
+    "gpus_per_node": "gpus_per_node",
+    "partition": "slurm_partition",
+    "account": "slurm_account",
+    "qos": "slurm_qos",
+    "constraint": "slurm_constraint",
+    "array_parallelism": "slurm_array_parallelism",
+    "setup": "slurm_setup",
+    "additional_parameters": "slurm_additional_parameters",
 }
 
 
@@ -168,17 +184,29 @@ def build_executor(cfg) -> LocalExecutor | RayExecutor | SlurmExecutor:
         return LocalExecutor()
     _need(name)
     if name == "ray":
-        return RayExecutor(workers=int(cfg.workers), cpus_per_worker=int(cfg.cpus_per_worker),
-                           gpus_per_worker=float(cfg.gpus_per_worker), address=cfg.get("address"),
-                           max_retries=int(cfg.max_retries))
-    params = {submitit_name: cfg[key] for key, submitit_name in _SLURM_PARAMETERS.items()
-              if cfg.get(key) is not None}
+        return RayExecutor(
+            workers=int(cfg.workers),
+            cpus_per_worker=int(cfg.cpus_per_worker),
+            gpus_per_worker=float(cfg.gpus_per_worker),
+            address=cfg.get("address"),
+            max_retries=int(cfg.max_retries),
+        )
+    params = {
+        submitit_name: cfg[key]
+        for key, submitit_name in _SLURM_PARAMETERS.items()
+        if cfg.get(key) is not None
+    }
     for key in ("setup", "additional_parameters"):  # plain containers for submitit's pickles
         name_ = _SLURM_PARAMETERS[key]
         if name_ in params:
             params[name_] = _plain(params[name_])
-    return SlurmExecutor(workers=int(cfg.workers), folder=str(Path(cfg.folder)), cluster=str(cfg.cluster),
-                         cpus_per_worker=int(cfg.cpus_per_worker), parameters=params)
+    return SlurmExecutor(
+        workers=int(cfg.workers),
+        folder=str(Path(cfg.folder)),
+        cluster=str(cfg.cluster),
+        cpus_per_worker=int(cfg.cpus_per_worker),
+        parameters=params,
+    )
 
 
 def _plain(value):
@@ -198,17 +226,25 @@ def problems(cfg) -> list[str]:
     if name != "local":
         module, extra = EXTRAS[name]
         if importlib.util.find_spec(module) is None:
-            errors.append(f"executor={name} is not installed: it needs the '{extra}' extra: "
-                          f"pip install 'disa[{extra}]' (or use executor=local)")
-        checks = [("workers", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-                  ("cpus_per_worker", lambda v: _int(v) and v >= 1, "an integer >= 1")]
+            errors.append(
+                f"executor={name} is not installed: it needs the '{extra}' extra: "
+                f"pip install 'disa[{extra}]' (or use executor=local)"
+            )
+        checks = [
+            ("workers", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+            ("cpus_per_worker", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ]
         if name == "ray":
-            checks += [("gpus_per_worker", lambda v: _real(v) and v >= 0, "a number >= 0"),
-                       ("max_retries", lambda v: _int(v) and v >= 0, "an integer >= 0")]
+            checks += [
+                ("gpus_per_worker", lambda v: _real(v) and v >= 0, "a number >= 0"),
+                ("max_retries", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+            ]
         else:
-            checks += [("cluster", lambda v: v in ("slurm", "local"), "one of ['slurm', 'local']"),
-                       ("folder", lambda v: isinstance(v, str) and v != "", "a directory path"),
-                       ("timeout_min", lambda v: _int(v) and v >= 1, "an integer >= 1")]
+            checks += [
+                ("cluster", lambda v: v in ("slurm", "local"), "one of ['slurm', 'local']"),
+                ("folder", lambda v: isinstance(v, str) and v != "", "a directory path"),
+                ("timeout_min", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+            ]
         for key, ok, allowed in checks:
             v = cfg.get(key, "<missing>")
             if v == "<missing>" or not ok(v):
@@ -221,4 +257,6 @@ def _int(v) -> bool:
 
 
 def _real(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    return (
+        isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    )
