@@ -376,9 +376,10 @@ class Artifact:
         """The path of a file the (verified) manifest lists, for a reader that maps or streams it."""
         return self._listed(rel)
 
-    def shard_files(self, prefix: str = "part") -> list[tuple[Path, int]]:
-        """``(path, rows)`` of the shards the (verified) manifest lists, in order."""
-        files = self.verify()["files"]
+    def shard_files(self, prefix: str = "part", verify: bool = True) -> list[tuple[Path, int]]:
+        """``(path, rows)`` of the shards the manifest lists, in order; the artifact is
+        verified first unless the caller has just done so (``verify=False``)."""
+        files = (self.verify() if verify else self.manifest())["files"]
         return [(self.path / rel, int(entry["rows"])) for rel, entry in sorted(files.items())
                 if rel.startswith(f"shards/{prefix}-") and rel.endswith(".parquet")]
 

@@ -19,7 +19,8 @@ needed). Its keys:
   :func:`disa.evaluation.target_distances`), ``tokens_generated``;
 - ``train.*``: ``wall_s``, ``steps``, ``trajectories``, ``resumed``, final training metrics;
 - ``time.{backbone,sample,score,oracle,anchor,train,evaluate,total}_s``: wall time of each
-  stage in this job (a reused artifact costs only its verification);
+  stage in this job (a reused artifact costs only its verification); ``time.trajectories_s``
+  is the part of ``time.train_s`` spent building the memory-mapped trajectory store;
 - ``reused.{stage}``: whether the stage's artifact came from the cache;
 - ``artifact.{stage}``: the cache key of each artifact (lineage).
 """

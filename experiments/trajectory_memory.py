@@ -16,8 +16,9 @@ processes (``--ranks`` of them at once, as the ranks of a node):
 
 Memory is the proportional set size (PSS, ``/proc/<pid>/smaps_rollup``): a page shared by
 ``r`` processes counts ``1/r`` in each, so PSS summed over the ranks is what the node holds.
-Each figure is the rank's PSS after loading minus its PSS before (after the imports, with
-all ranks started), divided by the tokens (prompt + completion, every trajectory).
+Each figure is the rank's PSS after loading minus its PSS before (after the imports and a
+small warm-up read, with all ranks started), divided by the tokens (prompt + completion,
+every trajectory).
 """
 
 from __future__ import annotations
@@ -93,8 +94,13 @@ def frame_rank(scores: str, k: int, barrier, queue) -> None:
     import pandas as pd
     import torch
 
+    import pyarrow.parquet as pq
+
     from disa.anchor import select_trajectories
 
+    # warm-up: the lazily imported readers load now, not inside the measurement
+    select_trajectories(pq.ParquetFile(scores).read_row_group(0).to_pandas(), 1, 0.0)
+    gc.collect()
     barrier.wait()
     before = smaps()
     frame = pd.read_parquet(scores)
@@ -127,9 +133,14 @@ def store_rank(store: str, barrier, queue) -> None:
 
     from disa.training.data import Trajectories
 
+    anchor = pd.Series(0.5, index=data_prompt_ids(store))
+    warm = Trajectories.open(store, anchor)  # warm-up, as above; unmapped again when dropped
+    warm.tokens(0)
+    del warm
+    gc.collect()
     barrier.wait()
     before = smaps()
-    data = Trajectories.open(store, pd.Series(0.5, index=data_prompt_ids(store)))
+    data = Trajectories.open(store, anchor)
     checksum = 0
     for i in range(len(data)):
         p, c = data.tokens(i)

@@ -99,7 +99,7 @@ class Context:
         """
         if isinstance(self.executor, LocalExecutor):
             fill(self, art, *args)
-        else:
+        elif art.missing_shards(units):  # none missing (killed while sealing): no workers to start
             outcomes = self.executor.run(fill_in_worker, (fill, self.for_workers(), art, args,
                                                           self.executor.cpus_per_worker))
             failed = [o for o in outcomes if isinstance(o, BaseException)]
