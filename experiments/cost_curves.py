@@ -18,8 +18,8 @@ Sections:
   the sizes, and the growth exponent between the two largest sizes is printed.
 - ``workers``: the sample and score stages at the largest K with ``executor=local`` (this
   process, 1 thread), ``executor=ray`` with 1 worker and with 2 (1 CPU each): trajectories
-  per second over the stage (Ray's start included) and over the workers' own shard span
-  (from ``.shards.jsonl``).
+  per second over the stage (Ray's start and the engines' loading included) and once the
+  workers run (:func:`steady_rate`, from ``.shards.jsonl``).
 - ``projection``: GPU-hours per stage of the paper's setting (a 7B model, 40k prompts,
   K = 64, 1k tokens) from per-GPU throughput anchors given on the command line (their
   sources are in docs/PERFORMANCE.md), and the wall time on N nodes of 8 GPUs.
@@ -191,10 +191,8 @@ def workers_section(args, work: Path) -> list[dict]:
                 for ln in (a / ".shards.jsonl").read_text().splitlines()
             ]
             n = 2 * 30 * k
-            rows_written = sum(
-                e["rows"] for e in journal if stage == "sample" or e["shard"].startswith("logp_ref")
-            )
-            span = max(e["done"] for e in journal) - min(e["done"] - e["seconds"] for e in journal)
+            # the score stage writes one shard per column (reward, log π_ref, log q) and piece
+            columns = len({e["shard"].rsplit("-", 1)[0] for e in journal})
             rows.append(
                 {
                     "executor": label,
@@ -202,22 +200,34 @@ def workers_section(args, work: Path) -> list[dict]:
                     "trajectories": n,
                     "stage_s": s[f"time.{stage}_s"],
                     "per_s": n / s[f"time.{stage}_s"],
-                    "workers_per_s": rows_written / span,
+                    "steady_per_s": steady_rate(journal) / columns,
                     "writers": len({e["pid"] for e in journal}),
                 }
             )
             print(rows[-1], flush=True)
     print(
         "\n| stage | executor | trajectories | stage time (s) | trajectories/s (stage) | "
-        "trajectories/s (workers' span) | processes that wrote shards |"
+        "trajectories/s (steady, after each worker's first shard) | processes that wrote shards |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['stage']} | {r['executor']} | {r['trajectories']:,} | {r['stage_s']:.1f} | {r['per_s']:.0f} | "
-            f"{r['workers_per_s']:.0f} | {r['writers']} |"
+            f"{r['steady_per_s']:.0f} | {r['writers']} |"
         )
     return rows
+
+
+def steady_rate(journal: list[dict]) -> float:
+    """Trajectories per second of the workers once running: per worker, the rows of its
+    shards after its first one (which includes loading the engine) over the time from that
+    first shard's end to its last shard's end, summed over the workers."""
+    rate = 0.0
+    for pid in {e["pid"] for e in journal}:
+        mine = sorted((e for e in journal if e["pid"] == pid), key=lambda e: e["done"])
+        if len(mine) > 1 and mine[-1]["done"] > mine[0]["done"]:
+            rate += sum(e["rows"] for e in mine[1:]) / (mine[-1]["done"] - mine[0]["done"])
+    return rate
 
 
 def projection_section(args) -> list[dict]:
