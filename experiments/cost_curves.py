@@ -16,8 +16,8 @@ Sections:
   everything outside ``fit`` (the trajectory store, the models, the trainer), its steady
   state the time per step inside it. Then ``t = a + b·n`` is fitted by least squares over
   the sizes, and the growth exponent between the two largest sizes is printed.
-- ``workers``: the sample and score stages at the largest K with ``executor=local`` (this
-  process, 1 thread), ``executor=ray`` with 1 worker and with 2 (1 CPU each): trajectories
+- ``workers``: the sample and score stages at the largest K, one prompt per sampling shard,
+  with ``executor=local`` (this process, 1 thread), ``executor=ray`` with 1 worker and with 2 (1 CPU each): trajectories
   per second over the stage (Ray's start and the engines' loading included) and once the
   workers run (:func:`steady_rate`, from ``.shards.jsonl``).
 - ``projection``: GPU-hours per stage of the paper's setting (a 7B model, 40k prompts,
@@ -180,19 +180,19 @@ def workers_section(args, work: Path) -> list[dict]:
                 work / "runs" / f"workers-{label}-{stage}".replace(" ", "").replace(",", "-"),
                 stage,
                 f"proposal.num_samples={k}",
+                "sampler.prompts_per_shard=1",  # 30 shards per component, to share out
                 *over,
                 threads=threads,
             )
             arts = [p for p in (cache / stage).iterdir() if (p / "manifest.json").exists()]
-            journal = [
-                json.loads(ln)
+            journals = [
+                [json.loads(ln) for ln in (a / ".shards.jsonl").read_text().splitlines()]
                 for a in arts
-                if (a / ".shards.jsonl").exists()
-                for ln in (a / ".shards.jsonl").read_text().splitlines()
             ]
             n = 2 * 30 * k
-            # the score stage writes one shard per column (reward, log π_ref, log q) and piece
-            columns = len({e["shard"].rsplit("-", 1)[0] for e in journal})
+            # artifacts are filled one after the other (the sample stage: one per component),
+            # and the score stage writes one shard per column (reward, log π_ref, log q)
+            steady_s = sum(sum(e["rows"] for e in j) / steady_rate(j) for j in journals)
             rows.append(
                 {
                     "executor": label,
@@ -200,8 +200,8 @@ def workers_section(args, work: Path) -> list[dict]:
                     "trajectories": n,
                     "stage_s": s[f"time.{stage}_s"],
                     "per_s": n / s[f"time.{stage}_s"],
-                    "steady_per_s": steady_rate(journal) / columns,
-                    "writers": len({e["pid"] for e in journal}),
+                    "steady_per_s": n / steady_s,
+                    "writers": max(len({e["pid"] for e in j}) for j in journals),
                 }
             )
             print(rows[-1], flush=True)
@@ -219,9 +219,9 @@ def workers_section(args, work: Path) -> list[dict]:
 
 
 def steady_rate(journal: list[dict]) -> float:
-    """Trajectories per second of the workers once running: per worker, the rows of its
-    shards after its first one (which includes loading the engine) over the time from that
-    first shard's end to its last shard's end, summed over the workers."""
+    """Rows per second of the workers of one artifact once running: per worker, the rows of
+    its shards after its first one (which includes loading the engine) over the time from
+    that first shard's end to its last shard's end, summed over the workers."""
     rate = 0.0
     for pid in {e["pid"] for e in journal}:
         mine = sorted((e for e in journal if e["pid"] == pid), key=lambda e: e["done"])
