@@ -38,7 +38,10 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None) -> Artif
         spec |= {"scores": scores.key, "anchor": anchor.key, "beta": s.beta}
 
     def build(art: Artifact) -> dict:
-        return fit(ctx, art, None if s.online else training_data(ctx, scores, anchor))
+        if s.online:
+            return fit(ctx, art, None)
+        data = training_data(ctx, scores, anchor)
+        return fit(ctx, art, data) | {"store": data.path.name}  # the trajectories artifact's key
 
     return ctx.build("train", spec, build, collective=True)
 
@@ -66,8 +69,8 @@ def report(ctx: Context, trained: Artifact) -> dict:
     """Training figures; the checkpoint and the trained policy are linked into the run directory."""
     info = trained.manifest()
     out = {"artifact.train": trained.key}
-    if "trajectories" in ctx.artifacts:
-        out["artifact.trajectories"] = ctx.artifacts["trajectories"].key
+    if "store" in info:  # (offline algorithms) recorded when it was built, so a reuse reports it too
+        out["artifact.trajectories"] = info["store"]
     out |= {f"train.{k}": info[k] for k in ("wall_s", "steps", "resumed", "trajectories", "tokens_generated")}
     out |= {f"train.{k.removeprefix('train/')}": v for k, v in info["final"].items()}
     _link_checkpoint(trained.path, ctx.run_dir)
