@@ -72,7 +72,8 @@ def write_store(directory: Path, scores: Path, rows: np.ndarray, batch_rows: int
                 continue
             batch = batch.take(pa.array(take))
             index = []
-            for pid, ids in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt_ids").to_numpy(zero_copy_only=False)):
+            prompt_ids = batch.column("prompt_ids").to_numpy(zero_copy_only=False)
+            for pid, ids in zip(batch.column("prompt_id").to_pylist(), prompt_ids):
                 ids = np.asarray(ids, dtype=np.int64)
                 row = prompt_row.setdefault(pid, len(prompt_tokens))
                 if row == len(prompt_tokens):
@@ -82,9 +83,8 @@ def write_store(directory: Path, scores: Path, rows: np.ndarray, batch_rows: int
                 index.append(row)
             completions = pc.cast(batch.column("completion_ids"), TOKENS)  # a value past int32 is an error
             tokens += int(pc.sum(pc.list_value_length(completions)).as_py() or 0)
-            writer.write_batch(pa.record_batch(
-                [pa.array(index, pa.int32()), completions, *(batch.column(name) for name in STORE_VALUES)],
-                schema=schema))
+            values = [pc.cast(batch.column(name), pa.float64()) for name in STORE_VALUES]
+            writer.write_batch(pa.record_batch([pa.array(index, pa.int32()), completions, *values], schema=schema))
     if start < rows[-1] + 1:
         raise ValueError(f"{scores} has {start} rows; position {rows[-1]} was asked for")
     prompts = pa.table({"prompt_id": pa.array(list(prompt_row), pa.string()),
