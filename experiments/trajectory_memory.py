@@ -92,9 +92,8 @@ def frame_rank(scores: str, k: int, barrier, queue) -> None:
     import gc
 
     import pandas as pd
-    import torch
-
     import pyarrow.parquet as pq
+    import torch
 
     from disa.anchor import select_trajectories
 
