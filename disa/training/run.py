@@ -1,10 +1,11 @@
 """Fit a policy with Lightning inside a ``train`` artifact (checkpoints there, resumable).
 
-Offline algorithms (DISA, LoRA-SFT) read the cached trajectories through
-:class:`TrajectoryDataModule`; online ones (FlowRL, GRPO, GSPO) sample from the current
-policy each step (:mod:`disa.training.online`). Both build their batches in the loss batch
-schema from what the registered loss reads (:mod:`disa.losses`); only an online loss that
-reads reference log-probs (FlowRL; GRPO with a KL term) loads the reference model.
+Offline algorithms (DISA, LoRA-SFT) read the cached trajectories, memory-mapped
+(:class:`disa.training.data.Trajectories`), through :class:`TrajectoryDataModule`; online
+ones (FlowRL, GRPO, GSPO) sample from the current policy each step
+(:mod:`disa.training.online`). Both build their batches in the loss batch schema from what
+the registered loss reads (:mod:`disa.losses`); only an online loss that reads reference
+log-probs (FlowRL; GRPO with a KL term) loads the reference model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from typing import Any
 
 import lightning as L
-import pandas as pd
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -29,11 +29,12 @@ from disa.training.checkpoints import (
 )
 
 
-def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
+def fit(ctx, art: Artifact, data) -> dict[str, Any]:
     """Train and save the policy as a transformers checkpoint in ``art.path / "policy"``.
 
-    ``frame`` holds the cached trajectories joined with the anchor (offline algorithms) or
-    is None (online ones). A killed run leaves ``checkpoints/last.ckpt``; the next run with
+    ``data`` holds the cached trajectories with their prompts' log Ẑ
+    (:class:`disa.training.data.Trajectories`, offline algorithms) or is None (online
+    ones). A killed run leaves ``checkpoints/last.ckpt``; the next run with
     the same settings finds the artifact incomplete and resumes from there.
     """
     cfg, s = ctx.cfg, ctx.settings
@@ -75,7 +76,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
         else:
             module_class = PolicyModule
         module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size)
-        data = TrajectoryDataModule(frame, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
+        data = TrajectoryDataModule(data, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
 
     last = ckpt_dir / "last.ckpt"
     resumed = last.exists()
@@ -103,7 +104,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics = {k: v for k, v in logged.items() if k.startswith("train/") and k not in _Progress.KEYS}
     return {"wall_s": wall, "steps": int(logged.get("train/optimizer_steps", trainer.global_step)),
-            "resumed": resumed, "trajectories": len(frame) if frame is not None else 0,
+            "resumed": resumed, "trajectories": len(data.dataset) if not s.online else 0,
             "tokens_generated": int(logged.get("train/tokens_generated", getattr(module, "tokens_generated", 0))),
             "final": metrics}
 
