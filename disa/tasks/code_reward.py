@@ -744,8 +744,9 @@ def grade_humaneval(
 # many at once
 # --------------------------------------------------------------------------------------
 def _fn_name_of(problem: Mapping[str, Any]) -> str | None:
-    if problem.get("fn_name"):
-        return str(problem["fn_name"])
+    name = problem.get("fn_name")
+    if isinstance(name, str) and name:  # a DataFrame row holds NaN where there is none
+        return name
     tests = problem.get("tests")
     if isinstance(tests, str):
         tests = json.loads(tests)
