@@ -234,3 +234,50 @@ def test_livecodebench_rllm_layout_functional_names_from_starter_code():
     assert [g.statuses[0] for g in grade_many(no_prelude, [ones, digits])] == ["load_error", "error"]
     assert functional_name([{"input": "1", "output": "1", "testtype": "functional"}], {"func_name": "f"}) == "f"
     assert functional_name([{"input": "1", "output": "1", "testtype": "functional"}], None, "def g(x):\n") == "g"
+
+
+# -- the grading report takes any configured benchmark, one section at a time ----------------------
+def test_grading_report_code_section_on_configured_benchmarks(repo, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(repo / "experiments"))
+    import grading_report
+
+    res = grading_report.main([
+        "--sections", "code", "--workers", "2", "--out", str(tmp_path / "r.json"), "--benchmarks",
+        f"{{name: codeforces, path: {FIXTURES / 'codeforces_rllm.json'}}}",
+        f"{{name: lcb_excerpt, like: livecodebench, path: {FIXTURES / 'livecodebench_rllm.json'}}}",
+        f"{{name: he_origin, like: humanevalplus, path: {FIXTURES / 'humanevalplus_originfmt.jsonl'}}}",
+    ])
+    assert set(res) == {"root", "code"}  # no math, no sandbox: sections run alone
+    cf, lcb, he = res["code"]["codeforces"], res["code"]["lcb_excerpt"], res["code"]["he_origin"]
+    assert (cf["single_test"], cf["items"], cf["any_answer_statements"]) == (3, 5, 1)
+    assert cf["lookup_right"]["agree"] == 5 and cf["lookup_wrong"]["agree"] == 5
+    assert lcb["lookup_right"]["agree"] == 4 and lcb["lookup_wrong"]["agree"] == 4 and lcb["single_test"] == 0
+    assert he["canonical"]["agree"] == 5 and he["canonical"]["tests"] == 52
+    assert he["constant_wrong"]["agree"] == he["constant_wrong"]["n"] == 4  # find_zero has no single answer
+    assert json.loads((tmp_path / "r.json").read_text())["code"]["codeforces"]["single_test_share"] == 0.6
+
+
+def _full(name: str) -> Path:
+    from disa.tasks.benchmarks import benchmark_root
+
+    root = benchmark_root(Path(__file__).resolve().parents[2] / "shared" / "benchmarks")
+    path = (root or Path("/nonexistent")) / "code" / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the full public file; set DISA_BENCHMARKS to a root holding code/{name})")
+    return path
+
+
+def test_full_codeforces_set_loads_with_limits_and_counts():
+    """FlowRL's CodeForces test set (rllm json), when present: 408 problems, 378 with a single
+    test, every statement's limits read."""
+    df = load_benchmark(_code({"name": "codeforces", "path": str(_full("codeforces.json"))}))
+    assert len(df) == 408 and int(sum(len(t) == 1 for t in df.tests)) == 378
+    assert df.time_limit_s.notna().all() and df.memory_limit_mb.notna().all()
+
+
+def test_full_humanevalplus_originfmt_loads():
+    """The full OriginFmt release, when present: 164 tasks, find_zero at atol 1e-4."""
+    df = load_benchmark(_code({"name": "humanevalplus", "path": str(_full("HumanEvalPlus-OriginFmt.jsonl"))}))
+    assert len(df) == 164 and df.set_index("entry_point").atol["find_zero"] == 1e-4

@@ -448,10 +448,11 @@ _SOURCE_FIELDS = ("path", "dataset", "subset", "split", "revision")
 def resolve_entry(entry: str | Mapping[str, Any], known: Mapping[str, BenchmarkSpec],
                   kind: str | None = None) -> BenchmarkSpec:
     """The spec of one configured benchmark: a built-in name (``known``), or a mapping. A
-    mapping whose ``name`` is a built-in inherits that spec's fields and overrides the ones it
-    sets (``{name: aime24, path: /data/aime24.jsonl}``); giving a ``path`` or a ``dataset``
-    replaces the built-in's source. Raises ``ValueError`` naming the benchmark, the setting
-    and what is allowed."""
+    mapping whose ``name`` is a built-in, or that names one as ``like``, inherits that spec's
+    fields and overrides the ones it sets (``{name: aime24, path: /data/aime24.jsonl}``,
+    ``{name: humanevalplus_full, like: humanevalplus, path: ...}``); giving a ``path`` or a
+    ``dataset`` replaces the built-in's source. Raises ``ValueError`` naming the benchmark,
+    the setting and what is allowed."""
     if isinstance(entry, str):
         if entry not in known:
             raise ValueError(f"benchmark {entry!r} is not known; allowed: {sorted(known)}, or a mapping with a name, "
@@ -459,13 +460,17 @@ def resolve_entry(entry: str | Mapping[str, Any], known: Mapping[str, BenchmarkS
         return known[entry]
     if not isinstance(entry, Mapping):
         raise ValueError(f"benchmark entry {entry!r}; allowed: a name {sorted(known)} or a mapping")
-    base = known.get(entry.get("name")) if isinstance(entry.get("name"), str) else None
+    entry = dict(entry)
+    like = entry.pop("like", None)
+    if like is not None and like not in known:
+        raise ValueError(f"benchmark {entry.get('name')!r}: like={like!r}; allowed: one of {sorted(known)}")
+    base = known.get(like if like is not None else entry.get("name") if isinstance(entry.get("name"), str) else None)
     if base is None:
         return BenchmarkSpec.from_dict(entry, kind=kind)
     inherited = {f: getattr(base, f) for f in BenchmarkSpec.__dataclass_fields__}
     if any(k in entry for k in ("path", "dataset")):
         inherited |= {"path": None, "dataset": None, "subset": None, "split": "test", "revision": None}
-    return BenchmarkSpec.from_dict(inherited | dict(entry), kind=kind)
+    return BenchmarkSpec.from_dict(inherited | entry, kind=kind)
 
 
 def benchmark_root(default: str | os.PathLike | None = None) -> Path | None:
