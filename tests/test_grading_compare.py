@@ -101,6 +101,28 @@ def test_grade_one_in_process(mv):
     assert mr.grade_one("5", "???", "lenient") == 0.0  # nothing parses
     with pytest.raises(mr.GoldParseError, match=r"^gold '' does not parse$"):
         mr.grade_one("", r"\boxed{5}")
+    # math-verify would keep a truncated gold as text and grade every answer 0: refused
+    with pytest.raises(mr.GoldParseError, match=r"malformed: 1 brace\(s\) never closed"):
+        mr.grade_one("\\frac{", r"\boxed{\frac{1}{2}}")
+
+
+@pytest.mark.parametrize(
+    ("gold", "why"),
+    [
+        (r"\frac{1}{2}", None),
+        (r"\{1, 2\}", None),  # escaped braces are the set's, not LaTeX groups
+        (r"\left( 3, \frac{\pi}{2} \right)", None),
+        (r"\leftarrow", None),  # not \left
+        ("62.5%", None),
+        (r"\frac{", "1 brace(s) never closed"),
+        (r"x^{2^{3", "2 brace(s) never closed"),
+        ("1}{", "a '}' closes a brace never opened"),
+        ("a\\", "it ends with a backslash"),
+        (r"\left[ 0, 1 )", "\\left and \\right do not pair up"),
+    ],
+)
+def test_malformed_gold(gold, why):
+    assert mr.malformed_gold(gold) == why
 
 
 def test_grade_one_leaves_the_callers_timer_alone(mv):

@@ -37,7 +37,7 @@ from disa.tasks.code_layouts import (
     statement_limits,
     usable_tests,
 )
-from disa.tasks.math_reward import last_boxed
+from disa.tasks.math_reward import last_boxed, malformed_gold
 
 __all__ = [
     "ANSWER_EXTRACTIONS",
@@ -538,6 +538,7 @@ def load_benchmark(
     rows: list[dict[str, Any]] = []
     missing_fields: dict[str, list[str]] = {}
     bad_gold: list[str] = []
+    malformed: list[tuple[str, str, str]] = []  # (id, gold, why)
     bad_tests: dict[str, list[str]] = {}  # reason -> ids
     empty_problem: list[str] = []
     for i, rec in enumerate(records):
@@ -561,6 +562,8 @@ def load_benchmark(
             gold = extract_gold(rec[spec.answer_field], spec.answer_extraction)
             if not gold:
                 bad_gold.append(rid)
+            elif malformed_gold(gold):
+                malformed.append((rid, gold, malformed_gold(gold)))
             row["gold"] = gold
         if spec.kind == "code":
             why = _code_columns(spec, rec, row)
@@ -587,6 +590,13 @@ def load_benchmark(
             f"{where}: {len(bad_gold)} item(s) with an empty or unparsable gold answer "
             f"(field {spec.answer_field!r}, extraction {spec.answer_extraction!r}): "
             f"ids {_fmt_ids(bad_gold)}"
+        )
+    if malformed:
+        shown = "; ".join(f"{rid}: {gold!r} ({why})" for rid, gold, why in malformed[:_MAX_IDS_SHOWN])
+        raise ValueError(
+            f"{where}: {len(malformed)} item(s) whose gold answer is malformed LaTeX, which math-verify would "
+            f"compare as text and grade every answer wrong against (field {spec.answer_field!r}): {shown}"
+            f"{' ...' if len(malformed) > _MAX_IDS_SHOWN else ''}; ids {_fmt_ids([m[0] for m in malformed])}"
         )
     if bad_tests:
         n = sum(map(len, bad_tests.values()))

@@ -36,11 +36,13 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait as mp_wait
 
 __all__ = [
+    "GoldParseError",
     "MathGrader",
     "extract_answer",
     "grade",
     "grade_one",
     "last_boxed",
+    "malformed_gold",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,39 @@ class GoldParseError(ValueError):
     """The gold answer did not parse: the item cannot be graded (-> missing, not 0)."""
 
 
+_LEFT, _RIGHT = re.compile(r"\\left(?![A-Za-z])"), re.compile(r"\\right(?![A-Za-z])")
+
+
+def malformed_gold(gold: str) -> str | None:
+    """Why ``gold`` cannot be a complete LaTeX answer, or None when it can.
+
+    math-verify never refuses a gold: what its LaTeX parser cannot read, it keeps as a string
+    to compare as text, so a truncated gold (``\\frac{``) would grade every answer 0.
+    Whether a gold *parses* cannot be the test either, since real golds that are not LaTeX
+    expressions are kept as text the same way (``62.5%``, ``-1./3``, ``E_{1},E_{2}``). The
+    rule is structural instead: braces that do not balance (escaped ``\\{`` ``\\}`` aside),
+    ``\\left`` without its ``\\right``, or a trailing backslash. No gold of the six local
+    math sets (AIME24, AMC23, MATH500, Minerva, OlympiadBench, GSM8K) breaks it.
+    """
+    depth, i = 0, 0
+    while i < len(gold):
+        c = gold[i]
+        if c == "\\":
+            if i + 1 == len(gold):
+                return "it ends with a backslash"
+            i += 2  # an escaped character or a command's first letter
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth < 0:
+            return "a '}' closes a brace never opened"
+        i += 1
+    if depth:
+        return f"{depth} brace(s) never closed"
+    if len(_LEFT.findall(gold)) != len(_RIGHT.findall(gold)):
+        return "\\left and \\right do not pair up"
+    return None
+
+
 def grade_one(gold: str, completion: str, mode: str = "strict") -> float:
     """1.0 if the completion's answer equals ``gold`` (math-verify), else 0.0.
 
@@ -175,6 +210,9 @@ def grade_one(gold: str, completion: str, mode: str = "strict") -> float:
     gold; a missing or unparsable *prediction* is a wrong answer (0.0).
     """
     parse, verify = _import_math_verify()
+    why = malformed_gold(str(gold))
+    if why:
+        raise GoldParseError(f"gold {gold!r} is malformed: {why}")
     # Timeouts off (None): the worker's own timer bounds the whole item instead.
     g = parse(_as_latex(str(gold)), parsing_timeout=None)
     if not g:
