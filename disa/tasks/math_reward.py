@@ -19,6 +19,19 @@ Answer extraction (:func:`extract_answer`): ``"strict"`` accepts only an explici
 answer, the last ``\\boxed{...}`` (or ``\\fbox``) or else the last ``Answer: ...`` line;
 ``"lenient"`` falls back to math-verify's own parsing of the whole completion, which ends in
 "the last number anywhere", too lenient for a training reward but usual for evaluation.
+
+What math-verify extracts itself and what stays here, by a parity test over the golds and
+wrong answers of the six local math sets (``tests/test_math_reward.py``): a boxed answer is
+read by math-verify's anchored ``LatexExtractionConfig`` (:func:`_anchored_config`), which
+grades all of them alike. Two things stay here: :func:`last_boxed` decides whether the last
+box is closed, because both libraries read an unclosed final ``\\boxed{`` (math-verify's
+pattern runs to the last brace, ``latex2sympy2_extended``'s ``extract_boxed_content``
+returns the rest of the text) while a truncated answer must earn nothing; and the
+``Answer:`` line, because math-verify reads an answer after "answer:" only inside a math
+environment (``$...$``) or as a plain number, so a bare ``Answer: \\sqrt{2}``, a set, a
+number in scientific notation or a text answer goes unread (30 of the 230 sampled golds
+written that way), and it prefers a higher-priority anchor anywhere in the text to the last
+line.
 """
 
 from __future__ import annotations
@@ -216,10 +229,25 @@ def grade_one(gold: str, completion: str, mode: str = "strict") -> float:
     answer, how = _extract(completion, mode)
     if answer is None:
         return 0.0
-    p = parse(completion if how == "whole" else _as_latex(answer), parsing_timeout=None)
+    if how == "boxed":  # math-verify's own anchored extraction, as open-r1 uses it
+        p = parse(completion, extraction_config=_anchored_config(), parsing_timeout=None)
+    else:
+        p = parse(completion if how == "whole" else _as_latex(answer), parsing_timeout=None)
     if not p:
         return 0.0
     return 1.0 if verify(g, p, timeout_seconds=None) else 0.0
+
+
+def _anchored_config() -> list:
+    """math-verify's extraction of an anchored answer only (``\\boxed{}`` first, then "final
+    answer is $...$"), never the last number anywhere: the configuration open-r1's accuracy
+    reward uses. Used for completions whose last box is closed; a parity test
+    (``tests/test_math_reward.py``) shows it grades every gold and wrong answer of the six
+    local math sets as the boxed-content route did. Where it differs: adjacent boxes joined by
+    "and" or a comma are read together (a set), as open-r1 grades them."""
+    from math_verify import LatexExtractionConfig
+
+    return [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)]
 
 
 # --------------------------------------------------------------------------------------
