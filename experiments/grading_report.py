@@ -194,6 +194,9 @@ def _tally(grades: list, want: bool) -> dict[str, Any]:
 
 
 _ANY_ANSWER = re.compile(r"print any|output any|any of them|if there are (?:multiple|several)", re.I)
+_ANY_CASE = re.compile(r"in any case|any case \(|upper or lower|lowercase or uppercase|uppercase or lowercase|"
+                       r"in any register|case-insensitive", re.I)
+_YES_NO = re.compile(r"\b(?:yes|no)\b", re.I)
 
 
 def code_agreement(root: Path, entries: list, workers: int | None = None, limit: int | None = None) -> dict[str, Any]:
@@ -235,6 +238,9 @@ def code_agreement(root: Path, entries: list, workers: int | None = None, limit:
         else:
             r["single_test"] = int(sum(len(t) == 1 for t in df.tests))
             r["any_answer_statements"] = int(sum(bool(_ANY_ANSWER.search(p)) for p in df.problem))
+            yes_no = [p for p, t in zip(df.problem, df.tests) if any(_YES_NO.search(str(x["output"])) for x in t)]
+            r["yes_no_problems"] = len(yes_no)
+            r["yes_no_any_case_statements"] = int(sum(bool(_ANY_CASE.search(p)) for p in yes_no))
             rows = df.to_dict("records")
             right = grade_many(rows, [lookup_program(row) for row in rows], workers=workers, extract=False)
             wrong = grade_many(rows, [lookup_program(row, wrong=True) for row in rows], workers=workers,
@@ -393,7 +399,7 @@ def report(res: dict[str, Any]) -> str:
     if "code" in res:
         lines += ["code: reference answers graded right, wrong answers graded wrong",
                   "| benchmark | items | reference passes | wrong rejected | single-test share | any-answer statements "
-                  "| missing | s |", "|---|---|---|---|---|---|---|---|"]
+                  "| YES/NO problems (any case stated) | missing | s |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in res["code"].items():
             if "skipped" in r:
                 lines.append(f"| {name} | skipped: {r['skipped']} |")
@@ -403,7 +409,9 @@ def report(res: dict[str, Any]) -> str:
             extra = f" ({r[ok]['tests']} tests, evalplus time rule)" if r["layout"] == "humaneval" else " (lookup)"
             lines.append(f"| {name} | {r['items']} | {_f(r[ok])}{extra} | {_f(r[bad])} | {r['single_test']}/{r['items']} "
                          f"({r['single_test_share']:.1%}) | {r.get('any_answer_statements', '–')} | "
-                         f"{r[ok]['missing'] + r[bad]['missing']} | {r['wall_s']} |")
+                         + (f"{r['yes_no_problems']} ({r['yes_no_any_case_statements']}) | " if "yes_no_problems" in r
+                            else "– | ")
+                         + f"{r[ok]['missing'] + r[bad]['missing']} | {r['wall_s']} |")
         lines.append("")
     if "sandbox" in res:
         lines += [f"sandbox: hostile programs (guards here: {res['guards']})",
