@@ -281,3 +281,17 @@ def test_full_humanevalplus_originfmt_loads():
     """The full OriginFmt release, when present: 164 tasks, find_zero at atol 1e-4."""
     df = load_benchmark(_code({"name": "humanevalplus", "path": str(_full("HumanEvalPlus-OriginFmt.jsonl"))}))
     assert len(df) == 164 and df.set_index("entry_point").atol["find_zero"] == 1e-4
+
+
+def test_limits_from_the_benchmarks_own_fields(tmp_path):
+    """Layouts that carry limits as fields (open-r1's CodeForces: seconds and MiB)."""
+    rows = [{"id": "a", "statement": "s", "tests": [{"input": "1", "output": "1"}], "time_limit": 2.5,
+             "memory_limit": 256},
+            {"id": "b", "statement": "s", "tests": [{"input": "1", "output": "1"}], "time_limit": None,
+             "memory_limit": "n/a"}]
+    (tmp_path / "cf.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = load_benchmark(_code({"name": "cf", "path": str(tmp_path / "cf.jsonl"), "problem_field": "statement",
+                               "id_field": "id", "tests_field": "tests", "time_limit_field": "time_limit",
+                               "memory_limit_field": "memory_limit"}))
+    assert df.time_limit_s.iloc[0] == 2.5 and df.memory_limit_mb.iloc[0] == 256
+    assert math.isnan(df.time_limit_s.iloc[1]) and math.isnan(df.memory_limit_mb.iloc[1])  # none stated: defaults

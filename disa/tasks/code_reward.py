@@ -649,8 +649,9 @@ def humaneval_expected(
     task = _he_row(task)
     inputs = [a for part in _parts(task, use_plus) for a in part]
     prompt = _prompt_of(task)
+    given = task.get("expected")
     key = (_task_id(task), prompt, str(task["canonical_solution"]),
-           json.dumps(inputs, sort_keys=True, default=repr))
+           json.dumps([inputs, given], sort_keys=True, default=repr))
     if key in _REFERENCE_CACHE:
         return _REFERENCE_CACHE[key]
     program = prompt + str(task["canonical_solution"]) + "\n"
@@ -662,7 +663,6 @@ def humaneval_expected(
             f"{_task_id(task)}: canonical solution failed (load {calls.load}, "
             f"inputs {bad[:10]}): {calls.error or calls.run.stderr[-300:]}"
         )
-    given = task.get("expected")
     expected = list(given)[: len(inputs)] if given is not None else calls.values
     ref = Reference(expected, [float(t or 0.0) for t in calls.seconds])
     _REFERENCE_CACHE[key] = ref
