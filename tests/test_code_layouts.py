@@ -295,3 +295,18 @@ def test_limits_from_the_benchmarks_own_fields(tmp_path):
                                "memory_limit_field": "memory_limit"}))
     assert df.time_limit_s.iloc[0] == 2.5 and df.memory_limit_mb.iloc[0] == 256
     assert math.isnan(df.time_limit_s.iloc[1]) and math.isnan(df.memory_limit_mb.iloc[1])  # none stated: defaults
+
+
+def test_benchmarks_of_several_layouts_in_one_task():
+    """One evaluation suite mixing HumanEval+ and CodeForces rows: each row is graded by its
+    own layout's rules (the columns another layout lacks are NaN in the joined table)."""
+    entries = [{"name": "he", "like": "humanevalplus", "path": str(FIXTURES / "humanevalplus_originfmt.jsonl")},
+               {"name": "codeforces", "path": str(FIXTURES / "codeforces_rllm.json")}]
+    task = BenchmarkTask("code", "code", None, entries, grader={"workers": 2}, limit=2)
+    prompts = task.prompts("test")
+    assert prompts.benchmark.tolist() == ["he", "he", "codeforces", "codeforces"]
+    he = prompts.iloc[:2]
+    first = "t = int(input())\nfor _ in range(t):\n    x, y = map(int, input().split())\n    print(min(x, y), max(x, y))\n"
+    cubes = "for _ in range(int(input())):\n    n, m = map(int, input().split())\n    print('YES' if n >= m and (n - m) % 2 == 0 else 'NO')\n"
+    rewards = task.rewards(prompts, [*he.canonical_solution, first, cubes])
+    assert rewards.tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -755,7 +755,8 @@ def _fn_name_of(problem: Mapping[str, Any]) -> str | None:
 
 def problem_kind(problem: Mapping[str, Any]) -> str:
     """``humaneval``, ``functional`` or ``stdio`` for a problem record."""
-    if "entry_point" in problem and "canonical_solution" in problem:
+    # a DataFrame of several benchmarks holds NaN in the columns a row's layout lacks
+    if isinstance(problem.get("entry_point"), str) and isinstance(problem.get("canonical_solution"), str):
         return "humaneval"
     return "functional" if _fn_name_of(problem) else "stdio"
 
