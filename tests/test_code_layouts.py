@@ -310,3 +310,17 @@ def test_benchmarks_of_several_layouts_in_one_task():
     cubes = "for _ in range(int(input())):\n    n, m = map(int, input().split())\n    print('YES' if n >= m and (n - m) % 2 == 0 else 'NO')\n"
     rewards = task.rewards(prompts, [*he.canonical_solution, first, cubes])
     assert rewards.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_task_identity_follows_the_grading_settings():
+    """Rewards cached under one grading setting are not reused under another: the limits are
+    part of the task's identity, the number of graders is not."""
+    entry = {"name": "codeforces", "path": str(FIXTURES / "codeforces_rllm.json")}
+
+    def spec(**grader):
+        return BenchmarkTask("code", "code", None, [entry], grader=grader).spec()
+
+    assert spec(workers=1, timeout_s=1) == spec(workers=4, timeout_s=1, require_isolation=True)
+    assert spec(timeout_s=1) != spec(timeout_s=2) and spec() != spec(memory_mb=256)
+    other = {**entry, "output_compare": "lines"}
+    assert BenchmarkTask("code", "code", None, [other]).spec()["data"] != spec()["data"]

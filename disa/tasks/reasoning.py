@@ -43,7 +43,7 @@ class BenchmarkTask:
     eval_reward_mode: str = "strict"
     limit: int | None = None
     grader: Mapping[str, Any] = field(default_factory=dict)
-    version: int = 2
+    version: int = 3  # 3: rewards by the reference evaluators' rules (README, "How grading works")
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
     # loaded once per split: the stages, the rewards and the cache keys all ask for the rows
     _frames: dict[str, pd.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -55,14 +55,18 @@ class BenchmarkTask:
         return {"name": self.name, "kind": self.kind, "train": dict(self.train) if self.train else None,
                 "eval": [e if isinstance(e, str) else dict(e) for e in self.eval_benchmarks],
                 "template": self.template, "eval_reward_mode": self.eval_reward_mode,
-                "limit": self.limit, "version": self.version, "data": self.data_digest()}
+                "limit": self.limit, "version": self.version, "data": self.data_digest(),
+                # the settings a reward depends on (not how many graders run, nor the guards required)
+                "grader": {k: v for k, v in dict(self.grader).items() if k not in ("workers", "require_isolation")}}
 
     def data_digest(self) -> str:
         if self._digest is None:
             h = hashlib.sha256()
             for split in ("train", "test") if self.train else ("test",):
                 df = self.prompts(split)
-                cols = [c for c in ("prompt_id", "prompt", "gold", "tests") if c in df]
+                cols = [c for c in ("prompt_id", "prompt", "gold", "tests", "fn_name", "output_compare",
+                                    "float_tolerance", "prelude", "time_limit_s", "memory_limit_mb", "base_input",
+                                    "plus_input", "atol", "expected") if c in df]
                 h.update(json.dumps(df[cols].to_dict("records"), sort_keys=True, default=str).encode())
             self._digest = h.hexdigest()[:16]
         return self._digest
