@@ -33,6 +33,7 @@ fields). Three sections, each runnable alone (``--sections``):
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -203,7 +204,7 @@ def code_agreement(root: Path, entries: list, workers: int | None = None, limit:
     """Per code benchmark: the single-test share, and agreement with the reference answers
     (HumanEval+: canonical solutions under evalplus's time rule; tests: lookup programs), and
     rejection of wrong ones."""
-    from disa.tasks.code_reward import grade_many, humaneval_expected
+    from disa.tasks.code_reward import evalplus_equal, grade_many, humaneval_expected
 
     out: dict[str, Any] = {}
     for entry in entries:
@@ -228,10 +229,15 @@ def code_agreement(root: Path, entries: list, workers: int | None = None, limit:
             firsts, targets = [], []
             for row in rows:
                 exp = humaneval_expected(row).expected
-                distinct = len({json.dumps(e, sort_keys=True, default=repr) for e in exp}) > 1
+                try:  # a value whose repr is no literal (or an int past 4300 digits) cannot be hard-coded
+                    literal = repr(exp[0])
+                    ast.literal_eval(literal)
+                    distinct = any(not evalplus_equal(e, exp[0], 0.0)[0] for e in exp)
+                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                    continue
                 if distinct and row["entry_point"] != "find_zero":
                     targets.append(row)
-                    firsts.append(f"def {row['entry_point']}(*args):\n    return {exp[0]!r}\n")
+                    firsts.append(f"def {row['entry_point']}(*args):\n    return {literal}\n")
             wrong = grade_many(targets, firsts, workers=workers)
             r["constant_wrong"] = _tally(wrong, False) | {
                 "passed_ids": [t["prompt_id"] for t, g in zip(targets, wrong) if g.all_passed][:10]}
