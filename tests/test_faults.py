@@ -610,7 +610,7 @@ def test_misspelt_setting_is_refused():
     ("sampler.prompts_per_shard=0", "sampler.prompts_per_shard=0 is invalid; allowed: an integer >= 1"),
     ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0 is invalid; allowed: an integer >= 1"),
     ("trainer.max_steps=-5", "trainer.max_steps=-5 is invalid; allowed: an integer >= 1"),
-    ("sampler.temperature=-1", "sampler.temperature=-1 is invalid; allowed: a number > 0"),
+    ("sampler.temperature=-1", "sampler.temperature=-1 is invalid; allowed: a number in [1e-3, 1e3]"),
     ("proposal.min_ess=0.5", "proposal.min_ess=0.5 is invalid; allowed: a number >= 1"),
     ("beta=nan", "beta=nan is invalid; allowed: a number in (0, 1e4]"),
     ("proposal.strength=nan", "proposal.strength=nan is invalid; allowed: a number in [0, 1]"),
