@@ -256,7 +256,11 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
     elif cfg.task.name in ("math", "code"):
         train = cfg.task.get("train")
         root = cfg.task.get("root") or ""
-        if train and train.get("path") and not (Path(root) / str(train.path)).exists():
+        if train is not None and OmegaConf.is_missing(train, "path"):
+            errors.append(f"task.train.path is missing; allowed: a local jsonl/json/parquet file (under task.root) "
+                          f"with the fields task.train names (task={cfg.task.name} trains on it), or "
+                          "task.train.dataset (a Hugging Face dataset) with task.train.path=null")
+        elif train and train.get("path") and not (Path(root) / str(train.path)).exists():
             errors.append(f"task.train.path={train.path!r} does not exist (under task.root={root!r}); "
                           "allowed: a local jsonl/json/parquet file")
         entries = ([train] if train else []) + list(cfg.task.get("eval_benchmarks") or [])
@@ -273,9 +277,14 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
 #: grader settings a task's ``task.grader`` may hold: (what is allowed, check)
 GRADER_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "workers": ("null or an integer >= 1 (parallel graders)", lambda v: v is None or (_int(v) and v >= 1)),
-    "timeout_s": ("a number in (0, 3600] (seconds per item, or per test for code)", lambda v: _num(v) and 0 < v <= 3600),
-    "memory_mb": ("an integer in [64, 65536] (MiB for a program and all its processes)",
-                  lambda v: _int(v) and 64 <= v <= 65536),
+    "timeout_s": ("null or a number in (0, 3600] (seconds per item, or per test for code; null: each code "
+                  "problem's own limit, else the default)", lambda v: v is None or (_num(v) and 0 < v <= 3600)),
+    "time_limit_factor": ("a number in [1, 100] (HumanEval+: evalplus's multiple of the canonical solution's time)",
+                          lambda v: _num(v) and 1 <= v <= 100),
+    "min_time_limit_s": ("a number in (0, 3600] (HumanEval+: evalplus's floor of the time limit)",
+                         lambda v: _num(v) and 0 < v <= 3600),
+    "memory_mb": ("null or an integer in [16, 65536] (MiB for a program and all its processes; null: each "
+                  "code problem's own limit, else 1024)", lambda v: v is None or (_int(v) and 16 <= v <= 65536)),
     "require_isolation": ("true or false (refuse a machine whose sandbox lacks a guard)", lambda v: isinstance(v, bool)),
 }
 
@@ -305,11 +314,35 @@ def _task_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
                           "README, Reliability: user namespaces, Landlock, cgroups); allowed: a machine that has "
                           "them, or task.grader.require_isolation=false to run with the guards it has (each "
                           "result records them as sandbox.*)")
+    errors += _benchmark_checks(cfg)
     names = [e if isinstance(e, str) else e.get("name") for e in cfg.task.get("eval_benchmarks") or []]
     dups = sorted({n for n in names if n is not None and names.count(n) > 1})
     if dups:
         errors.append(f"task.eval_benchmarks names {dups} more than once; allowed: each benchmark once (give a "
                       "mapping a `name` of its own to evaluate two versions)")
+    return errors
+
+
+def _benchmark_checks(cfg: DictConfig) -> list[str]:
+    """Every benchmark entry (``task.train``, ``task.eval_benchmarks``) builds a spec: a known
+    name, or a mapping with a name, a problem field and settings of the allowed values (a
+    mapping named after a built-in inherits its fields). Files are read later, at load."""
+    from disa.tasks.benchmarks import CODE_BENCHMARKS, MATH_BENCHMARKS, resolve_entry
+
+    kind = cfg.task.name
+    known = MATH_BENCHMARKS if kind == "math" else CODE_BENCHMARKS
+    entries = [("task.train", cfg.task.get("train"))] if cfg.task.get("train") is not None else []
+    entries += [(f"task.eval_benchmarks[{i}]", e) for i, e in enumerate(cfg.task.get("eval_benchmarks") or [])]
+    errors = []
+    for where, entry in entries:
+        if isinstance(entry, DictConfig):
+            if any(OmegaConf.is_missing(entry, k) for k in entry):
+                continue  # reported above (task.train.path)
+            entry = OmegaConf.to_container(entry, resolve=True)
+        try:
+            resolve_entry(entry, known, kind)
+        except (ValueError, TypeError) as e:
+            errors.append(f"{where}: {e}")
     return errors
 
 

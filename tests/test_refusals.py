@@ -120,10 +120,13 @@ def test_undecodable_benchmark_files_are_named(tmp_path):
     truncated = tmp_path / "cut.jsonl.gz"
     truncated.write_bytes(whole[: len(whole) // 2])
     not_gzip = tmp_path / "plain.json.gz"
-    not_gzip.write_bytes(b'[{"problem": "x"}]')
+    not_gzip.write_bytes(b'{"problem": "x"}\n{"problem": ')
     for path in (bad_utf8, truncated, not_gzip):
         with pytest.raises(ValueError, match=str(path)):
             load_records(path)
+    # the format is read from the content: plain JSON at a .gz path is decodable, and loads
+    not_gzip.write_bytes(b'[{"problem": "x"}]')
+    assert load_records(not_gzip) == [{"problem": "x"}]
 
 
 class _Task:

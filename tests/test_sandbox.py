@@ -23,8 +23,8 @@ from disa.tasks.code_reward import (
     grade_humaneval,
     grade_many,
     grade_stdio,
-    normalize_output,
-    outputs_match,
+    outputs_equal,
+    values_equal,
 )
 
 
@@ -200,13 +200,10 @@ def test_extract_code():
 
 
 def test_output_comparison():
-    assert normalize_output("  1  2 \n3\n\n") == normalize_output("1 2\n3")
-    assert outputs_match([1.0, 2.0], [1.0, 2.0000001])
-    assert not outputs_match([1.0, 2.0], [1.0, 2.1])
-    assert outputs_match(0.30000000000000004, 0.3)
-    assert not outputs_match(1, True) and not outputs_match((1, 2), [1, 2])
-    assert outputs_match(1.00009, 1.0, atol=1e-4) and not outputs_match(1.001, 1.0, atol=1e-4)
-    assert outputs_match(float("nan"), float("nan"))
+    assert outputs_equal("  1  2 \n3\n\n", "1 2\n3") and outputs_equal("  1  2 \n3\n\n", "1 2\n3", "lines")
+    assert outputs_equal("yes\nNo", "YES\nNO") and not outputs_equal("yes\nNo", "YES\nNO", "lines")
+    assert outputs_equal("0.3333333", "0.333333333") and not outputs_equal("0.3333333", "0.333333333", "lines")
+    assert values_equal((1, 2), [1, 2]) and not values_equal(0.30000000000000004, 0.3)
 
 
 # -- stdin/stdout and functional tests ------------------------------------------------------
