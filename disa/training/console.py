@@ -56,29 +56,35 @@ class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, counting optimizer steps out of ``trainer.max_steps`` ("train
     120/300"). Lightning's own counts the batches of an epoch and titles them with
     ``max_epochs - 1``, which reads "Epoch 0/-2" when training is bounded by ``max_steps``
-    (``max_epochs: -1``). A resumed run's bar starts at the step it resumes from. The
-    logger's version number is left out of the bar."""
+    (``max_epochs: -1``). A resumed run's bar starts at the step it resumes from; the bar is
+    closed at the last step, so that Lightning's "`Trainer.fit` stopped" starts a line of its
+    own; the logger's version number is left out of the bar."""
+
+    @property
+    def train_description(self) -> str:
+        return "train"
 
     def on_train_epoch_start(self, trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if trainer.max_steps > 0:
-            bar = self.train_progress_bar
-            bar.total, bar.initial, bar.n = (
-                trainer.max_steps,
-                trainer.global_step,
-                trainer.global_step,
-            )
-            bar.set_description("train")
+        if trainer.max_steps <= 0:  # bounded by epochs: Lightning's batch count is the right one
+            return super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar  # made at on_train_start, before the first step
+        bar.total = trainer.max_steps
+        bar.initial = bar.n = trainer.global_step
+        bar.refresh()
+        return None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.max_steps <= 0:  # bounded by epochs: Lightning's batch count is the right one
+        if trainer.max_steps <= 0:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         bar, n = self.train_progress_bar, trainer.global_step
         if bar is None or bar.disable or n == bar.n:  # micro-batches of one step
             return None
-        if n % self.refresh_rate == 0 or n == bar.total:
+        last = n >= bar.total
+        if n % self.refresh_rate == 0 or last:
             bar.n = n
-            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=not last)
+        if last:
+            bar.close()  # draws the last state and disables the bar: later updates print nothing
         return None
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
