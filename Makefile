@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 TORCH_SETUP = tools/torch_setup.py --version $(strip $(TORCH_VERSION)) --variant $(strip $(TORCH_VARIANT)) \
 	--index $(strip $(TORCH_INDEX))
 
-.PHONY: setup setup-vllm run test test-all test-slow test-integration mutation notebooks bias-variance lint format clean
+.PHONY: setup setup-vllm run test test-all test-slow test-integration mutation notebooks bias-variance lint format clean gpu-wheels gpu-check-dry-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -71,6 +71,18 @@ MODULES ?=
 mutation: setup
 	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[$(EXTRAS),mutation]"
 	$(BIN)/python experiments/mutation.py $(MODULES)
+
+# The GPU acceptance check (experiments/gpu_check.py, docs/PERFORMANCE.md). `gpu-wheels` puts into
+# .whl/ the pure-Python wheels that a GPU machine without network may lack (hydra-core,
+# omegaconf, antlr4's runtime, which PyPI has as a source archive only, and the fused-kernel
+# extras); experiments/gpu_check.sh installs them there. `gpu-check-dry-run` is the CPU rehearsal.
+GPU_WHEELS ?= hydra-core==1.3.8 omegaconf==2.3.1 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+gpu-wheels: setup
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+
+gpu-check-dry-run: setup
+	$(BIN)/python experiments/gpu_check.py --device cpu --tiny --out outputs/gpu_check_dry_run
 
 notebooks: setup
 	$(BIN)/python notebooks/build.py
