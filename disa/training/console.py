@@ -24,7 +24,8 @@ class _DropAdverts(logging.Filter):
 
 
 def route_lightning_logs() -> None:
-    """Print each of Lightning's log lines once, without its advertisements.
+    """Print each of Lightning's log lines once, without its advertisements and without two
+    warnings no user of the harness can act on.
 
     The ``lightning`` package logger has a console handler of its own and also passes its
     records on to the root logger, to which Hydra gives a console handler and the run's log
@@ -38,11 +39,13 @@ def route_lightning_logs() -> None:
             for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
                 lg.removeHandler(h)
             lg.propagate = True
-    rank_zero = logging.getLogger(
-        "lightning.pytorch.utilities.rank_zero"
-    )  # rank_zero_info's logger
+    # the logger of Lightning's rank_zero_info, which prints the tips
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
         rank_zero.addFilter(_DropAdverts())
+    # The online module steps its optimizer itself, after which a checkpoint holds the updated
+    # weights with the updated step count: what a resume needs, not the problem Lightning warns of.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     # Lightning 2.6 still builds torch's deprecated LeafSpec on every batch; the warning is for
     # Lightning's authors, nothing a user of the harness can act on.
     warnings.filterwarnings(
