@@ -95,19 +95,26 @@ def choose(version: str, variant: str, machine: Machine, index: str = DEFAULT_IN
                 "(TORCH_VARIANT=cpu or cuXYZ replaces it)",
             )
         if not machine.nvidia_driver:
-            variant = "cpu"
-        else:
-            _check_driver(version, machine)
-            return Choice(
-                f"torch=={version}",
-                None,
-                f"an NVIDIA driver is present: PyPI's torch {version} (its default CUDA build; "
-                "TORCH_VARIANT=cuXYZ picks another)",
-            )
+            return _build(version, "cpu", machine, index, "no NVIDIA driver found: ")
+        _check_driver(version, machine)
+        return Choice(
+            f"torch=={version}",
+            None,
+            f"an NVIDIA driver is present: PyPI's torch {version} (its default CUDA build; "
+            "TORCH_VARIANT=cuXYZ picks another)",
+        )
+    return _build(version, variant, machine, index)
+
+
+def _build(version: str, variant: str, machine: Machine, index: str, why: str = "") -> Choice:
+    """Install (or keep) the ``variant`` build of ``version``; ``why`` prefixes the reason."""
+    installed = machine.installed
     if variant == "cpu" and machine.system == "Darwin":  # PyPI's macOS wheel is the CPU/MPS build
         if installed and _public(installed) == version:
             return Choice(None, None, f"torch {installed} is already in the venv: kept")
-        return Choice(f"torch=={version}", None, f"macOS: PyPI's torch {version} (CPU and MPS)")
+        return Choice(
+            f"torch=={version}", None, f"{why}macOS: PyPI's torch {version} (CPU and MPS)"
+        )
     wanted = f"{version}+{variant}"
     if installed == wanted:
         return Choice(None, None, f"torch {installed} is already in the venv: kept")
@@ -117,7 +124,7 @@ def choose(version: str, variant: str, machine: Machine, index: str = DEFAULT_IN
     return Choice(
         f"torch=={wanted}",
         f"{index}/{variant}",
-        f"{what} of torch {version} from {index}/{variant}",
+        f"{why}{what} of torch {version} from {index}/{variant}",
     )
 
 
