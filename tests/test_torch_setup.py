@@ -27,20 +27,24 @@ def test_auto_without_driver_takes_the_cpu_build_from_the_cpu_index():
     c = ts.choose("2.13.0", "auto", machine())
     assert c.requirement == "torch==2.13.0+cpu"
     assert c.index == f"{INDEX}/cpu"
-    assert c.pip_args() == ["install", "torch==2.13.0+cpu", "--extra-index-url", f"{INDEX}/cpu"]
+    # torch alone from its index, then its requirements from the configured ones
+    assert c.pip_commands() == [
+        ["install", "--no-deps", "torch==2.13.0+cpu", "--extra-index-url", f"{INDEX}/cpu"],
+        ["install", "torch==2.13.0+cpu"],
+    ]
 
 
 def test_auto_with_driver_takes_pypis_default_build():
     c = ts.choose("2.13.0", "auto", machine(driver=True, cuda=(13, 0)))
     assert (c.requirement, c.index) == ("torch==2.13.0", None)
-    assert c.pip_args() == ["install", "torch==2.13.0"]
+    assert c.pip_commands() == [["install", "torch==2.13.0"]]
 
 
 @pytest.mark.parametrize("driver", [False, True])
 @pytest.mark.parametrize("installed", ["2.13.0+cpu", "2.11.0", "2.12.1+cu126"])
 def test_auto_keeps_any_torch_already_there(installed, driver):
     c = ts.choose("2.13.0", "auto", machine(installed=installed, driver=driver))
-    assert c.requirement is None and c.pip_args() == []
+    assert c.requirement is None and c.pip_commands() == []
     assert installed in c.reason
 
 
@@ -158,7 +162,8 @@ def test_cli_dry_run_prints_the_pip_command_and_installs_nothing():
         check=True,
     ).stdout
     assert "the CPU build of torch 9.9.9" in out
-    assert f"-m pip install torch==9.9.9+cpu --extra-index-url {INDEX}/cpu" in out
+    assert f"-m pip install --no-deps torch==9.9.9+cpu --extra-index-url {INDEX}/cpu\n" in out
+    assert out.rstrip().endswith("-m pip install torch==9.9.9+cpu")
     bad = subprocess.run(
         [sys.executable, str(SCRIPT), "--variant", "gpu", "--dry-run"],
         capture_output=True,

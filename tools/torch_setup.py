@@ -65,12 +65,18 @@ class Choice:
     index: str | None
     reason: str
 
-    def pip_args(self) -> list[str]:
+    def pip_commands(self) -> list[list[str]]:
+        """The ``pip`` argument lists to run, in order. From a PyTorch index, torch alone
+        (``--no-deps``), then its requirements from the configured indexes: torch's index is asked
+        for torch only, never for the common packages it also mirrors."""
         if self.requirement is None:
             return []
-        return ["install", self.requirement] + (
-            ["--extra-index-url", self.index] if self.index else []
-        )
+        if self.index is None:
+            return [["install", self.requirement]]
+        return [
+            ["install", "--no-deps", self.requirement, "--extra-index-url", self.index],
+            ["install", self.requirement],
+        ]
 
 
 class SetupError(ValueError):
@@ -189,14 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"torch_setup: {e}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "pip", *choice.pip_args()]
-    print(
-        f"torch: {choice.reason}" + (f"\n  {' '.join(cmd)}" if choice.requirement else ""),
-        flush=True,
-    )
-    if a.dry_run or choice.requirement is None:
-        return 0
-    return subprocess.run(cmd).returncode
+    cmds = [[sys.executable, "-m", "pip", *args] for args in choice.pip_commands()]
+    print("\n  ".join([f"torch: {choice.reason}", *(" ".join(c) for c in cmds)]), flush=True)
+    for cmd in [] if a.dry_run else cmds:
+        rc = subprocess.run(cmd).returncode
+        if rc:
+            return rc
+    return 0
 
 
 if __name__ == "__main__":
