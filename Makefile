@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 TORCH_SETUP = tools/torch_setup.py --version $(strip $(TORCH_VERSION)) --variant $(strip $(TORCH_VARIANT)) \
 	--index $(strip $(TORCH_INDEX))
 
-.PHONY: setup setup-vllm run test test-all test-slow test-integration mutation notebooks bias-variance lint format clean gpu-wheels gpu-check-dry-run
+.PHONY: setup setup-vllm run test test-all test-slow test-integration test-floors mutation notebooks bias-variance lint format clean gpu-wheels gpu-check-dry-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -64,6 +64,21 @@ test-slow: setup
 # runs in whichever venv VENV names (`make setup-vllm` first for VENV=.venv-vllm).
 test-integration:
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m integration
+
+# The dependency floors: a venv with the lowest versions pyproject.toml allows (uv's
+# lowest-direct resolution, which pip lacks; torch stays the build tools/torch_setup.py chose),
+# then the default suite. FLOORS_EXTRAS: the extras whose floors are tested too.
+FLOORS_VENV ?= .venv-floors
+FLOORS_EXTRAS ?= dev,math,sweeps
+test-floors:
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q --upgrade pip uv
+	$(FLOORS_VENV)/bin/python $(TORCH_SETUP)
+	$(FLOORS_VENV)/bin/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" \
+		> $(FLOORS_VENV)/torch-override.txt
+	$(FLOORS_VENV)/bin/python -m uv pip install -q --python $(FLOORS_VENV)/bin/python --resolution lowest-direct \
+		--override $(FLOORS_VENV)/torch-override.txt -e ".[$(FLOORS_EXTRAS)]"
+	WANDB_MODE=disabled $(FLOORS_VENV)/bin/python -m pytest -q
 
 # Mutation testing of the math modules against their own tests (docs/MUTATION.md); a tool for
 # whoever changes the math, not part of `make test`. MODULES="anchor losses" runs some.
