@@ -206,7 +206,8 @@ def backbone_section(args) -> dict[str, Any]:
         tok.eos_token_id,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    with torch.device(args.device):  # 494M parameters: initialised where they are fast to draw
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.pad_token_id = tok.pad_token_id
     hf_logging.disable_progress_bar()  # one bar for one file
     model.save_pretrained(args.backbone)
