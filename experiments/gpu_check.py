@@ -130,9 +130,12 @@ class Check:
                 cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
             )
             out, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out, rc = f"{e.stdout or ''}{e.stderr or ''}\nTIMEOUT after {timeout} s", None
-            out = out if isinstance(out, str) else out.decode(errors="replace")
+        except subprocess.TimeoutExpired as e:  # its partial output may be bytes
+            partial = [
+                x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                for x in (e.stdout, e.stderr)
+            ]
+            out, rc = "".join(partial) + f"\nTIMEOUT after {timeout} s", None
         self.write_log(
             f"\n== {label} ({time.perf_counter() - t0:.1f} s, exit {rc})\n$ {' '.join(cmd)}\n{out}"
         )
