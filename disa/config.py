@@ -426,6 +426,7 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
             v = s.get(key)
             if v is not None and not ok(v):
                 errors.append(f"sampler.{key}={v!r} is invalid; allowed: {allowed}")
+    errors += _logprob_impl_checks(cfg)
     strategy = _strategy(cfg.trainer)
     if "deepspeed" in strategy.lower() and not _installed("deepspeed"):
         errors.append(f"trainer.strategy={strategy!r} is not installed: trainer=deepspeed needs the 'deepspeed' extra: "
@@ -445,6 +446,20 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
                       "(hydra/launcher=submitit_slurm with tasks_per_node = trainer.devices), or "
                       "trainer.strategy=ddp_spawn")
     return errors
+
+
+def _logprob_impl_checks(cfg: DictConfig) -> list[str]:
+    """A fused log-prob backend (scoring.logprob_impl) needs a GPU trainer and its extra."""
+    import torch
+
+    from disa.scoring import logprob_impl_problem
+
+    impl = (cfg.get("scoring") or {}).get("logprob_impl", "chunked")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    half = str(cfg.trainer.get("precision", "32-true")).startswith(("bf16", "16"))
+    problem = logprob_impl_problem(str(impl), on_cuda=on_cuda, half_precision=half)
+    return [problem] if problem else []
 
 
 def _fsdp2_checks(cfg: DictConfig, st) -> list[str]:

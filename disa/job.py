@@ -57,6 +57,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     cfg = upgrade_config(cfg)
     validate(cfg)
     settings = Settings.from_config(cfg)
+    _no_per_model_progress_bars()
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,19 @@ def _check_inputs_cached(stage: str, plan: list[stages.Stage], cache: Cache) -> 
     if missing:
         raise CacheError(f"stage={stage} reuses cached {missing} artifacts, and cache_dir={cache.root} holds none; "
                          f"run stage={missing[0]} (or stage=all) first")
+
+
+def _no_per_model_progress_bars() -> None:
+    """Turn off transformers' bars of loading and saving one model ("Loading weights", "Writing
+    model shards"): a job loads and saves models a dozen times, each bar a line of noise between
+    the stages' own bars. Hub downloads keep theirs."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns off the hub's
+    if hub_bars:
+        enable_progress_bars()
 
 
 class JobInterrupted(SystemExit):

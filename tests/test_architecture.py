@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"sandbox", "tokenization"},
     "sampling": {"settings", "tokenization", "scoring"},
     "models": {"cache", "scoring", "tokenization"},
-    "config": {"executors", "losses", "models", "tasks"},
+    "config": {"executors", "losses", "models", "scoring", "tasks"},
     "training": {"cache", "losses", "models", "sampling", "scoring", "settings", "tokenization"},
     # the stage layer, and the job that runs it
     "stages": {"anchor", "cache", "evaluation", "executors", "judge", "models", "oracle", "sampling", "scoring",

@@ -77,6 +77,7 @@ class OnlinePolicyModule(L.LightningModule):
         gradient_clip_val: float | None = 1.0,
         log_z_head: LogZHead | None = None,
         chunk_size: int = 2048,
+        logprob_impl: str = "chunked",
         seed: int = 0,
         chat_template: bool = False,
         grade: Callable[[pd.DataFrame, list[str]], np.ndarray] | None = None,
@@ -95,7 +96,7 @@ class OnlinePolicyModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.group_size, self.updates, self.minibatch = group_size, updates_per_rollout, minibatch_size
         self.scale_rewards, self.clip = scale_rewards, gradient_clip_val
-        self.chunk_size, self.seed = chunk_size, seed
+        self.chunk_size, self.logprob_impl, self.seed = chunk_size, logprob_impl, seed
         #: rewards of completions (prompt rows, texts) → float array, NaN for a grading failure
         self.grade = grade or task.rewards
         self.tokens_generated = 0
@@ -156,10 +157,10 @@ class OnlinePolicyModule(L.LightningModule):
                "reward": torch.as_tensor(reward.reshape(-1), dtype=torch.float32, device=self.device),
                "group_ids": torch.arange(len(p_ids), device=self.device).repeat_interleave(self.group_size)}
         mask = batch.completion_mask.to(torch.float32)
-        out["logp_old_tok"] = token_logprobs(self.policy, batch, chunk_size=self.chunk_size)  # [N, T]
+        out["logp_old_tok"] = self._logprobs(self.policy, batch)  # [N, T]
         out["logp_old_seq"] = (out["logp_old_tok"] * mask).sum(-1)  # [N]
         if self.ref is not None:
-            out["logp_ref_tok"] = token_logprobs(self.ref, batch, chunk_size=self.chunk_size)
+            out["logp_ref_tok"] = self._logprobs(self.ref, batch)
             out["logp_ref_seq"] = (out["logp_ref_tok"] * mask).sum(-1)
         out["advantages"] = group_normalize(out["reward"], out["group_ids"], self.scale_rewards)
         self.policy.train()
@@ -191,11 +192,17 @@ class OnlinePolicyModule(L.LightningModule):
                        roll["completion_mask"][idx])
         batch = {k: roll[k][idx] for k in self.needs if k != "log_z"}
         if "log_z" not in self.needs:
-            return token_logprobs(self.policy, tokens, chunk_size=self.chunk_size), tokens.completion_mask, batch
-        logp, hidden = token_logprobs(self.policy, tokens, chunk_size=self.chunk_size, return_hidden=True)
+            return self._logprobs(self.policy, tokens), tokens.completion_mask, batch
+        logp, hidden = self._logprobs(self.policy, tokens, return_hidden=True)
         P = tokens.prompt_len
         batch["log_z"] = self.log_z_head(hidden[:, :P].float(), tokens.attention_mask[:, :P])
         return logp, tokens.completion_mask, batch
+
+    def _logprobs(self, model, tokens: Batch, return_hidden: bool = False):
+        """:func:`disa.scoring.token_logprobs` with this module's settings: the old-policy,
+        reference and policy passes of an update share one backend, so ratios start at 1."""
+        return token_logprobs(model, tokens, chunk_size=self.chunk_size, impl=self.logprob_impl,
+                              return_hidden=return_hidden)
 
     def minibatch_index(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Rows of a random minibatch made of *whole groups*, so that group statistics (the

@@ -27,6 +27,7 @@ from disa.training.checkpoints import (
     non_finite_tensors,
     verify_checkpoint,
 )
+from disa.training.console import StepProgressBar, route_lightning_logs
 
 
 def fit(ctx, art: Artifact, data) -> dict[str, Any]:
@@ -50,8 +51,12 @@ def fit(ctx, art: Artifact, data) -> dict[str, Any]:
     ckpt_dir = art.path / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
                                  every_n_train_steps=int(cfg.checkpoint.every_n_steps))
+    route_lightning_logs()
+    callbacks = [checkpoint, _Progress(), FiniteGuard()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoint, _Progress(), FiniteGuard()], logger=ctx.loggers or False,
+        cfg.trainer, callbacks=callbacks, logger=ctx.loggers or False,
         plugins=[AtomicCheckpointIO()], default_root_dir=str(art.path), enable_model_summary=False,
         **trainer_overrides,
     )
@@ -75,7 +80,7 @@ def fit(ctx, art: Artifact, data) -> dict[str, Any]:
             from disa.training.sharded import ShardedPolicyModule as module_class
         else:
             module_class = PolicyModule
-        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size)
+        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size, s.logprob_impl)
         data = TrajectoryDataModule(data, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
 
     last = ckpt_dir / "last.ckpt"
@@ -209,7 +214,8 @@ def _online(ctx, policy, tok, optimizer):
         s.loss_spec, s.loss_options, optimizer, group_size=int(alg.group_size),
         updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
         scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-        log_z_head=head, chunk_size=s.chunk_size, seed=s.seed, chat_template=s.chat_template,
+        log_z_head=head, chunk_size=s.chunk_size, logprob_impl=s.logprob_impl, seed=s.seed,
+        chat_template=s.chat_template,
         grade=ctx.rewards(),
     )
     return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))
