@@ -86,6 +86,71 @@ def test_every_algorithm_trains_on_the_embedded_task(tmp_path, algorithm):
     assert 0 <= s["policy.mean_at_k"] <= 1
     metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv")))
     assert metrics["train/loss"].notna().any()
+    # the default schedule (constant, no warmup) leaves the configured learning rate as it is
+    lr = {"lora_sft": 3e-3}.get(algorithm, 1e-3)
+    assert metrics["train/lr"].dropna().tolist() == [pytest.approx(lr, rel=1e-12)] * metrics["train/lr"].notna().sum()
+    # FlowRL's learned log Z_φ is logged against the exact log Z of the training prompts
+    calibration = {"train/log_z_phi_error", "train/log_z_phi_abs_error", "train/log_z_phi_mean"}
+    assert calibration <= set(metrics) if algorithm == "flowrl" else not calibration & set(metrics)
+    if algorithm == "flowrl":
+        logged = metrics.dropna(subset=["train/log_z_phi_error"])
+        assert len(logged) >= 2 and (logged["train/log_z_phi_abs_error"] >= logged["train/log_z_phi_error"].abs()).all()
+
+
+# -- learning-rate schedule ------------------------------------------------------------------------
+def _lr_by_hand(decay: str, warmup: int, total: int, step: int) -> float:
+    """The multiplier of the learning rate used by optimizer step ``step`` (0-based)."""
+    import math
+
+    if step < warmup:
+        return step / warmup
+    if decay == "constant":
+        return 1.0
+    progress = (step - warmup) / (total - warmup)
+    return max(0.0, 1 - progress) if decay == "linear" else max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize(("decay", "warmup"), [("constant", 0), ("constant", 3), ("linear", 0), ("linear", 4),
+                                               ("cosine", 0), ("cosine", 2)])
+def test_lr_schedule_shapes_by_hand(decay, warmup):
+    from disa.training.schedule import lr_scheduler
+
+    total, base = 10, 0.3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = lr_scheduler(opt, decay, warmup, total)
+    used = []
+    for _ in range(total):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert used == [pytest.approx(base * _lr_by_hand(decay, warmup, total, k), abs=1e-15) for k in range(total)]
+    if decay == "constant" and warmup == 0:
+        assert used == [base] * total  # exactly: the behaviour of a run without a schedule
+
+
+def test_lr_schedule_refuses_unknown_decay_and_long_warmup():
+    from disa.training.schedule import lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"lr_schedule.decay='step' is not known; allowed: \['constant', 'linear', 'cosine'\]"):
+        lr_scheduler(opt, "step", 0, 10)
+    with pytest.raises(ValueError, match=r"warmup_steps=10; allowed: an integer in \[0, trainer.max_steps=10\)"):
+        lr_scheduler(opt, "linear", 10, 10)
+
+
+@pytest.mark.parametrize("algorithm", ["disa", "grpo"])
+def test_lr_schedule_steps_once_per_optimizer_step_and_is_logged(tmp_path, algorithm):
+    """Offline (Lightning steps the scheduler) and online (manual optimization: the module
+    does) alike, the learning rate of optimizer step k is the schedule's k-th value."""
+    from test_pipeline import run_py
+
+    run_py(tmp_path, "run", f"algorithm={algorithm}", "logger=csv", "lr_schedule.decay=linear",
+           "lr_schedule.warmup_steps=2")
+    metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv"))).dropna(subset=["train/lr"])
+    expected = [1e-3 * _lr_by_hand("linear", 2, 5, k) for k in range(5)]
+    if algorithm == "grpo":  # one logged row per rollout of 2 updates: their mean
+        expected = [sum(expected[i:i + 2]) / len(expected[i:i + 2]) for i in range(0, 5, 2)]
+    assert metrics["train/lr"].tolist() == [pytest.approx(x, abs=1e-12) for x in expected]
 
 
 def test_online_algorithm_trains_the_lora_adapters(tmp_path):

@@ -18,10 +18,14 @@ from disa.stages.context import Context
 TRAINER_KEYS_THAT_MATTER = ("max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
 
 
-def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None) -> Artifact:
+def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None, oracle: Artifact | None) -> Artifact:
     """Offline algorithms depend on the cached trajectories and the anchor; online ones on
     the task and the sampler settings they sample with instead (and on π_ref where their
-    loss reads it). Every rank of a multi-process launch runs this build together."""
+    loss reads it). Every rank of a multi-process launch runs this build together.
+
+    The ``oracle`` (enumerable tasks) gives the exact log Z of the training prompts, which a
+    learned log Z_φ is compared with in the training logs; it changes no weight, so it is not
+    part of the key."""
     from disa.training.run import fit
 
     s, cfg = ctx.settings, ctx.cfg
@@ -29,6 +33,7 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None) -> Artif
             "algorithm": OmegaConf.to_container(cfg.algorithm, resolve=True),
             "trainer": {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                         if k in TRAINER_KEYS_THAT_MATTER},
+            "lr_schedule": OmegaConf.to_container(cfg.lr_schedule, resolve=True),
             "seed": s.seed}
     if s.online:
         spec |= {"task": ctx.task.spec(), "sampler": SamplerSettings.from_cfg(cfg.sampler).spec()}
@@ -39,7 +44,7 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None) -> Artif
 
     def build(art: Artifact) -> dict:
         frame = None if s.online else training_frame(ctx, scores, anchor)
-        return fit(ctx, art, frame)
+        return fit(ctx, art, frame, exact_log_z(ctx, oracle))
 
     return ctx.build("train", spec, build, collective=True)
 
@@ -50,6 +55,16 @@ def training_frame(ctx: Context, scores: Artifact, anchor: Artifact) -> pd.DataF
     traj, _ = anchoring.select_trajectories(scores.read_table("scores"), s.num_samples, s.strength)
     table = anchor.read_table("anchor")[["prompt_id", "log_z_hat"]]
     return traj.merge(table, on="prompt_id", validate="many_to_one")
+
+
+def exact_log_z(ctx: Context, oracle: Artifact | None) -> pd.Series | None:
+    """The exact log Z of every prompt at the run's β, by prompt id (None without an oracle)."""
+    if oracle is None:
+        return None
+    from disa.oracle import log_p_correct
+
+    lpc = log_p_correct(oracle.read_table("rewarded"))
+    return pd.Series(anchoring.exact_log_z(lpc.to_numpy(), ctx.settings.beta), index=lpc.index)
 
 
 def report(ctx: Context, trained: Artifact) -> dict:

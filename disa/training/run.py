@@ -9,6 +9,7 @@ reads reference log-probs (FlowRL; GRPO with a KL term) loads the reference mode
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from disa.cache import Artifact
 from disa.models import load_model
+from disa.tokenization import load_tokenizer
 from disa.training.checkpoints import (
     AtomicCheckpointIO,
     FiniteGuard,
@@ -26,15 +28,17 @@ from disa.training.checkpoints import (
     non_finite_tensors,
     verify_checkpoint,
 )
-from disa.tokenization import load_tokenizer
+from disa.training.schedule import lr_scheduler
 
 
-def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
+def fit(ctx, art: Artifact, frame: pd.DataFrame | None, log_z_exact: pd.Series | None = None) -> dict[str, Any]:
     """Train and save the policy as a transformers checkpoint in ``art.path / "policy"``.
 
     ``frame`` holds the cached trajectories joined with the anchor (offline algorithms) or
-    is None (online ones). A killed run leaves ``checkpoints/last.ckpt``; the next run with
-    the same settings finds the artifact incomplete and resumes from there.
+    is None (online ones). ``log_z_exact`` (exact log Z by prompt id, on an enumerable task)
+    is what a learned log Z_φ head is compared with in the training logs. A killed run leaves
+    ``checkpoints/last.ckpt``; the next run with the same settings finds the artifact
+    incomplete and resumes from there.
     """
     cfg, s = ctx.cfg, ctx.settings
     alg = cfg.algorithm
@@ -44,6 +48,8 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)({"use_reentrant": False})
     tok = load_tokenizer(ctx.backbone.ref_path)
     optimizer = instantiate(alg.optimizer)
+    schedule = functools.partial(lr_scheduler, decay=str(cfg.lr_schedule.decay),
+                                 warmup_steps=int(cfg.lr_schedule.warmup_steps), total_steps=int(cfg.trainer.max_steps))
     # manual optimization clips in the online module
     trainer_overrides: dict[str, Any] = {"gradient_clip_val": None} if s.online else {}
     ckpt_dir = art.path / "checkpoints"
@@ -61,7 +67,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
         if sharded:  # the sampler generates with the whole policy, which FSDP2 holds in shards
             raise ValueError(f"algorithm={alg.name} (online) cannot train under trainer.strategy=ModelParallelStrategy "
                              "(FSDP2); allowed: an offline algorithm (disa, lora_sft), or trainer=ddp / trainer=fsdp")
-        module, data = _online(ctx, policy, tok, optimizer)
+        module, data = _online(ctx, policy, tok, optimizer, schedule, log_z_exact)
     else:
         from disa.training.data import CACHE_FIELDS, TrajectoryDataModule
         from disa.training.module import PolicyModule
@@ -74,7 +80,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None) -> dict[str, Any]:
             from disa.training.sharded import ShardedPolicyModule as module_class
         else:
             module_class = PolicyModule
-        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size)
+        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size, lr_schedule=schedule)
         data = TrajectoryDataModule(frame, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
 
     last = ckpt_dir / "last.ckpt"
@@ -191,21 +197,26 @@ def _with_lora(policy, lora_cfg):
     return get_peft_model(policy, config)
 
 
-def _online(ctx, policy, tok, optimizer):
+def _online(ctx, policy, tok, optimizer, schedule, log_z_exact: pd.Series | None):
+    import torch
+
     from disa.sampling import SamplerSettings, build_sampler
     from disa.training.online import LogZHead, OnlinePolicyModule, prompt_loader
 
     cfg, s, alg = ctx.cfg, ctx.settings, ctx.cfg.algorithm
     ref = load_model(ctx.backbone.ref_path, "float32") if s.loads_reference else None
     head = None
+    prompts = ctx.task.prompts("train")
     if "log_z" in s.loss_spec.needs(s.loss_options):  # the loss trains a log Z_φ(q) head (FlowRL)
         head = LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), float(alg.log_z_head.dropout))
-    prompts = ctx.task.prompts("train")
+    calibrate = head is not None and log_z_exact is not None
+    exact = torch.as_tensor(log_z_exact.loc[prompts.prompt_id].to_numpy()) if calibrate else None
     module = OnlinePolicyModule(
         policy, ref, tok, ctx.task, prompts, build_sampler(cfg), SamplerSettings.from_cfg(cfg.sampler),
         s.loss_spec, s.loss_options, optimizer, group_size=int(alg.group_size),
         updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
         scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         log_z_head=head, chunk_size=s.chunk_size, seed=s.seed, chat_template=s.chat_template,
+        lr_schedule=schedule, log_z_exact=exact,
     )
     return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))
