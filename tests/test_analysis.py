@@ -215,6 +215,66 @@ def test_paired_table_formats_differences_and_marks():
                                  "n": ["-0.010 [-0.050, +0.020]", "–"]}
 
 
+def _fake_eval_run(path, algorithm, seed, ref, policy, beta=2.0, online=False):
+    """A run directory with a summary and a per-prompt table (``ref``/``policy``: p_correct_exact
+    per prompt q0, q1, q2)."""
+    path.mkdir(parents=True)
+    summary = {"algorithm": algorithm, "seed": seed, "beta": beta, "policy.mean_at_k": 0.1}
+    if not online:  # only runs that drew proposal samples report the realised λ
+        summary["proposal.strength_effective"] = 0.5
+    (path / "summary.json").write_text(json.dumps(summary))
+    ids = ["q0", "q1", "q2"]
+    pd.concat([pd.DataFrame({"prompt_id": ids, "model": "ref", "p_correct_exact": ref}),
+               pd.DataFrame({"prompt_id": ids, "model": "policy", "p_correct_exact": policy})]
+              ).to_parquet(path / "eval_per_prompt.parquet")
+
+
+def test_paired_comparisons_of_a_sweep_and_the_comparison_file(tmp_path):
+    ref = [0.1, 0.2, 0.3]
+    for seed in (0, 1):
+        _fake_eval_run(tmp_path / f"d{seed}", "disa", seed, ref, [0.3, 0.4, 0.5])
+        _fake_eval_run(tmp_path / f"g{seed}", "grpo", seed, ref, [0.9, 0.9, 0.9], online=True)
+    diffs = analysis.paired_comparisons(tmp_path, metrics=("p_correct_exact",))
+    got = {(r.arm, r.baseline): r.diff for r in diffs.itertuples()}
+    assert got == pytest.approx({("grpo", "disa"): 0.5, ("π_ref", "disa"): -0.2, ("disa", "π_ref"): 0.2,
+                                 ("grpo", "π_ref"): 0.7})
+    assert diffs.significant.all() and set(diffs.seeds) == {2} and set(diffs.prompts) == {3}
+    out = analysis.write_comparison(tmp_path)
+    text = out["md"].read_text()
+    assert "Paired difference from disa" in text and "Paired difference from π_ref" in text
+    assert "+0.500 [+0.400, +0.600]*" in text  # grpo − disa: d = (0.6, 0.5, 0.4) on every seed
+    assert pd.read_csv(out["paired"]).shape[0] == len(diffs)
+
+
+def test_paired_comparisons_within_each_setting_a_sweep_varies(tmp_path):
+    for beta, shift in ((1.0, 0.1), (4.0, 0.3)):
+        for seed in (0, 1):
+            _fake_eval_run(tmp_path / f"{beta}_{seed}", "disa", seed, [0.1, 0.2, 0.3],
+                           [0.1 + shift, 0.2 + shift, 0.3 + shift], beta=beta)
+    diffs = analysis.paired_comparisons(tmp_path, metrics=("p_correct_exact",))
+    assert diffs.set_index("beta")["diff"].to_dict() == pytest.approx({1.0: 0.1, 4.0: 0.3})
+    for run in tmp_path.iterdir():  # runs from before per-prompt tables: no paired comparison
+        (run / "eval_per_prompt.parquet").unlink()
+    assert analysis.paired_comparisons(tmp_path) is None
+
+
+def test_anchor_calibration_by_hand_and_the_figure(tmp_path):
+    anchors = pd.DataFrame({"seed": [0, 0, 0, 1, 1, 1], "log_z": [0.1, 0.5, 0.9, 0.1, 0.5, 0.9],
+                            "log_z_hat": [0.2, 0.4, 1.0, 0.1, 0.6, 0.8]})
+    anchors["error"] = anchors.log_z_hat - anchors.log_z
+    cal = analysis.anchor_calibration(anchors).set_index("seed")
+    assert cal.loc[0, "error"] == pytest.approx(0.1 / 3) and cal.loc[0, "abs_error"] == pytest.approx(0.1)
+    assert cal.loc[1, "error"] == pytest.approx(0.0, abs=1e-15) and cal.loc[1, "abs_error"] == pytest.approx(0.2 / 3)
+    x, y = np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.4, 1.0])
+    r = ((x - x.mean()) * (y - y.mean())).sum() / math.sqrt(((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    assert cal.loc[0, "corr"] == pytest.approx(r, rel=1e-12)
+    curves = pd.DataFrame({"step": [9, 19, 9, 19], "seed": [0, 0, 1, 1],
+                           "train/log_z_phi_error": [-0.5, -0.4, -0.6, -0.5],
+                           "train/log_z_phi_abs_error": [0.5, 0.4, 0.6, 0.5], "train/log_z_phi_corr": [0.1, 0.2, 0.0, 0.3]})
+    path = analysis.plot_log_z_calibration(curves, anchors, tmp_path / "calibration.png")
+    assert path.stat().st_size > 1000
+
+
 # -- loading run directories ---------------------------------------------------------------
 def _fake_run(path, beta, seed, prompts=("p0", "p1")):
     path.mkdir(parents=True)

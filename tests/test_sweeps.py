@@ -58,6 +58,27 @@ def tiny_sweep(tmp_path_factory) -> Path:
     return _built["sweep"]
 
 
+def tiny_baselines(tmp_path_factory) -> Path:
+    """``run.py -m debug=fast algorithm=disa,flowrl seed=0,1``: DISA's anchor and FlowRL's
+    logged log Z_φ on the same prompts, per-prompt metrics for the paired comparison."""
+    if "baselines" not in _built:
+        root = tmp_path_factory.mktemp("baselines")
+        run_py(root, "-m", "debug=fast", "algorithm=disa,flowrl", "seed=0,1", "logger=csv",
+               f"cache_dir={shared_cache(tmp_path_factory)}", f"hydra.sweep.dir={root / 'sweep'}")
+        _built["baselines"] = root / "sweep"
+    return _built["baselines"]
+
+
+def tiny_k_sweep(tmp_path_factory) -> Path:
+    """``experiment=k_convergence`` shrunk: K = 4, 8 × seeds 0, 1 × both evaluation splits."""
+    if "k" not in _built:
+        root = tmp_path_factory.mktemp("k")
+        run_py(root, "-m", "experiment=k_convergence", "debug=fast", "proposal.num_samples=4,8", "seed=0,1",
+               "logger=csv", f"cache_dir={shared_cache(tmp_path_factory)}", f"hydra.sweep.dir={root / 'sweep'}")
+        _built["k"] = root / "sweep"
+    return _built["k"]
+
+
 def compose_cfg(*overrides: str, hydra: bool = False):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)

@@ -87,8 +87,9 @@ def test_every_algorithm_trains_on_the_embedded_task(tmp_path, algorithm):
     metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv")))
     assert metrics["train/loss"].notna().any()
     # the default schedule (constant, no warmup) leaves the configured learning rate as it is
+    # (logged through a float32 tensor: 7 digits)
     lr = {"lora_sft": 3e-3}.get(algorithm, 1e-3)
-    assert metrics["train/lr"].dropna().tolist() == [pytest.approx(lr, rel=1e-12)] * metrics["train/lr"].notna().sum()
+    assert metrics["train/lr"].dropna().tolist() == [pytest.approx(lr, rel=1e-7)] * metrics["train/lr"].notna().sum()
     # FlowRL's learned log Z_φ is logged against the exact log Z of the training prompts
     calibration = {"train/log_z_phi_error", "train/log_z_phi_abs_error", "train/log_z_phi_mean"}
     assert calibration <= set(metrics) if algorithm == "flowrl" else not calibration & set(metrics)
@@ -150,7 +151,7 @@ def test_lr_schedule_steps_once_per_optimizer_step_and_is_logged(tmp_path, algor
     expected = [1e-3 * _lr_by_hand("linear", 2, 5, k) for k in range(5)]
     if algorithm == "grpo":  # one logged row per rollout of 2 updates: their mean
         expected = [sum(expected[i:i + 2]) / len(expected[i:i + 2]) for i in range(0, 5, 2)]
-    assert metrics["train/lr"].tolist() == [pytest.approx(x, abs=1e-12) for x in expected]
+    assert metrics["train/lr"].tolist() == [pytest.approx(x, rel=1e-7, abs=1e-12) for x in expected]  # float32 logs
 
 
 def test_online_algorithm_trains_the_lora_adapters(tmp_path):
