@@ -191,6 +191,9 @@ def test_experiment_composes(name):
         assert params["proposal.strength"] == "0,0.25,0.5,0.75,1" and cfg.proposal.kind == "mixture"
     if name == "anchor_bias_variance":
         assert cfg.study.stop and cfg.study.name == "bias_variance" and cfg.proposal.num_samples == 512
+    if name == "k_convergence":
+        assert params["proposal.num_samples"] == "8,32,128,512" and params["eval.split"] == "train,test"
+        assert cfg.algorithm.name == "disa" and "_k_convergence_" in path.read_text()  # the sweep dir
 
 
 @pytest.mark.slow

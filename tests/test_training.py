@@ -65,6 +65,39 @@ def test_flowrl_grad_reaches_log_z_head_not_reference(char_tok):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
 
+def test_log_z_calibration_reads_what_the_loss_trains(char_tok):
+    """The calibration's log Z_φ of each prompt (a prompt-only forward) is the value the
+    FlowRL loss sees for that prompt in a rollout, and its statistics are those of numpy."""
+    import numpy as np
+
+    policy = tiny_llama(len(char_tok), seed=3)
+    head = LogZHead(policy.config.hidden_size, num_layers=2, dropout=0.5)  # dropout: eval mode must switch it off
+    task = type("T", (), {"rewards": lambda self, rows, texts: [float("a" in t) for t in texts]})()
+    prompts = pd.DataFrame({"prompt_id": ["p0", "p1", "p2"], "prompt": ["ab", "c", "fed"]})
+    exact = torch.tensor([0.3, 1.1, 0.2], dtype=torch.float64)
+    flowrl = get_loss("flowrl")
+    module = OnlinePolicyModule(
+        policy.train(), tiny_llama(len(char_tok), seed=4), char_tok, task, prompts, HFSampler(64),
+        SamplerSettings(max_new_tokens=3), flowrl, flowrl.make_options({}), lambda p: torch.optim.SGD(p, lr=0.1),
+        group_size=2, updates_per_rollout=1,
+        minibatch_size=6, log_z_head=head, log_z_exact=exact,
+    )
+    module.trainer = type("Tr", (), {"max_steps": 10})()
+    module._trainer = None
+    cal = module.log_z_calibration()
+    assert policy.training and head.training  # modes restored
+    roll = module.rollout([0, 1, 2])
+    head.eval()
+    with torch.no_grad():
+        _, _, batch = module.loss_inputs(roll, torch.arange(6))
+    phi = batch["log_z"][::2].double().numpy()  # one value per prompt (groups of 2)
+    err = phi - exact.numpy()
+    assert cal["log_z_phi_mean"] == pytest.approx(phi.mean(), abs=1e-6)
+    assert cal["log_z_phi_error"] == pytest.approx(err.mean(), abs=1e-6)
+    assert cal["log_z_phi_abs_error"] == pytest.approx(np.abs(err).mean(), abs=1e-6)
+    assert cal["log_z_phi_corr"] == pytest.approx(np.corrcoef(phi, exact.numpy())[0, 1], abs=1e-5)
+
+
 def test_whole_group_minibatches(char_tok):
     module = OnlinePolicyModule.__new__(OnlinePolicyModule)
     module.group_size, module.minibatch = 4, 8
