@@ -188,21 +188,30 @@ def embedded_recipe(cfg, task) -> dict:
 def pretrain_embedded(cfg, task, out: Path) -> None:
     """Pre-train the embedded checkpoints on ``task`` into ``out/ref`` and ``out/proposal``:
     the task's ``alphabet`` is the tokenizer's vocabulary, its ``corpus(rng, size, p_correct)``
-    the (prompt, completion) pairs trained on (see :class:`disa.tasks.sumpairs.SumPairsTask`)."""
+    the (prompt, completion) pairs trained on (see :class:`disa.tasks.sumpairs.SumPairsTask`).
+
+    Three phases, one model: ``base_steps`` on a mostly correct corpus (the model learns to
+    add; on a noisy corpus alone a model this small does not, and stays near chance), then
+    ``ref_steps`` on a noisy one, which makes it right only sometimes (π_ref), then, from π_ref,
+    ``proposal_steps`` on a cleaner one (the stronger proposal). ``base_steps: 0`` is the
+    two-phase recipe of earlier releases."""
     from transformers import LlamaForCausalLM
 
     b, p = cfg.backbone, cfg.backbone.pretrain
     torch.manual_seed(p.seed)
     tok = build_char_tokenizer(task.alphabet)
     model = LlamaForCausalLM(embedded_config(len(tok), b))
+    nll = _char_nll(model, tok)
     rng = np.random.default_rng(p.seed)
+    if int(p.get("base_steps", 0)) > 0:
+        base_corpus = task.corpus(rng, p.corpus_size, p.base_p_correct)
+        _pretrain(model, base_corpus, nll, p.base_steps, p.batch_size, p.lr, p.seed + 2, "pre-train base")
     ref_corpus = task.corpus(rng, p.corpus_size, p.ref_p_correct)
-    _pretrain(model, ref_corpus, _char_nll(model, tok), p.ref_steps, p.batch_size, p.lr, p.seed, "pre-train π_ref")
+    _pretrain(model, ref_corpus, nll, p.ref_steps, p.batch_size, p.lr, p.seed, "pre-train π_ref")
     model.save_pretrained(out / "ref")
     tok.save_pretrained(out / "ref")
     prop_corpus = task.corpus(rng, p.corpus_size, p.proposal_p_correct)
-    _pretrain(model, prop_corpus, _char_nll(model, tok), p.proposal_steps, p.batch_size, p.lr, p.seed + 1,
-              "pre-train proposal")
+    _pretrain(model, prop_corpus, nll, p.proposal_steps, p.batch_size, p.lr, p.seed + 1, "pre-train proposal")
     model.save_pretrained(out / "proposal")
     tok.save_pretrained(out / "proposal")
 

@@ -111,7 +111,7 @@ def record(
         x = df[key].astype(float)
         mean, sd = float(x.mean()), float(x.std(ddof=1))
         se = sd / math.sqrt(n)
-        exact = sd == 0.0
+        exact = sd <= 1e-9  # float noise of a mean over prompts, not the seed
         half = EXACT_TOLERANCE if exact else t * math.sqrt(2) * se
         figures[key] = {
             "label": label,

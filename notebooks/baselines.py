@@ -124,9 +124,11 @@ except FileNotFoundError:
     print("no metrics.csv in this sweep (logger=none?)")
 if curves is not None and "train/loss" in curves:
     steps = curves.dropna(subset=["train/loss"])
+    # online algorithms log once per rollout (the CSV's "step"); train/optimizer_steps counts updates
+    x = "train/optimizer_steps" if "train/optimizer_steps" in steps else "step"
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for alg, d in steps.groupby("algorithm"):
-        mean = d.groupby("step")["train/loss"].mean()
+        mean = d.groupby(x)["train/loss"].mean()
         ax.plot(mean.index, mean.to_numpy(), label=alg)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (each algorithm its own)")

@@ -66,11 +66,13 @@ def plot_log_z_calibration(curves: pd.DataFrame, anchors: pd.DataFrame, path: st
     from matplotlib.figure import Figure
 
     frozen = anchor_calibration(anchors)
+    # online runs log once per rollout: the CSV's "step" counts rollouts, this column optimizer steps
+    x = "train/optimizer_steps" if "train/optimizer_steps" in curves else "step"
     fig = Figure(figsize=(12, 3.3))
     axes = fig.subplots(1, len(LOG_Z_PANELS))
     for ax, (col, title, stat) in zip(axes, LOG_Z_PANELS):
         if col in curves:
-            by_step = curves.dropna(subset=[col]).groupby("step")[col]
+            by_step = curves.dropna(subset=[col]).groupby(x)[col]
             mean, se = by_step.mean(), by_step.std(ddof=1) / np.sqrt(by_step.count())
             ax.plot(mean.index, mean.to_numpy(), color="#C44E52", label="FlowRL log Z_φ (learned)")
             ax.fill_between(mean.index, (mean - se.fillna(0)).to_numpy(), (mean + se.fillna(0)).to_numpy(),
