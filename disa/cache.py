@@ -18,12 +18,20 @@ Guarantees:
 - a per-artifact ``fcntl`` lock makes concurrent jobs (joblib sweeps) build each artifact once;
   the holder removes temp files left by killed writers, and every build attempt is journaled
   in ``.builds.jsonl`` (start with the shards found, finish), the manifest recording who
-  built it (``built_by``).
+  built it (``built_by``);
+- inside one build, many workers (processes, Ray tasks, SLURM array tasks) fill the shards
+  together (:meth:`Artifact.fill_shards`): a worker builds a shard only while it holds that
+  shard's *claim*, an ``fcntl`` lock on ``shards/.<name>.claim`` that the kernel releases when
+  the worker dies, so a worker killed mid-shard loses that shard only and any other worker
+  redoes it. Every shard built is journaled in ``.shards.jsonl`` (who, how long). The
+  artifact is sealed (:meth:`Artifact.finalize`) once every shard exists and matches the
+  checksum recorded for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,7 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pandas as pd
 
@@ -47,6 +55,12 @@ log = logging.getLogger(__name__)
 
 class CacheError(RuntimeError):
     """A cached artifact is missing, corrupted or inconsistent with its manifest."""
+
+
+class CacheWriteError(CacheError, OSError):
+    """A file could not be written (disk full, permission): a :class:`CacheError` that is
+    also the ``OSError`` it came from (its ``errno`` kept)."""
+
 
 
 def spec_key(spec: Mapping[str, Any]) -> str:
@@ -63,26 +77,82 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all: ``write(f)`` fills a temp file in the same
+    directory, which is fsynced, given the permissions the umask allows (as ``open`` would;
+    a temp file starts at 0600, which would keep a shared cache from the group) and renamed
+    into place (atomic within one directory, whatever filesystem it is on).
 
-    On failure (disk full, permission) the previous file at ``path`` is left untouched and
-    the error names the file.
+    On failure (disk full, permission, an exception of ``write``) the previous file at
+    ``path`` is left untouched, no temp file remains, and an ``OSError`` is raised as a
+    :class:`CacheWriteError` naming the file.
     """
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise CacheError(f"could not write {path}: {e}") from e
+        cause = _os_error(e)
+        if cause is not None:
+            err = CacheWriteError(f"could not write {path}: {cause}")
+            err.errno = cause.errno
+            raise err from e
+        raise
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The ``OSError`` behind ``e``: itself, or one it was raised while handling (torch's
+    zip writer turns a full disk into a RuntimeError about file positions)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` of ``data``."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` to write a large file into piece by piece;
+    on leaving the block it is fsynced and renamed into place (atomically, as
+    :func:`atomic_write_bytes`). On any error the temp file goes and ``path`` is untouched."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CacheError(f"could not write {path}: {e}") from e
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -189,6 +259,89 @@ class Artifact:
         atomic_write_bytes(self._checksum_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
         atomic_write_bytes(path, data)
 
+    # -- many workers, one artifact ----------------------------------------------------------
+    @contextlib.contextmanager
+    def claim(self, index: int, prefix: str = "part") -> Iterator[bool]:
+        """Try to claim shard ``index`` without waiting: yields True while this process holds
+        the claim (and alone may write the shard), False when another worker holds it.
+
+        The claim is an ``fcntl`` lock, so a worker that dies, even by SIGKILL, releases it.
+        """
+        shard = self.shard_path(index, prefix)
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        with open(shard.with_name(f".{shard.name}.claim"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def fill_shards(self, units: list[tuple[str, int]], make: Callable[[str, int], pd.DataFrame], *,
+                    poll_s: float = 0.5) -> int:
+        """Write every shard of ``units`` (``(prefix, index)`` pairs) that is missing, each as
+        ``make(prefix, index)``, together with any other workers doing the same; return how
+        many this worker wrote.
+
+        A worker writes a shard only under its claim (:meth:`claim`). Shards claimed by
+        others are waited for, and taken over if their worker dies. ``make`` must be a pure
+        function of the shard (seeded by its index), so that which worker writes a shard
+        does not change its bytes. Each shard written is journaled in ``.shards.jsonl``.
+        """
+        built, pending = 0, list(units)
+        while pending:
+            held = []
+            for prefix, i in pending:
+                if self.has_shard(i, prefix):
+                    continue
+                with self.claim(i, prefix) as mine:
+                    if not mine:
+                        held.append((prefix, i))
+                        continue
+                    if self.has_shard(i, prefix):  # written while we were claiming it
+                        continue
+                    self._remove_shard_temps(self.shard_path(i, prefix))  # of a killed worker
+                    t0 = time.perf_counter()
+                    df = make(prefix, i)
+                    self.write_shard(i, df, prefix)
+                    self._journal_shard(prefix, i, len(df), time.perf_counter() - t0)
+                    built += 1
+            pending = held
+            if pending:
+                time.sleep(poll_s)
+        return built
+
+    def missing_shards(self, units: list[tuple[str, int]]) -> list[str]:
+        """The names of the shards of ``units`` that do not exist (yet)."""
+        return [self.shard_path(i, prefix).name for prefix, i in units if not self.shard_path(i, prefix).exists()]
+
+    def _remove_shard_temps(self, shard: Path) -> None:
+        for p in shard.parent.glob(f".{shard.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for p in shard.parent.glob(f"..{shard.name}.sha256.*.tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def _journal_shard(self, prefix: str, index: int, rows: int, seconds: float) -> None:
+        line = json.dumps({"shard": f"{prefix}-{index:05d}", "rows": rows, "seconds": round(seconds, 4),
+                           "done": round(time.time(), 3), **_who()})
+        with contextlib.suppress(OSError), open(self.path / ".shards.jsonl", "a") as f:
+            f.write(line + "\n")
+
+    def shard_journal(self) -> list[dict[str, Any]]:
+        """One entry per shard written: ``shard``, ``rows``, ``seconds`` (to build it), ``done``
+        (Unix time it was written) and who wrote it (``pid``, ``host``)."""
+        path = self.path / ".shards.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
     def _parse_shard(self, path: Path) -> pd.DataFrame:
         try:
             return pd.read_parquet(path)
@@ -247,8 +400,27 @@ class Artifact:
             raise CacheError(f"{self}: {self.path / rel} is not listed in {self.manifest_path}")
         return self.path / rel
 
-    def read_table(self, name: str) -> pd.DataFrame:
-        return pd.read_parquet(self._listed(f"{name}.parquet"))
+    def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """A table of the artifact; with ``columns``, only those of them it has (the others
+        are never read, which keeps token lists out of memory)."""
+        path = self._listed(f"{name}.parquet")
+        if columns is not None:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            columns = [c for c in columns if c in names]
+        return pd.read_parquet(path, columns=columns)
+
+    def file_path(self, rel: str) -> Path:
+        """The path of a file the (verified) manifest lists, for a reader that maps or streams it."""
+        return self._listed(rel)
+
+    def shard_files(self, prefix: str = "part", verify: bool = True) -> list[tuple[Path, int]]:
+        """``(path, rows)`` of the shards the manifest lists, in order; the artifact is
+        verified first unless the caller has just done so (``verify=False``)."""
+        files = (self.verify() if verify else self.manifest())["files"]
+        return [(self.path / rel, int(entry["rows"])) for rel, entry in sorted(files.items())
+                if rel.startswith(f"shards/{prefix}-") and rel.endswith(".parquet")]
 
     def read_json(self, name: str) -> Any:
         return json.loads(self._listed(f"{name}.json").read_text())
@@ -275,11 +447,26 @@ class Artifact:
 
     # -- build bookkeeping (call with the lock held) ----------------------------------------
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete temp files of writers that died mid-write (only the lock holder writes)."""
-        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
-        for p in stale:
-            with contextlib.suppress(OSError):
-                p.unlink()
+        """Delete temp files of writers that died mid-write: the lock holder's own, and those
+        of shards nobody claims (a shard being written by a live worker keeps its temp file)."""
+        stale = []
+        for p in self.path.rglob(".*.tmp"):
+            if not p.is_file():
+                continue
+            if p.parent.name == "shards":
+                name = p.name.lstrip(".").split(".parquet")[0]
+                prefix, _, index = name.rpartition("-")
+                if not index.isdigit():
+                    continue
+                with self.claim(int(index), prefix) as free:
+                    if not free:
+                        continue
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            stale.append(p)
         return stale
 
     @property
@@ -312,6 +499,11 @@ class Cache:
 
     def artifact(self, stage: str, spec: Mapping[str, Any]) -> Artifact:
         return Artifact(self.root, stage, spec)
+
+    def has_any(self, stage: str) -> bool:
+        """Whether any complete artifact of ``stage`` is cached (a cheap check, before a job
+        spends time on work that needs one)."""
+        return any((p / MANIFEST).exists() for p in (self.root / stage).glob("*"))
 
     def build(
         self, stage: str, spec: Mapping[str, Any], builder: Callable[[Artifact], dict | None]

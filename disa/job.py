@@ -19,10 +19,13 @@ needed). Its keys:
   correct answers per solved prompt), ``coverage`` (of the rewarded set), ``distinct_2``,
   and on an enumerable task (sumpairs) ``p_correct_exact``, ``tv_target``, ``kl_target``,
   ``tv_rewarded``, ``kl_rewarded`` (exact distances to p*; see
-  :func:`disa.evaluation.target_distances`), ``tokens_generated``;
+  :func:`disa.evaluation.target_distances`), ``tokens_generated``; on a code task
+  ``sandbox.<guard>`` (:data:`disa.sandbox.GUARDS`): whether that guard confined every
+  program graded for the model;
 - ``train.*``: ``wall_s``, ``steps``, ``trajectories``, ``resumed``, final training metrics;
 - ``time.{backbone,sample,score,oracle,anchor,train,evaluate,total}_s``: wall time of each
-  stage in this job (a reused artifact costs only its verification);
+  stage in this job (a reused artifact costs only its verification); ``time.trajectories_s``
+  is the part of ``time.train_s`` spent building the memory-mapped trajectory store;
 - ``reused.{stage}``: whether the stage's artifact came from the cache;
 - ``artifact.{stage}``: the cache key of each artifact (lineage).
 """
@@ -36,21 +39,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from disa import stages, tracking
-from disa.cache import Cache, atomic_write_json
+from disa.cache import Cache, CacheError, atomic_write_json
 from disa.config import upgrade_config, validate
+from disa.executors import build_executor
 from disa.models import resolve_backbone
 from disa.settings import Settings
 from disa.tasks import build_task
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -63,6 +60,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     cfg = upgrade_config(cfg)
     validate(cfg)
     settings = Settings.from_config(cfg)
+    _no_per_model_progress_bars()
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,15 +72,18 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     leader = launch_rank() == 0
     loggers = tracking.build_loggers(cfg, run_dir) if leader else []  # one W&B run, rank 0's
     restore = _raise_on_signals()
+    executor = build_executor(cfg.get("executor"))
     try:
-        t0 = time.perf_counter()
-        backbone = resolve_backbone(cfg, task, cache)
-        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, _device(cfg.device), loggers, leader)
-        ctx.timings["backbone"] = time.perf_counter() - t0
         study = cfg.get("study")
         plan = stages.plan(settings.stage, online=settings.online, study=bool(study),
                            study_stops=bool(study.get("stop", True)) if study else True,
                            enumerable=hasattr(task, "rewarded_set"), leader=leader)
+        _check_inputs_cached(settings.stage, plan, cache)
+        t0 = time.perf_counter()
+        backbone = resolve_backbone(cfg, task, cache)
+        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, stages.resolve_device(cfg.device), loggers,
+                             leader, executor=executor)
+        ctx.timings["backbone"] = time.perf_counter() - t0
         results = stages.run_plan(ctx, plan)
         if not leader:
             return {}
@@ -96,8 +97,35 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         print_summary(summary)
         return summary
     finally:
+        executor.close()
         tracking.finish(loggers)
         restore()
+
+
+def _check_inputs_cached(stage: str, plan: list[stages.Stage], cache: Cache) -> None:
+    """``stage=<name>`` reuses the artifacts of the stages before it: refuse at once, before
+    any backbone is loaded or pre-trained, when the cache holds none of a stage's. (Whether
+    the exact artifacts exist is known only once the backbone is fingerprinted; the stage
+    that reads one checks that.)"""
+    if stage == "all":
+        return
+    missing = [s.name for s in plan if s.name in stages.CACHED_INPUTS and s.name != stage and not cache.has_any(s.name)]
+    if missing:
+        raise CacheError(f"stage={stage} reuses cached {missing} artifacts, and cache_dir={cache.root} holds none; "
+                         f"run stage={missing[0]} (or stage=all) first")
+
+
+def _no_per_model_progress_bars() -> None:
+    """Turn off transformers' bars of loading and saving one model ("Loading weights", "Writing
+    model shards"): a job loads and saves models a dozen times, each bar a line of noise between
+    the stages' own bars. Hub downloads keep theirs."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns off the hub's
+    if hub_bars:
+        enable_progress_bars()
 
 
 class JobInterrupted(SystemExit):

@@ -16,7 +16,8 @@ is comparable across prompts with different k, the raw rating is not.
 
 Judges are pluggable (:class:`Judge`: anything with ``complete(prompt) -> str``):
 :class:`OpenAICompatibleJudge` (any ``/v1/chat/completions`` endpoint — vLLM, OpenAI, ...;
-stdlib ``urllib`` only) and :class:`HFJudge` (a local transformers model, loaded lazily).
+through the ``openai`` SDK, the ``judge`` extra) and :class:`HFJudge` (a local transformers
+model, loaded lazily).
 
 A failed call or an unparsable judgement is recorded as **missing** (NaN ``score`` and a
 ``judge_error``) and counted by :func:`summarize_judgements`; it is never replaced by a
@@ -25,13 +26,9 @@ default score.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
@@ -176,15 +173,16 @@ def distinct_from_score(score: float, k: int) -> float:
 # judges
 # --------------------------------------------------------------------------------------
 class OpenAICompatibleJudge:
-    """A judge behind an OpenAI-compatible chat-completions endpoint.
+    """A judge behind an OpenAI-compatible chat-completions endpoint, called through the
+    ``openai`` SDK (``pip install 'disa[judge]'``; vLLM brings it too).
 
     ``base_url`` is the API root including the version, e.g. ``http://localhost:8000/v1``
-    (vLLM's ``vllm serve``) or ``https://api.openai.com/v1``; the request goes to
-    ``{base_url}/chat/completions``. The key is read from the environment variable
-    ``api_key_env`` at call time (never stored, never logged); without it no
-    ``Authorization`` header is sent (local servers need none). Transient failures (network
-    errors, HTTP 429 and 5xx) are retried ``retries`` times with exponential backoff; other
-    HTTP errors raise :class:`JudgeError` at once.
+    (vLLM's ``vllm serve``) or ``https://api.openai.com/v1``. The key is read from the
+    environment variable ``api_key_env`` at each call (never stored on the judge, never
+    logged); without one the placeholder ``EMPTY`` is sent, as local servers that check no
+    key expect. The SDK retries transient failures (connection errors, HTTP 408, 409, 429 and
+    5xx) ``retries`` times with exponential backoff that honours ``Retry-After``; a failure
+    that remains raises :class:`JudgeError`.
     """
 
     def __init__(
@@ -197,71 +195,50 @@ class OpenAICompatibleJudge:
         temperature: float = 0.0,
         max_tokens: int = 1024,
         retries: int = 2,
-        backoff_s: float = 1.0,
         system_prompt: str | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
         self.timeout = timeout
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.retries = retries
-        self.backoff_s = backoff_s
         self.system_prompt = system_prompt
         self.extra_body = dict(extra_body or {})
 
     def __repr__(self) -> str:
-        return f"OpenAICompatibleJudge(url={self.url!r}, model={self.model!r})"
-
-    def _request(self, prompt: str) -> urllib.request.Request:
-        messages = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            **self.extra_body,
-        }
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return urllib.request.Request(
-            self.url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
-        )
+        return f"OpenAICompatibleJudge(base_url={self.base_url!r}, model={self.model!r})"
 
     def complete(self, prompt: str) -> str:
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                with urllib.request.urlopen(self._request(prompt), timeout=self.timeout) as r:
-                    payload = json.loads(r.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace") if e.fp else ""
-                last = JudgeError(f"HTTP {e.code} from {self.url}: {detail}")
-                if e.code == 429 or e.code >= 500:
-                    continue
-                raise last from e
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                last = JudgeError(f"request to {self.url} failed: {e}")
-                continue
-            except json.JSONDecodeError as e:
-                raise JudgeError(f"non-JSON response from {self.url}: {e}") from e
-            try:
-                content = payload["choices"][0]["message"]["content"]
-            except (KeyError, IndexError, TypeError) as e:
-                raise JudgeError(f"malformed response from {self.url}: {str(payload)[:300]}") from e
-            if not isinstance(content, str):
-                raise JudgeError(f"no text content in the response from {self.url}")
-            return content
-        raise last if last else JudgeError("no attempt made")
+        try:
+            import openai
+        except ImportError as e:
+            raise ImportError("the OpenAI-compatible judge needs the 'judge' extra: pip install 'disa[judge]'") from e
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        where = f"{self.base_url}/chat/completions"
+        try:
+            with openai.OpenAI(base_url=self.base_url, api_key=key or "EMPTY", timeout=self.timeout,
+                               max_retries=self.retries) as client:
+                reply = client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                    extra_body=self.extra_body or None)
+        except openai.APIStatusError as e:
+            raise JudgeError(f"HTTP {e.status_code} from {where}: {str(e)[:300]}") from e
+        except openai.APIConnectionError as e:  # timeouts included
+            raise JudgeError(f"request to {where} failed: {e}") from e
+        except openai.OpenAIError as e:  # a response that does not decode
+            raise JudgeError(f"malformed response from {where}: {str(e)[:300]}") from e
+        try:
+            content = reply.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as e:
+            raise JudgeError(f"malformed response from {where}: {str(reply)[:300]}") from e
+        if not isinstance(content, str):
+            raise JudgeError(f"no text content in the response from {where}")
+        return content
 
 
 class HFJudge:

@@ -15,16 +15,55 @@ naive full-logits path.
 ``temperature``/``top_k``/``top_p`` give the log-density of the *processed* distribution a
 sampler actually drew from (HF's order: temperature, then top-k, then top-p), which is what
 ``log μ`` must be for importance sampling; the defaults give the model's own density.
+
+On a GPU the model's own density (temperature 1, no top-k/top-p) can also come from a fused
+kernel that never materialises a chunk of logits (``impl``, the training's
+``scoring.logprob_impl``): liger-kernel's fused linear cross-entropy (``liger``) or Apple's
+cut-cross-entropy (``cce``), both Triton and CUDA only, optional extras imported here alone.
+They compute the same function as the chunked path, which stays the reference: processed
+densities always take it, and the tests compare the fused ones against it on a GPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+#: backends of :func:`token_logprobs` (``scoring.logprob_impl``): the chunked projection, or a
+#: fused kernel → (the module it imports, the extra that installs it)
+LOGPROB_IMPLS = {"chunked": None, "liger": ("liger_kernel", "liger"), "cce": ("cut_cross_entropy", "cce")}
+
+
+class LogProbBackendError(RuntimeError):
+    """A fused log-prob backend that cannot run here (the message names the setting)."""
+
+
+def logprob_impl_problem(impl: str, *, on_cuda: bool, half_precision: bool | None = None) -> str | None:
+    """Why the backend ``impl`` cannot compute log-probs here, or None where it can.
+
+    ``on_cuda``: the log-probs are computed on a CUDA device; ``half_precision``: in bf16 or
+    fp16 (None: not known yet). cut-cross-entropy's backward takes bf16/fp16 inputs only.
+    """
+    if impl not in LOGPROB_IMPLS:
+        return f"scoring.logprob_impl={impl!r} is not known; allowed: {list(LOGPROB_IMPLS)}"
+    if LOGPROB_IMPLS[impl] is None:
+        return None
+    module, extra = LOGPROB_IMPLS[impl]
+    if not on_cuda:
+        return (f"scoring.logprob_impl={impl!r} runs Triton kernels on a CUDA device, but training runs on the "
+                "CPU; allowed: 'chunked' (or a GPU trainer, e.g. trainer=gpu)")
+    if importlib.util.find_spec(module) is None:
+        return (f"scoring.logprob_impl={impl!r} is not installed: it needs the {extra!r} extra: "
+                f"pip install 'disa[{extra}]' (or use scoring.logprob_impl=chunked)")
+    if impl == "cce" and half_precision is False:
+        return ("scoring.logprob_impl='cce' needs bf16 or fp16 compute (cut-cross-entropy's backward takes no "
+                "float32): trainer.precision=bf16-mixed, or scoring.logprob_impl=liger / chunked")
+    return None
 
 
 @dataclass
@@ -167,6 +206,36 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
+def _fused(impl: str, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(h Wᵀ + b)[target]`` ``[N]`` (float32) by the fused kernel ``impl``, in the
+    compute dtype the chunked path would use; gradients reach ``h``, ``weight`` and ``bias``."""
+    dtype = _compute_dtype(h, weight)
+    problem = logprob_impl_problem(impl, on_cuda=h.device.type == "cuda",
+                                   half_precision=dtype in (torch.bfloat16, torch.float16))
+    if problem:
+        raise LogProbBackendError(problem)
+    with torch.autocast(h.device.type, enabled=False):
+        h, w = h.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        if impl == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            # reduction="none": per-token losses, whose backward takes per-token gradients (DISA's
+            # differ per sequence); weight gradients accumulated in float32 as the chunked path does
+            nll = liger_fused_linear_cross_entropy(h, w, targets, b, reduction="none", accum_dtype=torch.float32)
+        else:
+            if b is not None:
+                raise LogProbBackendError("scoring.logprob_impl='cce' takes no output-head bias, and this model's "
+                                          "head has one; allowed: 'liger' or 'chunked'")
+            from cut_cross_entropy import linear_cross_entropy
+
+            # filter_eps=None: the exact gradient. Its default skips softmax entries below bf16
+            # resolution, which on a flat softmax (a large vocabulary early in training) is most of them.
+            nll = linear_cross_entropy(h, w, targets, reduction="none", filter_eps=None)
+    return -nll.float()
+
+
 def _decoder_and_head(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     return inner.get_decoder(), inner.get_output_embeddings()
@@ -180,11 +249,15 @@ def token_logprobs(
     top_k: int = 0,
     top_p: float = 1.0,
     chunk_size: int = 2048,
+    impl: str = "chunked",
     return_hidden: bool = False,
 ):
     """Per-token log-probs of the completion tokens under ``model``: ``[B, T]``, 0 where
     ``completion_mask`` is 0. With ``return_hidden`` also the last hidden states
-    ``[B, P+T, H]`` (FlowRL's log Z head pools them over the prompt)."""
+    ``[B, P+T, H]`` (FlowRL's log Z head pools them over the prompt).
+
+    ``impl``: a key of :data:`LOGPROB_IMPLS`. A fused backend computes the model's own density
+    only; with ``temperature``/``top_k``/``top_p`` the chunked path runs whatever ``impl`` says."""
     decoder, head = _decoder_and_head(model)
     hidden = decoder(
         input_ids=batch.input_ids,
@@ -196,7 +269,9 @@ def token_logprobs(
     mask = batch.completion_mask.bool()  # [B, T]
     h = hidden[:, P - 1 : -1][mask]  # [N, H]: the state that predicts each completion token
     targets = batch.input_ids[:, P:][mask]  # [N]
-    if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+    if impl != "chunked" and temperature == 1.0 and not top_k and top_p >= 1.0:
+        lp = _fused(impl, h, head.weight, head.bias, targets)
+    elif torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
         lp = _ChunkedLogProbs.apply(h, head.weight, head.bias, targets, chunk_size, temperature, top_k, top_p)
     else:
         lp, _ = _project(h, head.weight, head.bias, targets, chunk_size, temperature, top_k, top_p,

@@ -65,6 +65,7 @@ class Settings:
     prompts_per_shard: int  #: prompts per shard of the sample stage (a resume point)
     score_batch_size: int  #: sequences per scoring forward pass (scoring.batch_size)
     chunk_size: int  #: rows of the vocabulary projection computed at once (scoring.chunk_size; scoring and training)
+    logprob_impl: str  #: backend of the training's log-probs (scoring.logprob_impl): chunked | liger | cce
     train_batch_size: int  #: trajectories per optimizer step (algorithm.batch_size)
     eval_k: int  #: samples per held-out prompt (eval.k)
     chat_template: bool  #: prompts are wrapped in the tokenizer's chat template (task.chat_template)
@@ -88,6 +89,7 @@ class Settings:
                                                          max_new_tokens=int(cfg.sampler.max_new_tokens)),
             sample_batch_size=int(cfg.sampler.batch_size), prompts_per_shard=int(cfg.sampler.prompts_per_shard),
             score_batch_size=int(cfg.scoring.batch_size), chunk_size=int(cfg.scoring.chunk_size),
+            logprob_impl=str(cfg.scoring.get("logprob_impl", "chunked")),
             train_batch_size=int(alg.batch_size), eval_k=int(cfg.eval.k),
             chat_template=bool(cfg.task.get("chat_template", False)),
         )

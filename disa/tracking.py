@@ -79,7 +79,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             continue
         else:
             extra = {}
-        loggers.append(instantiate(lcfg, save_dir=str(run_dir), **extra))
+        lg = instantiate(lcfg, save_dir=str(run_dir), **extra)
+        if name == "wandb" and getattr(lg, "_wandb_init", {}).get("anonymous", "") is None:
+            # Lightning passes anonymous=None to wandb.init, which W&B 0.19+ answers with a
+            # deprecation warning on every run; None is W&B's default anyway
+            del lg._wandb_init["anonymous"]
+        loggers.append(lg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)

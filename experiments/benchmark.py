@@ -6,6 +6,7 @@ one online update of FlowRL and GRPO, measured on the same tokens in one run.
                                                                         # CPU: Qwen2.5's vocabulary
     python experiments/benchmark.py --device cuda --preset qwen0.5b --seq-lens 1024,2048,4096
     python experiments/benchmark.py --quick --out /tmp/b.json           # seconds (tests)
+    python experiments/benchmark.py --device cuda --impls liger,cce     # + the fused backends
 
 Prints a table per section and writes everything to ``--out`` (JSON). Sections:
 
@@ -14,10 +15,12 @@ Prints a table per section and writes everything to ``--out`` (JSON). Sections:
   registered DISA loss, AdamW), ``sft_chunked`` (the same path with NLL: "what a supervised
   step costs" with the same machinery), ``sft_hf`` (transformers' own ``labels=`` loss on
   full logits, the usual SFT step) and ``naive`` (DISA on full logits → ``log_softmax`` →
-  gather, as most RL code computes log-probs);
-- ``scoring``: no-grad ``token_logprobs`` against the naive no-grad path (the score stage);
+  gather, as most RL code computes log-probs), and ``disa_liger`` / ``disa_cce``: the DISA step
+  through a fused log-prob backend (``scoring.logprob_impl``; GPU, where its extra is installed);
+- ``scoring``: no-grad ``token_logprobs`` against the naive no-grad path (the score stage) and
+  the fused backends;
 - ``memory``: peak memory of the log-prob computation at the real Qwen vocabulary (151,936)
-  on a tiny Qwen2-shaped model (CPU) or on the preset model (GPU), chunked against naive;
+  on a tiny Qwen2-shaped model (CPU) or on the preset model (GPU), chunked and fused against naive;
 - ``online``: one FlowRL and one GRPO update built from
   :class:`disa.training.online.OnlinePolicyModule` (HF ``generate`` of ``group_size``
   completions per prompt, old-policy and, where the algorithm needs it, reference passes,
@@ -59,7 +62,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from disa.losses import get_loss  # noqa: E402
-from disa.scoring import Batch, pack, token_logprobs  # noqa: E402
+from disa.scoring import Batch, logprob_impl_problem, pack, token_logprobs  # noqa: E402
 
 QWEN_VOCAB = 151_936
 #: dense bf16 tensor-core peak (FLOP/s) by device-name substring; the first match wins
@@ -72,6 +75,7 @@ TARGETS = {
     "logprob_memory_ratio": ("log-prob peak memory, chunked / naive (vocab 151,936; batch >= 4 chunks)", "<= 0.25"),
     "scoring_mfu": ("scoring (no-grad token_logprobs) MFU on GPU", ">= 0.50"),
     "flowrl_over_disa": ("one FlowRL online update / one DISA update (same trajectories)", "reported"),
+    "disa_fused_vs_chunked": ("DISA step tokens/s, fastest fused backend / chunked (GPU)", "reported"),
 }
 
 
@@ -229,8 +233,10 @@ def _sft_labels(batch: Batch) -> torch.Tensor:
     return labels
 
 
-def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp) -> dict[str, Callable[[], None]]:
-    """One optimizer step of each method, on the same batch."""
+def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp,
+             fused: tuple[str, ...] = ()) -> dict[str, Callable[[], None]]:
+    """One optimizer step of each method, on the same batch (``fused``: the fused log-prob
+    backends to time, as ``disa_<backend>``)."""
     disa = get_loss("disa")
     mask = batch.completion_mask
 
@@ -239,9 +245,10 @@ def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp) -> dict[str
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def disa_step():
+    def disa_step(impl: str = "chunked"):
         with amp():
-            loss, _ = disa(token_logprobs(model, batch, chunk_size=chunk), mask, cache, disa.make_options({}, beta=2.0))
+            loss, _ = disa(token_logprobs(model, batch, chunk_size=chunk, impl=impl), mask, cache,
+                           disa.make_options({}, beta=2.0))
         finish(loss)
 
     def sft_chunked():
@@ -261,19 +268,28 @@ def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp) -> dict[str
             loss, _ = disa(_naive_logprobs(model, batch), mask, cache, disa.make_options({}, beta=2.0))
         finish(loss)
 
-    return {"disa": disa_step, "sft_chunked": sft_chunked, "sft_hf": sft_hf, "naive": naive}
+    return {"disa": disa_step, "sft_chunked": sft_chunked, "sft_hf": sft_hf, "naive": naive,
+            **{f"disa_{impl}": partial(disa_step, impl) for impl in fused}}
 
 
-def score_fns(model, batch: Batch, chunk: int) -> dict[str, Callable[[], None]]:
+def score_fns(model, batch: Batch, chunk: int, fused: tuple[str, ...] = ()) -> dict[str, Callable[[], None]]:
     @torch.no_grad()
-    def chunked():
-        token_logprobs(model, batch, chunk_size=chunk)
+    def scored(impl: str = "chunked"):
+        token_logprobs(model, batch, chunk_size=chunk, impl=impl)
 
     @torch.no_grad()
     def naive():
         _naive_logprobs(model, batch)
 
-    return {"chunked": chunked, "naive": naive}
+    return {"chunked": scored, "naive": naive, **{impl: partial(scored, impl) for impl in fused}}
+
+
+def fused_backends(args, device: torch.device) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The fused backends of ``--impls`` that run here, and why each other one does not."""
+    half = args.precision == "bf16-mixed"
+    problems = {impl: logprob_impl_problem(impl, on_cuda=device.type == "cuda", half_precision=half)
+                for impl in args.impls}
+    return tuple(i for i, p in problems.items() if p is None), {i: p for i, p in problems.items() if p}
 
 
 # -- online updates ------------------------------------------------------------------------------
@@ -410,6 +426,9 @@ def run(args) -> dict[str, Any]:
     bf16 = args.precision == "bf16-mixed"
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     peak, peak_source = peak_flops(device, args.peak_tflops)
+    fused, skipped = fused_backends(args, device)
+    for why in skipped.values():
+        print(f"not timed: {why}", flush=True)
     model = build_model(args.preset, max(seq_lens), args.quick).to(device).train()
     vocab, N = model.config.vocab_size, matmul_params(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -423,7 +442,7 @@ def run(args) -> dict[str, Any]:
         "train_precision": args.precision, "score_dtype": "bfloat16" if bf16 else "float32",
         "peak_flops": peak, "peak_flops_source": peak_source, "warmup": args.warmup, "reps": args.reps,
         "quick": args.quick, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "load_average_at_start": os.getloadavg()[0],
+        "load_average_at_start": os.getloadavg()[0], "fused_backends": list(fused), "fused_skipped": skipped,
     }, "steps": [], "scoring": [], "memory": [], "online": [], "generation": []}
 
     for S in seq_lens:
@@ -433,7 +452,7 @@ def run(args) -> dict[str, Any]:
             raise SystemExit(f"--seq-lens {S} <= --prompt-len {args.prompt_len}")
         batch, cache = random_batch(B, args.prompt_len, T, vocab, device)
         tokens = B * S
-        for name, fn in step_fns(model, opt, batch, cache, args.chunk_size, amp).items():
+        for name, fn in step_fns(model, opt, batch, cache, args.chunk_size, amp, fused).items():
             if name == "naive" and args.skip_naive:
                 continue
             # first call outside the measurement: the optimizer state exists before memory is measured
@@ -441,12 +460,12 @@ def run(args) -> dict[str, Any]:
             if row.get("oom"):
                 opt.zero_grad(set_to_none=True)
             res["steps"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name} | row)
-        for name, fn in score_fns(scorer, batch.to(device), args.chunk_size).items():
+        for name, fn in score_fns(scorer, batch.to(device), args.chunk_size, fused).items():
             row = measure(fn, device, args, tokens=tokens, flops_per_token=2 * N, peak=peak)
             res["scoring"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name} | row)
         _progress(res, S)
 
-    res["memory"] = memory_comparison(args, device, amp)
+    res["memory"] = memory_comparison(args, device, amp, fused)
     S = args.online_seq_len or seq_lens[0]
     B = args.batch or max(1, args.tokens_per_step // S)
     group = min(args.group_size, B)
@@ -476,9 +495,9 @@ def run(args) -> dict[str, Any]:
     return res
 
 
-def memory_comparison(args, device, amp) -> list[dict[str, Any]]:
-    """Peak memory of chunked against naive log-probs, with and without gradients, at the real
-    vocabulary: a tiny Qwen2-shaped model on CPU, the preset model on GPU."""
+def memory_comparison(args, device, amp, fused: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Peak memory of chunked and fused against naive log-probs, with and without gradients, at
+    the real vocabulary: a tiny Qwen2-shaped model on CPU, the preset model on GPU."""
     if device.type == "cuda" and args.preset == "qwen0.5b" and not args.quick:
         model = build_model("qwen0.5b", args.mem_seq_len).to(device)
     else:
@@ -494,10 +513,10 @@ def memory_comparison(args, device, amp) -> list[dict[str, Any]]:
     for grad in (False, True):
         base = None
         chunks = sorted({n, max(1, n // 4), min(args.chunk_size, n)}, reverse=True)  # one chunk, four, the default
-        for name, c in [("naive", None), *(("chunked", c) for c in chunks)]:
+        for name, c in [("naive", None), *(("chunked", c) for c in chunks), *((impl, None) for impl in fused)]:
             model.zero_grad(set_to_none=True)
             try:
-                mib = peak_memory(partial(_logprob_pass, model, batch, c, grad, amp), device) / 2**20
+                mib = peak_memory(partial(_logprob_pass, model, batch, c, grad, amp, name), device) / 2**20
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({"grad": grad, "method": name, "chunk_size": c, "oom": True})
@@ -510,10 +529,11 @@ def memory_comparison(args, device, amp) -> list[dict[str, Any]]:
     return rows
 
 
-def _logprob_pass(model, batch: Batch, chunk: int | None, grad: bool, amp) -> None:
-    """Log-probs (naive when ``chunk`` is None), and their backward when ``grad``."""
+def _logprob_pass(model, batch: Batch, chunk: int | None, grad: bool, amp, impl: str) -> None:
+    """Log-probs by ``impl`` (naive | chunked | a fused backend), and their backward when ``grad``."""
     with torch.set_grad_enabled(grad), amp():
-        lp = _naive_logprobs(model, batch) if chunk is None else token_logprobs(model, batch, chunk_size=chunk)
+        lp = (_naive_logprobs(model, batch) if impl == "naive"
+              else token_logprobs(model, batch, chunk_size=chunk or 2048, impl=impl))
     if grad:
         lp.sum().backward()
 
@@ -530,6 +550,8 @@ def targets(res: dict, cuda: bool) -> dict[str, dict[str, Any]]:
     mem = [r["ratio_to_naive"] for r in res["memory"] if r["method"] == "chunked" and r.get("ratio_to_naive") is not None
            and 4 * r["chunk_size"] <= r["completion_tokens"]]
     flowrl = [r for r in res["online"] if r["algorithm"] == "flowrl"]
+    fused = [disa[r["seq_len"]]["seconds"] / r["seconds"] for r in res["steps"]
+             if r["method"].startswith("disa_") and not r.get("oom") and r["seq_len"] in disa]
     values = {
         "disa_mfu": min((r["mfu"] for r in disa.values()), default=None),
         "disa_vs_sft": min((disa[s]["tokens_per_s"] / sft[s]["tokens_per_s"] for s in disa if s in sft), default=None),
@@ -538,6 +560,7 @@ def targets(res: dict, cuda: bool) -> dict[str, dict[str, Any]]:
         "logprob_memory_ratio": max(mem, default=None),
         "scoring_mfu": min((r["mfu"] for r in score.values()), default=None),
         "flowrl_over_disa": flowrl[0]["ratio_to_disa"] if flowrl else None,
+        "disa_fused_vs_chunked": max(fused, default=None),
     }
     out = {}
     for key, (what, rule) in TARGETS.items():
@@ -629,6 +652,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--online-seq-len", type=int, default=None, help="sequence length of the online comparison")
     p.add_argument("--skip-online", action="store_true")
     p.add_argument("--skip-naive", action="store_true", help="skip the naive training step (it may not fit)")
+    p.add_argument("--impls", default="liger,cce",
+                   help="fused log-prob backends timed beside chunked and naive (scoring.logprob_impl); each is "
+                        "skipped, with the reason printed, where it cannot run (CPU, extra not installed); '' for none")
     p.add_argument("--mem-vocab", type=int, default=QWEN_VOCAB, help="vocabulary of the CPU memory comparison")
     p.add_argument("--mem-batch", type=int, default=None)
     p.add_argument("--mem-seq-len", type=int, default=None)
@@ -638,6 +664,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON output (default: outputs/benchmark/benchmark-PRESET-DEVICE.json)")
     a = p.parse_args(argv)
     a.preset = a.preset or ("qwen0.5b" if a.device == "cuda" else "embedded")
+    a.impls = tuple(i.strip() for i in a.impls.split(",") if i.strip())
     a.precision = a.precision or ("bf16-mixed" if a.device == "cuda" else "32-true")
     gpu = a.preset == "qwen0.5b" and not a.quick
     defaults = {"seq_lens": "1024,2048,4096" if gpu else "32,128,512", "tokens_per_step": 16384 if gpu else 4096,

@@ -37,6 +37,15 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="module")
+def make_cfg(repo):
+    """``make_cfg(*overrides)``: the config ``run.py`` composes with those overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))
+
+
 @pytest.fixture(scope="session")
 def char_tok():
     """Character tokenizer over "abcdef": ids 0..3 are <pad>, <bos>, <eos>, <unk>."""

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED: dict[str, set[str]] = {
     # foundations: pure math and infrastructure, importing nothing of the harness
     "anchor": set(), "losses": set(), "cache": set(), "tokenization": set(), "scoring": set(),
-    "sandbox": set(), "tracking": set(),
+    "sandbox": set(), "tracking": set(), "executors": set(),
     "settings": {"anchor", "losses"},
     # components
     "analysis": {"anchor"},
@@ -25,12 +25,12 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"sandbox", "tokenization"},
     "sampling": {"settings", "tokenization", "scoring"},
     "models": {"cache", "scoring", "tokenization"},
-    "config": {"losses", "models", "tasks"},
+    "config": {"executors", "losses", "models", "scoring", "tasks"},
     "training": {"cache", "losses", "models", "sampling", "scoring", "settings", "tokenization"},
     # the stage layer, and the job that runs it
-    "stages": {"anchor", "cache", "evaluation", "judge", "models", "oracle", "sampling", "scoring", "settings",
-               "studies", "tasks", "tokenization", "training"},
-    "job": {"cache", "config", "models", "settings", "stages", "tasks", "tracking"},
+    "stages": {"anchor", "cache", "evaluation", "executors", "judge", "models", "oracle", "sampling", "scoring",
+               "settings", "studies", "tasks", "tokenization", "training"},
+    "job": {"cache", "config", "executors", "models", "settings", "stages", "tasks", "tracking"},
 }
 #: third-party packages that only some units may import: the trainer stays in training/
 ONLY_IN = {"lightning": {"training"}}

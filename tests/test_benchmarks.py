@@ -317,3 +317,28 @@ def test_row_slices_give_disjoint_sources(tmp_path):
         load_benchmark({"name": "g", **base, "start": 20}, root=tmp_path)
     with pytest.raises(ValueError, match=r"start=5, stop=5; allowed: integers 0 <= start < stop"):
         BenchmarkSpec.from_dict({"name": "g", **base, "start": 5, "stop": 5})
+
+
+# -- malformed golds ------------------------------------------------------------------------------
+def test_malformed_golds_stop_the_load_with_their_ids(tmp_path):
+    rows = [{"id": "ok", "problem": "p", "answer": r"\frac{1}{2}"},
+            {"id": "cut", "problem": "p", "answer": r"\frac{"},
+            {"id": "closing", "problem": "p", "answer": "1}"},
+            {"id": "left", "problem": "p", "answer": r"\left( 1, 2"},
+            {"id": "text", "problem": "p", "answer": "62.5%"}]  # not LaTeX, but complete: kept
+    _write_jsonl(tmp_path / "m.jsonl", rows)
+    with pytest.raises(ValueError) as e:
+        load_benchmark(BenchmarkSpec("m", "m.jsonl", "problem", "answer", "id"), root=tmp_path)
+    msg = str(e.value)
+    assert "3 item(s) whose gold answer is malformed LaTeX" in msg and "ids [cut, closing, left]" in msg
+    assert "cut: '\\\\frac{' (1 brace(s) never closed)" in msg
+
+
+def test_no_gold_of_the_six_local_math_sets_is_malformed(bench_root):
+    """The rule refuses no real gold: every gold of AIME24, AMC23, MATH500, Minerva,
+    OlympiadBench and GSM8K is well-formed (each loads; the load refuses malformed ones)."""
+    from disa.tasks.math_reward import malformed_gold
+
+    for name in ("aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k"):
+        df = load_benchmark(MATH_BENCHMARKS[name], root=bench_root)
+        assert [g for g in df.gold if malformed_gold(g)] == [], name

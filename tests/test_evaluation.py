@@ -225,6 +225,18 @@ def test_policy_metrics_per_benchmark_and_macro():
     assert m["one.mean_at_k"] == m["macro.mean_at_k"] == m["mean_at_k"] == pytest.approx(3 / 8)
 
 
+def test_a_benchmark_with_no_graded_sample_is_counted_not_averaged_away():
+    s = _policy_samples()
+    s.loc[s.benchmark == "two", "reward"] = np.nan  # every sample of "two" failed grading
+    m = evaluation.policy_metrics(s, [1], beta=1.0)
+    assert m["two.reward_missing"] == 4 and m["one.reward_missing"] == 0 and m["reward_missing"] == 4
+    assert "two.mean_at_k" not in m and "one.mean_at_k" in m
+    assert not any(k.startswith("macro.") for k in m)  # not a macro over "one" alone
+    s["reward"] = np.nan
+    with pytest.raises(ValueError, match=r"every evaluation sample \(12 of benchmarks \['one', 'two'\]\) failed"):
+        evaluation.policy_metrics(s, [1], beta=1.0)
+
+
 def test_policy_metrics_macro_only_where_every_benchmark_has_the_metric():
     s = _policy_samples()
     s = s[~((s.benchmark == "two") & (s.index % 4 >= 2))]  # "two" keeps 2 samples of C: no pass@4
@@ -242,7 +254,7 @@ def test_policy_metrics_leaves_failed_grades_out_and_counts_them():
     assert m["mean_at_k"] == pytest.approx(graded.reward.mean()) and m["k"] == 3
     assert m["tokens_generated"] == int(s.n_tokens.sum())  # the failed samples were still generated
     s["reward"] = np.nan
-    with pytest.raises(ValueError, match=r"^every evaluation sample failed grading; see the grader settings \(task.grader\)$"):
+    with pytest.raises(ValueError, match=r"^every evaluation sample \(12 of benchmarks .*failed grading.*\(task.grader\)$"):
         evaluation.policy_metrics(s, [1], beta=1.0)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fs_support import tmpfs
 
 from disa.cache import Cache, CacheError
 from disa.config import ConfigError
@@ -533,6 +534,36 @@ def test_killed_training_resumes_to_the_same_result(seed, ref, tmp_path):
     assert max_diff == 0.0, f"max |Δw| = {max_diff} after resuming from step {step_at_kill}"
 
 
+def test_training_on_a_full_filesystem_fails_cleanly_and_resumes_exactly(seed, ref, tmp_path):
+    """The cache on a small tmpfs (another filesystem than the temp dir): the first
+    checkpoint fits, the second does not. The job fails naming the file, leaves no
+    truncated checkpoint and no temp file, seals nothing; given room, the next job resumes
+    from the last whole checkpoint to the uninterrupted run's result."""
+    inputs = ("backbone", "sample", "score", "oracle", "anchor", "evaluate")
+    used = sum(f.stat().st_size for st in inputs for f in (seed / "cache" / st).rglob("*") if f.is_file())
+    ckpt = (seed / "cache" / "train" / ref["artifact.train"] / "checkpoints" / "last.ckpt").stat().st_size
+    # room for the inputs, a step checkpoint and last.ckpt, not for the next step's checkpoint
+    with tmpfs(tmp_path / "cache", f"{(used + int(2.5 * ckpt)) // 1024}k") as cache:
+        fresh_cache(seed, cache, inputs)
+        proc = run_py(cache, tmp_path / "full", check=False)
+        assert proc.returncode != 0
+        out = proc.stdout + proc.stderr
+        assert "No space left on device" in out and "could not write" in out, out[-3000:]
+        (train_dir,) = (cache / "train").iterdir()
+        assert not (train_dir / "manifest.json").exists()  # nothing sealed
+        assert not list(cache.rglob("*.tmp"))  # the failed write's temp file is gone
+        for ckpt in train_dir.glob("checkpoints/*.ckpt"):
+            torch.load(ckpt, map_location="cpu", weights_only=False)  # every checkpoint left is whole
+        subprocess.run(["mount", "-o", "remount,size=256m", str(cache)], check=True)
+        run_py(cache, tmp_path / "resumed")
+        got = summary(tmp_path / "resumed")
+        assert got["train.resumed"] is True and got["train.steps"] == 20
+        assert got["train.loss"] == ref["train.loss"] and got["policy.mean_at_k"] == ref["policy.mean_at_k"]
+        for manifest_path in cache.rglob("manifest.json"):  # every sealed file verifies
+            art = Cache(cache).artifact(manifest_path.parent.parent.name, manifest(manifest_path.parent)["spec"])
+            art.verify()
+
+
 def test_batch_order_is_a_function_of_the_step():
     """What makes 7. hold: the data module starts at the batch the checkpoint got to."""
     from disa.training.data import StepBatches
@@ -579,7 +610,7 @@ def test_misspelt_setting_is_refused():
     ("sampler.prompts_per_shard=0", "sampler.prompts_per_shard=0 is invalid; allowed: an integer >= 1"),
     ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0 is invalid; allowed: an integer >= 1"),
     ("trainer.max_steps=-5", "trainer.max_steps=-5 is invalid; allowed: an integer >= 1"),
-    ("sampler.temperature=-1", "sampler.temperature=-1 is invalid; allowed: a number > 0"),
+    ("sampler.temperature=-1", "sampler.temperature=-1 is invalid; allowed: a number in [1e-3, 1e3]"),
     ("proposal.min_ess=0.5", "proposal.min_ess=0.5 is invalid; allowed: a number >= 1"),
     ("beta=nan", "beta=nan is invalid; allowed: a number in (0, 1e4]"),
     ("proposal.strength=nan", "proposal.strength=nan is invalid; allowed: a number in [0, 1]"),

@@ -80,8 +80,9 @@ def test_distinct_scaling():
 
 # -- a local OpenAI-compatible server ------------------------------------------------------
 class _Server:
-    def __init__(self, status: int = 200, reply: str = "Strategies differ.\nScore: 4"):
+    def __init__(self, status: int = 200, reply: str = "Strategies differ.\nScore: 4", first: tuple[int, ...] = ()):
         self.status, self.reply = status, reply
+        self.first = list(first)  # statuses of the first requests (429 carries Retry-After: 1)
         self.requests: list[dict] = []
         outer = self
 
@@ -95,8 +96,11 @@ class _Server:
                     self.send_response(404)
                     self.end_headers()
                     return
-                if outer.status != 200:
-                    self.send_response(outer.status)
+                status = outer.first.pop(0) if outer.first else outer.status
+                if status != 200:
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "1")
                     self.end_headers()
                     self.wfile.write(b"server error")
                     return
@@ -157,19 +161,22 @@ def test_openai_compatible_judge(server, monkeypatch):
     assert summary["mean_score"] == 4.0
 
 
-def test_no_key_no_auth_header(server, monkeypatch):
+def test_no_key_sends_the_placeholder_only(server, monkeypatch):
     monkeypatch.delenv("DISA_TEST_JUDGE_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-this-one")  # another variable is never read
     judge = OpenAICompatibleJudge(server.url, "m", api_key_env="DISA_TEST_JUDGE_KEY")
     assert parse_judgement(judge.complete("hi")) == 4
-    assert server.requests[0]["auth"] is None
+    assert server.requests[0]["auth"] == "Bearer EMPTY"
+    assert "sk-" not in repr(judge) and not any("sk-" in str(v) for v in vars(judge).values())
 
 
 def test_failing_endpoint_gives_missing_scores():
     s = _Server(status=500)
     try:
-        judge = OpenAICompatibleJudge(s.url, "m", retries=1, backoff_s=0.0, timeout=5)
+        judge = OpenAICompatibleJudge(s.url, "m", retries=1, timeout=5)
         with pytest.raises(JudgeError, match="HTTP 500"):
             judge.complete("x")
+        assert len(s.requests) == 2  # retried once by the SDK
         df = judge_diversity(judge, ITEMS[:2])
     finally:
         s.close()
@@ -179,6 +186,20 @@ def test_failing_endpoint_gives_missing_scores():
     summary = summarize_judgements(df)
     assert summary["n_missing"] == 2 and summary["n_scored"] == 0
     assert math.isnan(summary["mean_score"])  # never a default score
+
+
+def test_rate_limit_waits_as_the_server_asks():
+    """HTTP 429 with Retry-After: 1 is retried after the second the server asked for."""
+    import time
+
+    s = _Server(first=(429,))
+    try:
+        start = time.monotonic()
+        assert parse_judgement(OpenAICompatibleJudge(s.url, "m", retries=2, timeout=5).complete("x")) == 4
+        waited = time.monotonic() - start
+    finally:
+        s.close()
+    assert len(s.requests) == 2 and waited >= 0.9
 
 
 def test_unreachable_and_unparsable_are_missing():

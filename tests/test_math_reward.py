@@ -186,3 +186,62 @@ def test_benchmark_golds_grade_themselves(mv, repo):
 @pytest.mark.slow
 def test_every_benchmark_gold_grades_itself(mv, repo):
     _check_agreement(_agreement(repo, limit=None))
+
+
+# -- math-verify's extraction against the hand-written one ----------------------------------------
+def _parity(repo, limit):
+    """Over the golds of the six local math sets: grades of boxed completions (the gold, the
+    gold + 1, the next item's gold) through math-verify's anchored extraction and through the
+    boxed content parsed alone (the route it replaced); and grades of ``Answer:`` lines through
+    the hand-written marker and through math-verify's anchored extraction."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    from disa.tasks import math_reward as mr
+    from disa.tasks.benchmarks import MATH_BENCHMARKS, load_benchmark
+
+    sys.path.insert(0, str(repo / "experiments"))
+    import grading_report
+
+    anchored = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
+                ExprExtractionConfig(try_extract_without_anchor=False)]
+
+    def by(gold, pred):
+        return 1.0 if pred and verify(parse(mr._as_latex(gold), parsing_timeout=None), pred, timeout_seconds=None) else 0.0
+
+    boxed_diff, marker_diff, n_boxed, n_marker = [], [], 0, 0
+    for name in ("aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k"):
+        golds = [str(g) for g in load_benchmark(MATH_BENCHMARKS[name], root=_bench_root(), limit=limit).gold]
+        n_idx, n_wrong, o_idx, o_wrong = grading_report.wrong_answers(golds)
+        pairs = [(g, g) for g in golds] + [(golds[i], w) for i, w in zip(n_idx, n_wrong)]
+        pairs += [(golds[i], w) for i, w in zip(o_idx, o_wrong)]
+        for gold, answer in pairs:
+            completion = f"The final answer is \\boxed{{{answer}}}."
+            old = by(gold, parse(mr._as_latex(mr.last_boxed(completion)), parsing_timeout=None))
+            n_boxed += 1
+            if mr.grade_one(gold, completion) != old:
+                boxed_diff.append((name, gold, answer))
+        for gold in golds:
+            completion = f"Reasoning...\nAnswer: {gold}"
+            n_marker += 1
+            if mr.grade_one(gold, completion) != by(gold, parse(completion, extraction_config=anchored,
+                                                                 parsing_timeout=None)):
+                marker_diff.append((name, gold))
+    return boxed_diff, marker_diff, n_boxed, n_marker
+
+
+def test_math_verify_extraction_parity(mv, repo):
+    """First 40 golds of each set (``pytest -m slow``: all): math-verify's anchored extraction
+    grades every boxed completion as the boxed-content route did, so it replaced it; on
+    ``Answer:`` lines it misses answers the marker reads (bare LaTeX, sets, scientific
+    notation, text), so the marker stays."""
+    boxed_diff, marker_diff, n_boxed, n_marker = _parity(repo, limit=40)
+    assert n_boxed > 500 and boxed_diff == []
+    assert n_marker == 230 and len(marker_diff) == 30
+    assert ("math500", "p - q") in marker_diff and ("minerva_math", "4.5e33") in marker_diff
+
+
+@pytest.mark.slow
+def test_math_verify_extraction_parity_every_gold(mv, repo):
+    boxed_diff, marker_diff, n_boxed, _ = _parity(repo, limit=None)
+    assert boxed_diff == [], boxed_diff[:10]
+    assert marker_diff  # the reason the marker stays

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from fs_support import tmpfs
 
 from disa.training.checkpoints import (
     AtomicCheckpointIO,
@@ -144,3 +145,59 @@ def test_a_signal_during_training_exits_non_zero(sig, code):
                           env=os.environ | {"PYTHONWARNINGS": "ignore"})
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert "FIT RETURNED" not in proc.stdout
+
+
+# -- two filesystems ---------------------------------------------------------------------------
+_SLOW_WRITER = """
+import io, sys, time, torch
+from disa.training.checkpoints import AtomicCheckpointIO
+real_save = torch.save
+
+def slow_save(obj, f):
+    buf = io.BytesIO()
+    real_save(obj, buf)
+    data = buf.getvalue()
+    for i in range(0, len(data), 1 << 20):
+        f.write(data[i:i + (1 << 20)])
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(0.2)
+
+torch.save = slow_save
+big = {"state_dict": {"policy.w": torch.full((4_000_000,), 2.0)}, "global_step": 4}
+AtomicCheckpointIO().save_checkpoint(big, sys.argv[1])
+"""
+
+
+def test_checkpoint_on_another_filesystem_survives_a_kill_mid_write(tmp_path):
+    """The checkpoint directory on a tmpfs, the temp dir on the disk: a writer killed in
+    the middle of a 16 MB checkpoint leaves the previous ``last.ckpt`` whole under its name;
+    its temp file is removed when the artifact is built again."""
+    from disa.cache import Cache
+
+    with tmpfs(tmp_path / "cache", "64m") as root:
+        art = Cache(root).artifact("train", {"test": 1})
+        path = art.path / "checkpoints" / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint(_ckpt(1.0), path)
+        writer = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                                  cwd=Path(__file__).parents[1])
+        assert writer.stdout.readline().strip() == "writing"
+        writer.kill()
+        writer.wait()
+        verify_checkpoint(path)
+        assert float(torch.load(path, weights_only=False)["state_dict"]["policy.w"][0]) == 1.0
+        leftovers = list(path.parent.glob(".last.ckpt.*.tmp"))
+        assert leftovers, "the killed writer's temp file should be beside the checkpoint"
+        assert art.remove_stale_temp_files() == leftovers and not list(path.parent.glob("*.tmp"))
+
+
+def test_full_filesystem_keeps_the_last_checkpoint(tmp_path):
+
+    with tmpfs(tmp_path / "cache", "1m") as root:
+        io, path = AtomicCheckpointIO(), root / "last.ckpt"
+        io.save_checkpoint(_ckpt(1.0), path)
+        before = path.read_bytes()
+        big = {"state_dict": {"policy.w": torch.full((1_000_000,), 2.0)}, "global_step": 4}
+        with pytest.raises(OSError, match=r"last\.ckpt.*No space left"):
+            io.save_checkpoint(big, path)
+        assert path.read_bytes() == before and list(root.iterdir()) == [path]

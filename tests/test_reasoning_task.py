@@ -120,7 +120,8 @@ def test_math_hub_task_composes_without_a_benchmark_root(tmp_path):
 
     conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=["task=math_hub", f"task.root={tmp_path / 'absent'}"])
+        cfg = compose("config", overrides=["task=math_hub", f"task.root={tmp_path / 'absent'}", "backbone=hf",
+                                           f"backbone.path={tmp_path}", "proposal=ref"])
     validate(cfg)
     assert cfg.task.train.dataset == "openai/gsm8k" and cfg.task.train.path is None
     assert [e.dataset for e in cfg.task.eval_benchmarks] == ["HuggingFaceH4/MATH-500", "HuggingFaceH4/aime_2024"]

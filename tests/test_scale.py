@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_llama
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from disa.config import ConfigError, validate
@@ -31,12 +30,6 @@ import benchmark  # noqa: E402
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 VLLM_HINT = "sampler=vllm needs the 'vllm' extra: pip install 'disa[vllm]' on a CUDA machine"
-
-
-@pytest.fixture(scope="module")
-def make_cfg(repo):
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
 
 
 def _env() -> dict[str, str]:

@@ -512,3 +512,12 @@ def test_process_logits_defaults_are_the_identity_and_leading_dims_are_rows():
         rows = process_logits(logits.reshape(6, 12).clone(), temperature, top_k, top_p)
         assert torch.equal(got, rows.reshape(2, 3, 12)) and torch.isinf(got).any()
         assert torch.equal(rows, _hf_process(logits.reshape(6, 12).clone(), temperature, top_k, top_p))
+
+
+def test_sampler_left_pads_prompts_as_the_tokenizer_does(char_tok):
+    # HFSampler pads prompt ids itself (transformers 4's tokenizer.pad logs advice per tokenizer)
+    from disa.sampling.hf import _left_padded
+
+    want = char_tok.pad({"input_ids": PROMPTS}, return_tensors="pt")
+    got = _left_padded(PROMPTS, char_tok.pad_token_id, "cpu")
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])

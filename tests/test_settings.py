@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from disa.config import RENAMED, ConfigError, upgrade_config, upgrade_overrides, validate
 from disa.settings import SEED_RANGE, Settings, derive_seed
 from disa.stages import PROPOSAL_STAGES, STAGES, plan
-
-
-@pytest.fixture(scope="module")
-def make_cfg(repo):
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
 
 
 # -- derive_seed ---------------------------------------------------------------------------------

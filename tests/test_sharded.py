@@ -120,6 +120,23 @@ def test_fsdp2_cpu_trainer_preset():
     validate(_compose("trainer=fsdp2_cpu", "algorithm=lora_sft"))
 
 
+def test_fsdp2_gpu_preset_composes_and_validates():
+    # trainer=fsdp2 needs GPUs to run (experiments/gpu_check.py runs it); here: what it asks for
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from disa.config import validate
+
+    cfg = _compose("trainer=fsdp2")
+    validate(cfg)
+    t = cfg.trainer
+    assert (t.accelerator, t.devices, t.precision, t.use_distributed_sampler) == ("gpu", "auto", "bf16-mixed", False)
+    strategy = instantiate(t.strategy)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (t.strategy.data_parallel_size, t.strategy.tensor_parallel_size) == ("auto", 1)
+    assert t.strategy.save_distributed_checkpoint is False
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["algorithm=grpo"], "algorithm=grpo (online) with trainer.strategy=ModelParallelStrategy is not supported"),
     (["trainer.strategy.tensor_parallel_size=2"], "tensor_parallel_size=2 is not supported"),

@@ -30,6 +30,7 @@ def test_disa_step_grad_reaches_policy_not_anchor(char_tok):
     disa = get_loss("disa")
     module = PolicyModule(policy.train(), disa, disa.make_options({}, beta=2.0), lambda p: torch.optim.SGD(p, lr=0.1))
     module.log = module.log_dict = lambda *a, **k: None  # no trainer attached
+    module.optimizers = lambda: module.configure_optimizers()  # read for the logged learning rate
     batch = _batch(char_tok)
     batch["log_z_hat"] = torch.tensor([0.5, 1.0], requires_grad=True)
     batch["logp_ref_seq"] = torch.tensor([-3.0, -2.0], requires_grad=True)
@@ -96,6 +97,44 @@ def test_log_z_calibration_reads_what_the_loss_trains(char_tok):
     assert cal["log_z_phi_error"] == pytest.approx(err.mean(), abs=1e-6)
     assert cal["log_z_phi_abs_error"] == pytest.approx(np.abs(err).mean(), abs=1e-6)
     assert cal["log_z_phi_corr"] == pytest.approx(np.corrcoef(phi, exact.numpy())[0, 1], abs=1e-5)
+
+
+def test_a_group_with_a_missing_reward_is_dropped_whole(char_tok):
+    """A grader timeout (NaN) in one completion of prompt p1: p1's whole group leaves the
+    rollout and is counted; p0's group trains with its own statistics. Every group missing:
+    no update."""
+    from disa.losses import group_normalize
+
+    policy = tiny_llama(len(char_tok))
+    missing = {"p1"}
+    texts_seen: list[str] = []
+
+    def rewards(rows, texts):
+        texts_seen[:] = texts
+        out = [float(len(t) % 2) for t in texts]
+        first_of = {pid: i for i, pid in reversed(list(enumerate(rows.prompt_id)))}
+        for pid in missing & set(first_of):
+            out[first_of[pid]] = float("nan")  # one member of the group: a timeout
+        return out
+
+    task = type("T", (), {"rewards": lambda self, rows, texts: rewards(rows, texts)})()
+    prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["ab", "c"]})
+    grpo = get_loss("grpo")
+    module = OnlinePolicyModule(
+        policy, None, char_tok, task, prompts, HFSampler(64), SamplerSettings(max_new_tokens=3), grpo,
+        grpo.make_options({}), lambda p: torch.optim.SGD(p, lr=0.1), group_size=4, updates_per_rollout=1,
+        minibatch_size=8,
+    )
+    module.trainer = type("Tr", (), {"max_steps": 10})()
+    module._trainer = None
+    roll = module.rollout([0, 1])
+    assert module.groups_dropped == 1 and module.rollouts_done == 1
+    assert roll["input_ids"].shape[0] == 4 and roll["group_ids"].tolist() == [0, 0, 0, 0]
+    kept = torch.tensor([float(len(t) % 2) for t in texts_seen[:4]])  # p0's group, in order
+    assert torch.equal(roll["reward"], kept)
+    assert torch.allclose(roll["advantages"], group_normalize(kept, torch.zeros(4, dtype=torch.long), "group"))
+    missing.add("p0")
+    assert module.rollout([0, 1]) is None and module.groups_dropped == 3 and module.rollouts_done == 2
 
 
 def test_whole_group_minibatches(char_tok):

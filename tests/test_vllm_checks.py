@@ -11,17 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_llama
-from hydra import compose, initialize_config_dir
 
 from disa.config import ConfigError, validate
 from disa.sampling.vllm import LogprobMismatch, check_agreement, logprob_agreement, policy_weights
 from disa.stages.score import check_sampler_agreement
-
-
-@pytest.fixture(scope="module")
-def make_cfg(repo):
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
 
 
 # -- the agreement check -------------------------------------------------------------------------

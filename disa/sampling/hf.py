@@ -44,12 +44,26 @@ class HFSampler:
         torch.manual_seed(seed)
         for s in range(0, len(prompt_ids), per_batch):
             chunk = prompt_ids[s : s + per_batch]
-            enc = tokenizer.pad({"input_ids": [list(p) for p in chunk]}, return_tensors="pt").to(device)
+            enc = _left_padded(chunk, pad, device)
             seqs = model.generate(**enc, generation_config=gen)
-            seqs = seqs[:, enc.input_ids.shape[1] :].tolist()
+            seqs = seqs[:, enc["input_ids"].shape[1] :].tolist()
             for i in range(len(chunk)):
                 out.append([_until_eos(c, eos) for c in seqs[i * n : (i + 1) * n]])
         return out
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad: int, device) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, P]``: the prompts left-padded to the longest,
+    as ``generate`` takes them. (``tokenizer.pad`` gives the same, but transformers 4 then
+    advises, once per tokenizer, to call the tokenizer on text instead: a repeated log line.)"""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, P - len(p) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

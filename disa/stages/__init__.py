@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from disa.stages import anchor, evaluate, oracle, sample, score, study, train
-from disa.stages.context import Context, report_nothing
+from disa.stages.context import Context, report_nothing, resolve_device
 
-__all__ = ["PROPOSAL_STAGES", "STAGES", "STAGE_NAMES", "Context", "Stage", "plan", "run_plan"]
+__all__ = ["CACHED_INPUTS", "PROPOSAL_STAGES", "STAGES", "STAGE_NAMES", "Context", "Stage", "plan", "resolve_device",
+           "run_plan"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = ("sample", "score", "anchor", "train", "evaluate")
 #: the stages that draw and weigh the proposal's trajectories (online algorithms skip them)
 PROPOSAL_STAGES = ("sample", "score", "anchor")
+#: the stages whose artifacts a job asked for a later stage reuses rather than builds
+CACHED_INPUTS = ("sample", "score", "anchor", "train")
 
 
 def plan(stage: str, *, online: bool, study: bool = False, study_stops: bool = True,

@@ -47,7 +47,9 @@ def evaluate(ctx: Context, name: str, model_path: str, fp: str) -> dict[str, Art
         rows = [{"prompt_id": pid, "sample_idx": j, "text": completion_text(tok, c),
                  "n_tokens": len(c)} for pid, cs in zip(prompts.prompt_id, comps) for j, c in enumerate(cs)]
         samples = pd.DataFrame(rows)
-        samples["reward"] = ctx.task.rewards(ctx.prompt_rows(samples.prompt_id), samples.text.tolist())
+        # the reward, and the task's own columns (a code task's sandbox guards)
+        grades = ctx.grade(ctx.prompt_rows(samples.prompt_id), samples.text.tolist())
+        samples = pd.concat([samples, grades], axis=1)
         if "benchmark" in prompts:
             samples = samples.merge(prompts[["prompt_id", "benchmark"]], on="prompt_id", validate="many_to_one")
         art.write_table("samples", samples)
@@ -56,6 +58,17 @@ def evaluate(ctx: Context, name: str, model_path: str, fp: str) -> dict[str, Art
     out = {"samples": ctx.build("evaluate", spec, build, label=f"evaluate.{name}")}
     if oracle_stage.enumerable(ctx):
         out["rewarded"] = oracle_stage.rewarded_table(ctx, model_path, fp, ("evaluate",), label=f"oracle.{name}")
+    return out
+
+
+def sandbox_guards(samples: pd.DataFrame, name: str) -> dict[str, bool]:
+    """``{name}.sandbox.<guard>``: whether the guard confined every sandboxed run that
+    graded these samples (code tasks; a sample without a run, e.g. no code, does not count)."""
+    out = {}
+    for col in (c for c in samples.columns if c.startswith("sandbox_")):
+        ran = samples[col].dropna()
+        if len(ran):
+            out[f"{name}.sandbox.{col[len('sandbox_'):]}"] = bool(ran.astype(bool).all())
     return out
 
 
@@ -79,6 +92,7 @@ def report(ctx: Context, evaluation: Evaluation) -> dict:
             rewarded = arts["rewarded"].read_table("rewarded") if "rewarded" in arts else None
             out |= {f"{name}.{k}": v for k, v in policy_metrics(
                 samples, list(cfg.eval.pass_k), ctx.settings.beta, rewarded, reference).items()}
+            out |= sandbox_guards(samples, name)
             if judge is not None:
                 j = cfg.eval.judge
                 scores = judge_metrics(judge, samples, ctx.task.prompts(cfg.eval.split),

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -43,18 +44,32 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None, oracle: 
         spec |= {"scores": scores.key, "anchor": anchor.key, "beta": s.beta}
 
     def build(art: Artifact) -> dict:
-        frame = None if s.online else training_frame(ctx, scores, anchor)
-        return fit(ctx, art, frame, exact_log_z(ctx, oracle))
+        log_z = exact_log_z(ctx, oracle)
+        if s.online:
+            return fit(ctx, art, None, log_z)
+        data = training_data(ctx, scores, anchor)
+        return fit(ctx, art, data, log_z) | {"store": data.path.name}  # the trajectories artifact's key
 
     return ctx.build("train", spec, build, collective=True)
 
 
-def training_frame(ctx: Context, scores: Artifact, anchor: Artifact) -> pd.DataFrame:
-    """The anchor's K trajectories per prompt, each joined with its prompt's frozen log Ẑ."""
+def training_data(ctx: Context, scores: Artifact, anchor: Artifact):
+    """The anchor's K trajectories per prompt, memory-mapped from their store (the
+    ``trajectories`` artifact, built once per scores, K and λ: a β sweep shares it), each
+    with its prompt's frozen log Ẑ."""
+    from disa.training.data import STORE_FORMAT, Trajectories, write_store
+
     s = ctx.settings
-    traj, _ = anchoring.select_trajectories(scores.read_table("scores"), s.num_samples, s.strength)
-    table = anchor.read_table("anchor")[["prompt_id", "log_z_hat"]]
-    return traj.merge(table, on="prompt_id", validate="many_to_one")
+    spec = {"scores": scores.key, "K": s.num_samples, "strength": s.strength, "format": STORE_FORMAT}
+
+    def build(art: Artifact) -> dict:
+        small = scores.read_table("scores", ["prompt_id", "component", "sample_idx"])
+        traj, _ = anchoring.select_trajectories(small.assign(row=np.arange(len(small))), s.num_samples, s.strength)
+        return write_store(art.path, scores.file_path("scores.parquet"), traj.row.to_numpy())
+
+    store = ctx.build("trajectories", spec, build, built_with=("train",))
+    log_z_hat = anchor.read_table("anchor", ["prompt_id", "log_z_hat"]).set_index("prompt_id").log_z_hat
+    return Trajectories.open(store.path, log_z_hat)
 
 
 def exact_log_z(ctx: Context, oracle: Artifact | None) -> pd.Series | None:
@@ -71,6 +86,8 @@ def report(ctx: Context, trained: Artifact) -> dict:
     """Training figures; the checkpoint and the trained policy are linked into the run directory."""
     info = trained.manifest()
     out = {"artifact.train": trained.key}
+    if "store" in info:  # (offline algorithms) recorded when it was built, so a reuse reports it too
+        out["artifact.trajectories"] = info["store"]
     out |= {f"train.{k}": info[k] for k in ("wall_s", "steps", "resumed", "trajectories", "tokens_generated")}
     out |= {f"train.{k.removeprefix('train/')}": v for k, v in info["final"].items()}
     _link_checkpoint(trained.path, ctx.run_dir)

@@ -9,6 +9,8 @@ texts (``alphabet``) and a corpus of (prompt, completion) pairs (``corpus``).
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -27,6 +29,33 @@ class Task(Protocol):
 
     def rewards(self, prompts: pd.DataFrame, completions: list[str]) -> np.ndarray:
         """Reward of each completion; ``prompts`` has one row per completion."""
+
+
+def grade(task: Task, prompts: pd.DataFrame, completions: list[str]) -> pd.DataFrame:
+    """The grades of ``completions`` (``prompts``: one row per completion) as a table:
+    ``reward`` (float64; NaN = a grading failure, counted as missing, never as 0) and the
+    task's own columns (a code task's sandbox guards, ``sandbox_<guard>``).
+
+    A reward that is not a number or NaN — a string, None, an infinity — or a table of the
+    wrong length is refused here, naming the task and the prompts, so that it never reaches
+    a cache, a loss or a result."""
+    details = getattr(task, "reward_details", None)
+    if details is not None:
+        table = details(prompts, completions).reset_index(drop=True)
+        values = list(table["reward"]) if "reward" in table else []
+    else:  # the values as the task gave them: a DataFrame would turn a None into NaN
+        values = list(task.rewards(prompts, completions))
+        table = pd.DataFrame(index=range(len(values)))
+    if len(values) != len(completions):
+        raise ValueError(f"task {task.name!r} gave {len(values)} rewards for {len(completions)} completions")
+    bad = [i for i, v in enumerate(values) if not isinstance(v, (numbers.Real, np.bool_)) or math.isinf(float(v))]
+    if bad:
+        ids = prompts["prompt_id"].iloc[bad[:5]].tolist() if "prompt_id" in prompts else bad[:5]
+        raise TypeError(f"task {task.name!r} gave {len(bad)} reward(s) that are not finite numbers or NaN, e.g. "
+                        f"{values[bad[0]]!r} for prompt {ids[0]!r} (prompts {ids}); allowed: a real number, or NaN "
+                        "for a grading failure")
+    table["reward"] = np.asarray(values, dtype=np.float64)
+    return table
 
 
 def build_task(cfg) -> Task:

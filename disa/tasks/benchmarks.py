@@ -21,14 +21,23 @@ import json
 import math
 import os
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
-from disa.tasks.math_reward import last_boxed
+from disa.tasks.code_layouts import (
+    PRELUDES,
+    functional_name,
+    humaneval_row,
+    statement_limits,
+    usable_tests,
+)
+from disa.tasks.math_reward import last_boxed, malformed_gold
 
 __all__ = [
     "ANSWER_EXTRACTIONS",
@@ -42,53 +51,87 @@ __all__ = [
     "load_dataset_records",
     "load_records",
     "render_prompt",
+    "resolve_entry",
 ]
 
 ANSWER_EXTRACTIONS = ("field", "first_of_list", "last_boxed", "gsm8k")
+KINDS = ("math", "code")
+#: stdin/stdout output comparisons (see :func:`disa.tasks.code_reward.outputs_equal`)
+OUTPUT_COMPARES = ("tokens", "lines")
 _MAX_IDS_SHOWN = 20
 
 
 # --------------------------------------------------------------------------------------
 # records
 # --------------------------------------------------------------------------------------
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def load_records(path: str | os.PathLike) -> list[dict]:
-    """Rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``) or ``.parquet`` file;
-    ``.jsonl.gz`` / ``.json.gz`` also work. Raises ``FileNotFoundError`` naming the path."""
+    """Rows of a JSON-lines file, a JSON file (a list, or ``{"data": [...]}``) or a parquet
+    file, each optionally gzip-compressed (not parquet). The format is read from the content,
+    not the extension: a JSON list saved as ``.jsonl`` (as the rllm code sets are) loads.
+    Raises ``FileNotFoundError`` naming the path, and ``ValueError`` naming it for a file
+    that cannot be decoded (not UTF-8, invalid JSON, a truncated or corrupt ``.gz`` or
+    parquet), with the format it was read as."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"benchmark file not found: {p}")
-    name = p.name.lower()
-    base = name[:-3] if name.endswith(".gz") else name
-    if base.endswith(".parquet"):
-        if name.endswith(".gz"):
-            raise ValueError(f"{p}: gzip-compressed parquet is not supported")
+    try:
+        return _read_records(p)
+    except (UnicodeDecodeError, EOFError, zlib.error, OSError, pa.ArrowException) as e:
+        raise ValueError(f"{p}: could not read the benchmark file ({type(e).__name__}: {e}); "
+                         "allowed: UTF-8 jsonl/json (optionally gzip-compressed, whole) or parquet") from e
+
+
+_GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
+
+
+def _read_records(p: Path) -> list[dict]:
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head == _PARQUET_MAGIC:
         return pd.read_parquet(p).to_dict(orient="records")
-    if base.endswith(".jsonl"):
-        rows = []
-        with _open_text(p) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{lineno}: invalid JSON: {e}") from e
-        return rows
-    if base.endswith(".json"):
-        with _open_text(p) as f:
-            obj = json.load(f)
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list):
-            raise ValueError(f"{p}: expected a JSON list of records or {{'data': [...]}}")
+    if head[:2] == _GZIP_MAGIC:
+        with gzip.open(p, "rb") as f:
+            if f.read(4) == _PARQUET_MAGIC:
+                raise ValueError(f"{p}: gzip-compressed parquet is not supported")
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = p.read_text(encoding="utf-8")
+    return _records_from_text(text, p)
+
+
+def _records_from_text(text: str, p: Path) -> list[dict]:
+    """JSON (a list or ``{"data": [...]}``) when the whole text is one JSON value, else JSON
+    lines; the first character decides what an error message calls the file."""
+    body = text.lstrip("\ufeff \t\r\n")
+    if not body:
+        return []
+    if body[0] == "[":
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: starts with '[', so it was read as one JSON list (whatever its extension), "
+                             f"and that is invalid JSON: {e}") from e
         return obj
-    raise ValueError(f"{p}: unknown format (expected .jsonl, .json, .parquet, optionally .gz)")
+    if body[0] != "{":
+        raise ValueError(f"{p}: unknown format: starts with {body[:20]!r}; allowed: a JSON list, JSON lines "
+                         "(one object per line), {\"data\": [...]} or parquet, optionally gzip-compressed")
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        obj = None  # several values: JSON lines
+    if isinstance(obj, dict):
+        data = obj.get("data")
+        return data if isinstance(data, list) else [obj]
+    rows = []
+    for lineno, line in enumerate(body.splitlines(), 1 + text.count("\n", 0, len(text) - len(body))):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{lineno}: invalid JSON (read as JSON lines, one object per line): {e}") from e
+    return rows
 
 
 def load_dataset_records(dataset: str, subset: str | None = None, split: str = "test",
@@ -213,10 +256,27 @@ class BenchmarkSpec:
         answer_extraction: one of :data:`ANSWER_EXTRACTIONS` (see :func:`extract_gold`).
         tests_field: field holding the tests of a code benchmark (a list, or its JSON text;
             APPS-style ``{"inputs", "outputs"}`` is converted); returned as a ``tests`` column
-            of Python lists. HumanEval-style sets have none: their inputs and canonical
-            solution are ``extra_fields`` (see :data:`CODE_BENCHMARKS`).
-        extra_fields: further fields copied as columns (e.g. ``entry_point``, ``level``).
-        kind: ``"math"`` or ``"code"`` (informational, for the caller's dispatch).
+            of Python lists, with ``fn_name`` for functional tests. HumanEval-style sets have
+            none: a code spec without it reads each record as HumanEval+ in either public
+            layout (:func:`disa.tasks.code_layouts.humaneval_row`).
+        extra_fields: further fields copied as columns (e.g. ``level``).
+        kind: ``"math"`` or ``"code"``. A code spec needs no ``answer_field``.
+        output_compare: how a stdin/stdout test's output is compared with the expected one:
+            ``"tokens"`` (whitespace-separated tokens; numbers within ``float_tolerance``,
+            YES/NO in any case: Codeforces checkers) or ``"lines"`` (LiveCodeBench's rule:
+            line by line, a line equal as text or as decimals). See
+            :func:`disa.tasks.code_reward.outputs_equal`.
+        float_tolerance: absolute-or-relative tolerance of real-number tokens (``"tokens"``).
+        starter_code_field: field holding starter code (LiveCodeBench); appended to the
+            problem, and the function of functional tests is read from it when the tests
+            do not name one.
+        prelude: code put before every program, by name
+            (:data:`disa.tasks.code_layouts.PRELUDES`: ``"livecodebench"``, the imports its
+            grader adds).
+        limits_from_statement: read each problem's time and memory limits from its statement
+            (``Time Limit: 2000 ms``, ``Memory Limit: 256 MB``; CodeForces).
+        time_limit_field, memory_limit_field: fields holding each problem's limits (seconds,
+            MiB), for layouts that carry them.
         dataset: instead of ``path``: a Hugging Face dataset, as a hub id or a local dataset
             directory (relative ones are tried against ``root`` first); see
             :func:`load_dataset_records`.
@@ -243,6 +303,13 @@ class BenchmarkSpec:
     revision: str | None = None
     start: int = 0
     stop: int | None = None
+    output_compare: str = "tokens"
+    float_tolerance: float = 1e-6
+    starter_code_field: str | None = None
+    prelude: str | None = None
+    limits_from_statement: bool = False
+    time_limit_field: str | None = None
+    memory_limit_field: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.start, int) and self.start >= 0) or not (
@@ -257,8 +324,20 @@ class BenchmarkSpec:
                 f"{self.name}: answer_extraction={self.answer_extraction!r}; "
                 f"allowed: {list(ANSWER_EXTRACTIONS)}"
             )
-        if self.answer_field is None and self.tests_field is None and self.kind != "code":
-            raise ValueError(f"{self.name}: a math benchmark needs an answer_field")
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind={self.kind!r}; allowed: {list(KINDS)}")
+        if self.answer_field is None and self.kind != "code":
+            raise ValueError(f"{self.name}: answer_field is missing; allowed: the field of each record holding "
+                             "the gold answer (a math benchmark is graded against it)")
+        if not isinstance(self.problem_field, str) or not self.problem_field:
+            raise ValueError(f"{self.name}: problem_field={self.problem_field!r}; allowed: the field of each record "
+                             "holding the problem statement (e.g. 'problem', 'question', 'prompt')")
+        if self.output_compare not in OUTPUT_COMPARES:
+            raise ValueError(f"{self.name}: output_compare={self.output_compare!r}; allowed: {list(OUTPUT_COMPARES)}")
+        if self.prelude is not None and self.prelude not in PRELUDES:
+            raise ValueError(f"{self.name}: prelude={self.prelude!r}; allowed: null or one of {sorted(PRELUDES)}")
+        if not (isinstance(self.float_tolerance, (int, float)) and 0 <= self.float_tolerance < 1):
+            raise ValueError(f"{self.name}: float_tolerance={self.float_tolerance!r}; allowed: a number in [0, 1)")
         object.__setattr__(self, "extra_fields", tuple(self.extra_fields))
 
     def resolve(self, root: str | os.PathLike | None) -> BenchmarkSpec:
@@ -275,14 +354,25 @@ class BenchmarkSpec:
         return replace(self, path=str(Path(root).expanduser() / p))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BenchmarkSpec:
-        """Build from a config mapping (e.g. a Hydra node converted to a dict)."""
+    def from_dict(cls, d: Mapping[str, Any], *, kind: str | None = None) -> BenchmarkSpec:
+        """Build from a config mapping (e.g. a Hydra node converted to a dict). ``kind``: the
+        task's kind, the default of the mapping's own; a code mapping needs no answer field."""
         d = dict(d)
-        d.setdefault("path", None)
+        name = d.get("name")
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"benchmark {d.get('name')!r}: unknown setting(s) {unknown}; "
+            raise ValueError(f"benchmark {name!r}: unknown setting(s) {unknown}; "
                              f"allowed: {sorted(cls.__dataclass_fields__)}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"benchmark mapping {d}: name is missing; allowed: a name for its prompt ids and metrics")
+        if "problem_field" not in d:
+            raise ValueError(f"benchmark {name!r}: problem_field is missing; allowed: the field of each record "
+                             "holding the problem statement (e.g. 'problem', 'question', 'prompt')")
+        if kind is not None:
+            d.setdefault("kind", kind)
+        if d.get("kind") == "code":
+            d.setdefault("answer_field", None)
+        d.setdefault("path", None)
         return cls(**d)
 
     @property
@@ -337,38 +427,50 @@ MATH_BENCHMARKS: dict[str, BenchmarkSpec] = {
     ),
 }
 
-#: Code benchmarks. HumanEval+ (local copy): expected outputs come from running
-#: ``canonical_solution`` (see :mod:`disa.tasks.code_reward`). LiveCodeBench / CodeForces
-#: in FlowRL's (rllm) format have ``problem`` and ``tests``; not shipped locally.
+#: Code benchmarks. HumanEval+ (local copy: the evalplus Mini release; OriginFmt loads from the
+#: same spec by path): expected outputs are the ``results`` of OriginFmt, else the canonical
+#: solution's (see :mod:`disa.tasks.code_reward`). LiveCodeBench / CodeForces in the rllm json
+#: layout (FlowRL's test sets) have ``problem`` and ``tests``; not shipped locally.
 CODE_BENCHMARKS: dict[str, BenchmarkSpec] = {
-    "humanevalplus": BenchmarkSpec(
-        "humanevalplus",
-        "code/humanevalplus_mini.jsonl.gz",
-        "prompt",
-        None,
-        "task_id",
-        kind="code",
-        extra_fields=("entry_point", "canonical_solution", "base_input", "plus_input", "atol"),
-    ),
-    "livecodebench": BenchmarkSpec(
-        "livecodebench",
-        "code/livecodebench.json",
-        "problem",
-        None,
-        None,
-        tests_field="tests",
-        kind="code",
-    ),
-    "codeforces": BenchmarkSpec(
-        "codeforces",
-        "code/codeforces.json",
-        "problem",
-        None,
-        None,
-        tests_field="tests",
-        kind="code",
-    ),
+    "humanevalplus": BenchmarkSpec("humanevalplus", "code/humanevalplus_mini.jsonl.gz", "prompt", None, "task_id",
+                                   kind="code"),
+    "livecodebench": BenchmarkSpec("livecodebench", "code/livecodebench.json", "problem", None, None,
+                                   tests_field="tests", kind="code", output_compare="lines",
+                                   starter_code_field="starter_code", prelude="livecodebench"),
+    "codeforces": BenchmarkSpec("codeforces", "code/codeforces.json", "problem", None, None, tests_field="tests",
+                                kind="code", output_compare="tokens", limits_from_statement=True),
 }
+
+#: the source settings of a spec: a mapping that gives one of them replaces all of them
+_SOURCE_FIELDS = ("path", "dataset", "subset", "split", "revision")
+
+
+def resolve_entry(entry: str | Mapping[str, Any], known: Mapping[str, BenchmarkSpec],
+                  kind: str | None = None) -> BenchmarkSpec:
+    """The spec of one configured benchmark: a built-in name (``known``), or a mapping. A
+    mapping whose ``name`` is a built-in, or that names one as ``like``, inherits that spec's
+    fields and overrides the ones it sets (``{name: aime24, path: /data/aime24.jsonl}``,
+    ``{name: humanevalplus_full, like: humanevalplus, path: ...}``); giving a ``path`` or a
+    ``dataset`` replaces the built-in's source. Raises ``ValueError`` naming the benchmark,
+    the setting and what is allowed."""
+    if isinstance(entry, str):
+        if entry not in known:
+            raise ValueError(f"benchmark {entry!r} is not known; allowed: {sorted(known)}, or a mapping with a name, "
+                             "a path (or a dataset) and a problem_field")
+        return known[entry]
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"benchmark entry {entry!r}; allowed: a name {sorted(known)} or a mapping")
+    entry = dict(entry)
+    like = entry.pop("like", None)
+    if like is not None and like not in known:
+        raise ValueError(f"benchmark {entry.get('name')!r}: like={like!r}; allowed: one of {sorted(known)}")
+    base = known.get(like if like is not None else entry.get("name") if isinstance(entry.get("name"), str) else None)
+    if base is None:
+        return BenchmarkSpec.from_dict(entry, kind=kind)
+    inherited = {f: getattr(base, f) for f in BenchmarkSpec.__dataclass_fields__}
+    if any(k in entry for k in ("path", "dataset")):
+        inherited |= {"path": None, "dataset": None, "subset": None, "split": "test", "revision": None}
+    return BenchmarkSpec.from_dict(inherited | entry, kind=kind)
 
 
 def benchmark_root(default: str | os.PathLike | None = None) -> Path | None:
@@ -410,11 +512,14 @@ def load_benchmark(
 ) -> pd.DataFrame:
     """Load one benchmark as a DataFrame.
 
-    Columns: ``prompt_id`` (``"<name>-<id>"``), ``problem``, ``gold`` (when the spec has an
-    answer field), ``tests`` (when it has a tests field), ``benchmark``, and the spec's
-    ``extra_fields``. Raises ``FileNotFoundError`` for a missing file and ``ValueError``
-    for an empty file, a missing field, duplicate ids, empty problems, or golds/tests that
-    cannot be extracted (listing the offending ids).
+    Columns: ``prompt_id`` (``"<name>-<id>"``), ``problem``, ``benchmark``, the spec's
+    ``extra_fields``, and by kind: ``gold`` (math: the answer field); ``tests``, ``fn_name``,
+    ``output_compare``, ``float_tolerance``, ``prelude`` (code with a tests field);
+    ``entry_point``, ``canonical_solution``, ``base_input``, ``plus_input``, ``atol``,
+    ``expected`` (HumanEval+ in either layout); ``time_limit_s``, ``memory_limit_mb`` (code: the problem's own limits,
+    None where the benchmark states none). Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for an empty file, a missing field, duplicate ids, empty problems, or
+    golds/tests that cannot be extracted (listing the offending ids).
     """
     if not isinstance(spec, BenchmarkSpec):
         spec = BenchmarkSpec.from_dict(spec)
@@ -425,11 +530,16 @@ def load_benchmark(
                          + (f" rows [{spec.start}, {spec.stop})" if spec.start or spec.stop else ""))
     if limit is not None:
         records = records[:limit]
+    humaneval = spec.kind == "code" and spec.tests_field is None
+    needed = [f for f in (spec.problem_field, spec.answer_field, spec.tests_field, spec.time_limit_field,
+                          spec.memory_limit_field) if f]
+    needed += ["entry_point", "canonical_solution"] if humaneval else []
 
     rows: list[dict[str, Any]] = []
     missing_fields: dict[str, list[str]] = {}
     bad_gold: list[str] = []
-    bad_tests: list[str] = []
+    malformed: list[tuple[str, str, str]] = []  # (id, gold, why)
+    bad_tests: dict[str, list[str]] = {}  # reason -> ids
     empty_problem: list[str] = []
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
@@ -437,8 +547,7 @@ def load_benchmark(
         row_no = spec.start + i  # the row of the source, whatever slice was taken
         raw_id = rec.get(spec.id_field) if spec.id_field else row_no
         rid = str(raw_id if raw_id is not None else row_no)
-        needed = [spec.problem_field, spec.answer_field, spec.tests_field]
-        absent = [f for f in [f for f in needed if f] + list(spec.extra_fields) if f not in rec]
+        absent = [f for f in needed + list(spec.extra_fields) if f not in rec]
         for f in absent:
             missing_fields.setdefault(f, []).append(rid)
         if absent:
@@ -453,12 +562,13 @@ def load_benchmark(
             gold = extract_gold(rec[spec.answer_field], spec.answer_extraction)
             if not gold:
                 bad_gold.append(rid)
+            elif malformed_gold(gold):
+                malformed.append((rid, gold, malformed_gold(gold)))
             row["gold"] = gold
-        if spec.tests_field:
-            tests = _parse_tests(rec[spec.tests_field])
-            if not tests:
-                bad_tests.append(rid)
-            row["tests"] = tests
+        if spec.kind == "code":
+            why = _code_columns(spec, rec, row)
+            if why:
+                bad_tests.setdefault(why, []).append(rid)
         for f in spec.extra_fields:
             if f not in row:
                 row[f] = rec[f]
@@ -467,7 +577,9 @@ def load_benchmark(
     where = f"{spec.name} ({spec.source})"
     if missing_fields:
         detail = "; ".join(f"{f!r} in ids {_fmt_ids(ids)}" for f, ids in missing_fields.items())
-        raise ValueError(f"{where}: missing field(s): {detail}")
+        hint = (" (a code benchmark's records are HumanEval+ tasks with entry_point and canonical_solution, or "
+                "give tests_field for problems with tests)" if humaneval else "")
+        raise ValueError(f"{where}: missing field(s): {detail}{hint}")
     if empty_problem:
         raise ValueError(
             f"{where}: {len(empty_problem)} item(s) with an empty problem "
@@ -479,11 +591,18 @@ def load_benchmark(
             f"(field {spec.answer_field!r}, extraction {spec.answer_extraction!r}): "
             f"ids {_fmt_ids(bad_gold)}"
         )
-    if bad_tests:
+    if malformed:
+        shown = "; ".join(f"{rid}: {gold!r} ({why})" for rid, gold, why in malformed[:_MAX_IDS_SHOWN])
         raise ValueError(
-            f"{where}: {len(bad_tests)} item(s) with no usable tests "
-            f"(field {spec.tests_field!r}): ids {_fmt_ids(bad_tests)}"
+            f"{where}: {len(malformed)} item(s) whose gold answer is malformed LaTeX, which math-verify would "
+            f"compare as text and grade every answer wrong against (field {spec.answer_field!r}): {shown}"
+            f"{' ...' if len(malformed) > _MAX_IDS_SHOWN else ''}; ids {_fmt_ids([m[0] for m in malformed])}"
         )
+    if bad_tests:
+        n = sum(map(len, bad_tests.values()))
+        detail = "; ".join(f"{why}: ids {_fmt_ids(ids)}" for why, ids in bad_tests.items())
+        field = f"field {spec.tests_field!r}" if spec.tests_field else "HumanEval+ inputs"
+        raise ValueError(f"{where}: {n} item(s) with no usable tests ({field}): {detail}")
     df = pd.DataFrame(rows)
     dup = df.prompt_id[df.prompt_id.duplicated()].tolist()
     if dup:
@@ -491,6 +610,41 @@ def load_benchmark(
             f"{where}: duplicate ids {_fmt_ids(dup)} (set id_field=None to use row order)"
         )
     return df
+
+
+def _code_columns(spec: BenchmarkSpec, rec: Mapping[str, Any], row: dict[str, Any]) -> str | None:
+    """Fill a code row's test columns from ``rec``; the reason its tests are unusable, or None."""
+    time_s, memory_mb = statement_limits(row["problem"]) if spec.limits_from_statement else (None, None)
+    if spec.time_limit_field:
+        time_s = _positive(rec[spec.time_limit_field])
+    if spec.memory_limit_field:
+        memory_mb = _positive(rec[spec.memory_limit_field])
+        memory_mb = int(memory_mb) if memory_mb is not None else None
+    row["time_limit_s"], row["memory_limit_mb"] = time_s, memory_mb
+    if spec.tests_field is None:  # HumanEval+, either layout
+        try:
+            row |= humaneval_row(rec)
+        except (ValueError, TypeError, json.JSONDecodeError) as e:
+            return f"unreadable HumanEval+ inputs ({e})"
+        return None if row["base_input"] or row["plus_input"] else "no inputs"
+    starter = rec.get(spec.starter_code_field) if spec.starter_code_field else None
+    if isinstance(starter, str) and starter.strip() and isinstance(row["problem"], str):
+        row["problem"] = (f"{row['problem'].rstrip()}\n\nWrite the solution in this starter code:\n"
+                          f"```python\n{starter.rstrip()}\n```\n")
+    tests = _parse_tests(rec[spec.tests_field])
+    row["tests"] = tests
+    row["fn_name"] = functional_name(tests or [], rec.get("metadata"), starter)
+    row["output_compare"], row["float_tolerance"] = spec.output_compare, float(spec.float_tolerance)
+    row["prelude"] = spec.prelude
+    return usable_tests(tests, row["fn_name"])
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
 
 
 # --------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 a script run inside the sandbox, never imported.
 
 It executes the program (``solution.py``), calls the function on each input of
-``tests.json`` under a per-test timer, and prints ``"<nonce><json>"`` lines on a private copy
-of stdout (the program's own prints go to /dev/null), so that a program cannot forge a
-result line without the nonce. It sees inputs, never expected values. Standard library only:
+``tests.json`` under that input's timer (``timeouts``), times each call, and prints
+``"<nonce><json>"`` lines on a private copy of stdout (the program's own prints go to
+/dev/null), so that a program cannot forge a result line without the nonce. It sees inputs, never expected values. Standard library only:
 the sandbox runs it with ``python -I -S``.
 """
 
@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 NONCE = sys.argv[1]
 with open("tests.json", encoding="utf-8") as f:
@@ -56,13 +57,13 @@ def enc(x, depth=0):
     return {"__repr__": repr(x)[:2000], "__type__": type(x).__name__}
 
 
-def emit_value(i, value):
+def emit_value(i, value, seconds):
     payload = json.dumps(enc(value))
     if len(payload) > CFG["max_value_chars"]:
         # A big value travels as its digest: equal iff the canonical encodings are equal.
         digest = hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
         payload = json.dumps({"__digest__": digest, "__type__": type(value).__name__})
-    _out.write(NONCE + f'{{"i": {i}, "status": "ok", "value": {payload}}}\n')
+    _out.write(NONCE + f'{{"i": {i}, "status": "ok", "t": {seconds!r}, "value": {payload}}}\n')
     _out.flush()
 
 
@@ -100,14 +101,16 @@ if not callable(fn):
     emit({"load": "missing", "error": "no function " + repr(CFG["fn_name"])})
     sys.exit(0)
 emit({"load": "ok"})
-for i, args in enumerate(CFG["inputs"]):
+for i, (args, limit) in enumerate(zip(CFG["inputs"], CFG["timeouts"])):
     try:
-        signal.setitimer(signal.ITIMER_REAL, CFG["timeout"])
+        signal.setitimer(signal.ITIMER_REAL, limit)
         try:
+            start = time.perf_counter()
             value = fn(*args)
+            seconds = time.perf_counter() - start
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        emit_value(i, value)
+        emit_value(i, value, seconds)
     except _Timeout:
         emit({"i": i, "status": "timeout"})
     except MemoryError:

@@ -8,17 +8,30 @@ Two facts about ``math-verify`` shape this module:
   catch it; with ``raise_on_error=False`` it is silently turned into "not equal");
 * an unparsable or hung comparison must not become a reward of 0.
 
-So grading runs in worker *processes* (:class:`MathGrader`), one item at a time, under two
-timeouts: inside the worker an interval timer raises a private ``BaseException`` after
-``timeout_s`` (math-verify's own alarms are switched off so they cannot clobber ours), and
-the parent kills and replaces a worker that has not answered ``grace_s`` later (a hang in C
-code never returns to the interpreter to see the signal). Every such failure — timeout,
+So grading runs in worker *processes* (:class:`MathGrader`, a ``pebble`` process pool), one
+item at a time, under two timeouts: inside the worker an interval timer raises a private
+``BaseException`` after ``timeout_s`` (math-verify's own alarms are switched off so they
+cannot clobber ours), and pebble kills and replaces a worker that has not answered
+``grace_s`` later (a hang in C code never returns to the interpreter to see the signal). Every such failure — timeout,
 crash, unparsable gold — yields ``None``: callers count it as missing, never as wrong.
 
 Answer extraction (:func:`extract_answer`): ``"strict"`` accepts only an explicit final
 answer, the last ``\\boxed{...}`` (or ``\\fbox``) or else the last ``Answer: ...`` line;
 ``"lenient"`` falls back to math-verify's own parsing of the whole completion, which ends in
 "the last number anywhere", too lenient for a training reward but usual for evaluation.
+
+What math-verify extracts itself and what stays here, by a parity test over the golds and
+wrong answers of the six local math sets (``tests/test_math_reward.py``): a boxed answer is
+read by math-verify's anchored ``LatexExtractionConfig`` (:func:`_anchored_config`), which
+grades all of them alike. Two things stay here: :func:`last_boxed` decides whether the last
+box is closed, because both libraries read an unclosed final ``\\boxed{`` (math-verify's
+pattern runs to the last brace, ``latex2sympy2_extended``'s ``extract_boxed_content``
+returns the rest of the text) while a truncated answer must earn nothing; and the
+``Answer:`` line, because math-verify reads an answer after "answer:" only inside a math
+environment (``$...$``) or as a plain number, so a bare ``Answer: \\sqrt{2}``, a set, a
+number in scientific notation or a text answer goes unread (30 of the 230 sampled golds
+written that way), and it prefers a higher-priority anchor anywhere in the text to the last
+line.
 """
 
 from __future__ import annotations
@@ -27,20 +40,18 @@ import contextlib
 import importlib.metadata
 import logging
 import multiprocessing as mp
-import os
 import re
 import signal
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import wait as mp_wait
 
 __all__ = [
+    "GoldParseError",
     "MathGrader",
     "extract_answer",
     "grade",
     "grade_one",
     "last_boxed",
+    "malformed_gold",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +178,39 @@ class GoldParseError(ValueError):
     """The gold answer did not parse: the item cannot be graded (-> missing, not 0)."""
 
 
+_LEFT, _RIGHT = re.compile(r"\\left(?![A-Za-z])"), re.compile(r"\\right(?![A-Za-z])")
+
+
+def malformed_gold(gold: str) -> str | None:
+    """Why ``gold`` cannot be a complete LaTeX answer, or None when it can.
+
+    math-verify never refuses a gold: what its LaTeX parser cannot read, it keeps as a string
+    to compare as text, so a truncated gold (``\\frac{``) would grade every answer 0.
+    Whether a gold *parses* cannot be the test either, since real golds that are not LaTeX
+    expressions are kept as text the same way (``62.5%``, ``-1./3``, ``E_{1},E_{2}``). The
+    rule is structural instead: braces that do not balance (escaped ``\\{`` ``\\}`` aside),
+    ``\\left`` without its ``\\right``, or a trailing backslash. No gold of the six local
+    math sets (AIME24, AMC23, MATH500, Minerva, OlympiadBench, GSM8K) breaks it.
+    """
+    depth, i = 0, 0
+    while i < len(gold):
+        c = gold[i]
+        if c == "\\":
+            if i + 1 == len(gold):
+                return "it ends with a backslash"
+            i += 2  # an escaped character or a command's first letter
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth < 0:
+            return "a '}' closes a brace never opened"
+        i += 1
+    if depth:
+        return f"{depth} brace(s) never closed"
+    if len(_LEFT.findall(gold)) != len(_RIGHT.findall(gold)):
+        return "\\left and \\right do not pair up"
+    return None
+
+
 def grade_one(gold: str, completion: str, mode: str = "strict") -> float:
     """1.0 if the completion's answer equals ``gold`` (math-verify), else 0.0.
 
@@ -175,6 +219,9 @@ def grade_one(gold: str, completion: str, mode: str = "strict") -> float:
     gold; a missing or unparsable *prediction* is a wrong answer (0.0).
     """
     parse, verify = _import_math_verify()
+    why = malformed_gold(str(gold))
+    if why:
+        raise GoldParseError(f"gold {gold!r} is malformed: {why}")
     # Timeouts off (None): the worker's own timer bounds the whole item instead.
     g = parse(_as_latex(str(gold)), parsing_timeout=None)
     if not g:
@@ -182,10 +229,25 @@ def grade_one(gold: str, completion: str, mode: str = "strict") -> float:
     answer, how = _extract(completion, mode)
     if answer is None:
         return 0.0
-    p = parse(completion if how == "whole" else _as_latex(answer), parsing_timeout=None)
+    if how == "boxed":  # math-verify's own anchored extraction, as open-r1 uses it
+        p = parse(completion, extraction_config=_anchored_config(), parsing_timeout=None)
+    else:
+        p = parse(completion if how == "whole" else _as_latex(answer), parsing_timeout=None)
     if not p:
         return 0.0
     return 1.0 if verify(g, p, timeout_seconds=None) else 0.0
+
+
+def _anchored_config() -> list:
+    """math-verify's extraction of an anchored answer only (``\\boxed{}`` first, then "final
+    answer is $...$"), never the last number anywhere: the configuration open-r1's accuracy
+    reward uses. Used for completions whose last box is closed; a parity test
+    (``tests/test_math_reward.py``) shows it grades every gold and wrong answer of the six
+    local math sets as the boxed-content route did. Where it differs: adjacent boxes joined by
+    "and" or a comma are read together (a set), as open-r1 grades them."""
+    from math_verify import LatexExtractionConfig
+
+    return [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)]
 
 
 # --------------------------------------------------------------------------------------
@@ -200,38 +262,29 @@ def _on_alarm(signum, frame):  # pragma: no cover - runs in the worker
     raise _ItemTimeout()
 
 
-def _worker_main(conn, grader: Callable[[str, str, str], float]) -> None:  # pragma: no cover
-    """Worker loop: receive ``(idx, gold, completion, mode, timeout_s)``, answer
-    ``(idx, value, error)``. Runs in a child process, in its main thread (signals work)."""
+def _worker_init() -> None:  # pragma: no cover - runs in each worker process
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # we handle timeouts ourselves
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # A custom grader may not need math_verify; the default one reports the error per item.
     with contextlib.suppress(ImportError):
         _import_math_verify()
     signal.signal(signal.SIGALRM, _on_alarm)
-    conn.send(("ready", os.getpid()))
-    while True:
+
+
+def _grade_item(grader: Callable[[str, str, str], float], gold: str, completion: str, mode: str,
+                timeout_s: float) -> tuple[float | None, str | None]:  # pragma: no cover - in a worker
+    """``(value, error)`` of one item, in a worker's main thread (signals work there)."""
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        idx, gold, completion, mode, timeout_s = msg
-        value, error = None, None
-        try:
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
-            try:
-                value = float(grader(gold, completion, mode))
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _ItemTimeout:
-            value, error = None, "timeout"
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # incl. math_verify's TimeoutException (a BaseException)
-            value, error = None, f"{type(e).__name__}: {e}"[:500]
-        conn.send((idx, value, error))
+            return float(grader(gold, completion, mode)), None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _ItemTimeout:
+        return None, "timeout"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # incl. math_verify's TimeoutException (a BaseException)
+        return None, f"{type(e).__name__}: {e}"[:500]
 
 
 def _default_context() -> mp.context.BaseContext:
@@ -253,46 +306,25 @@ def _default_context() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
-class _Worker:
-    def __init__(self, ctx, grader):
-        parent, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, grader), daemon=True)
-        self.proc.start()
-        child.close()
-        self.conn = parent
-        self.ready = False
-        self.item: int | None = None
-        self.deadline = float("inf")
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            self.proc.kill()
-        self.proc.join(timeout=5)
-        self.conn.close()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(None)
-        self.proc.join(timeout=2)
-        if self.proc.is_alive():
-            self.kill()
-        else:
-            self.conn.close()
-
-
 class MathGrader:
-    """A pool of grading worker processes; reusable across calls (``with`` or ``close()``).
+    """A pool of grading worker processes (``pebble.ProcessPool``); reusable across calls
+    (``with`` or ``close()``).
+
+    Each item runs under two timeouts: the worker's own interval timer raises a private
+    ``BaseException`` after ``timeout_s`` (math-verify's alarms are switched off so they
+    cannot clobber it), and pebble kills and replaces a worker still busy ``grace_s`` later
+    (a hang in C code never returns to the interpreter to see the signal). A worker that
+    dies takes only its item with it; workers that cannot start at all break the pool, and
+    :meth:`grade` says so.
 
     Args:
         workers: number of worker processes.
         timeout_s: per-item limit inside the worker.
-        grace_s: extra time before the parent kills a silent worker.
+        grace_s: extra time before a silent worker is killed.
         grader: ``f(gold, completion, mode) -> float`` run in the workers; must be picklable
             (a module-level function). Default :func:`grade_one`.
         mp_context: a ``multiprocessing`` context or start-method name; default see
             :func:`_default_context`.
-        max_restarts: give up (``RuntimeError``) after this many workers died *before*
-            becoming ready — a broken environment, not a bad item.
 
     As with any start method but ``fork``, the workers re-import the main module: run from
     a script file or ``python -m`` (guarding top-level work with ``if __name__ ==
@@ -307,7 +339,6 @@ class MathGrader:
         grace_s: float = 2.0,
         grader: Callable[[str, str, str], float] | None = None,
         mp_context: str | mp.context.BaseContext | None = None,
-        max_restarts: int = 8,
     ) -> None:
         if grader is None:
             _import_math_verify()  # fail here, in the caller, with the install hint
@@ -321,13 +352,10 @@ class MathGrader:
         if isinstance(mp_context, str):
             mp_context = mp.get_context(mp_context)
         self.ctx = mp_context or _default_context()
-        self.max_restarts = max_restarts
-        self._workers: list[_Worker] = []
-        self._startup_failures = 0
+        self._pool = None
         #: errors of the last :meth:`grade` call, by item index (timeouts, crashes, ...)
         self.last_errors: dict[int, str] = {}
 
-    # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> MathGrader:
         return self
 
@@ -339,97 +367,55 @@ class MathGrader:
             self.close()
 
     def close(self) -> None:
-        for w in self._workers:
-            w.stop()
-        self._workers = []
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join()
+            self._pool = None
 
-    def _spawn(self) -> _Worker:
-        w = _Worker(self.ctx, self.grader)
-        self._workers.append(w)
-        return w
+    def _workers(self):
+        if self._pool is None:
+            try:
+                from pebble import ProcessPool
+            except ImportError as e:  # pragma: no cover - depends on the environment
+                raise ImportError(_MISSING_EXTRA) from e
+            self._pool = ProcessPool(max_workers=self.n_workers, initializer=_worker_init, context=self.ctx)
+        return self._pool
 
-    def _replace(self, w: _Worker) -> None:
-        w.kill()
-        self._workers.remove(w)
-        self._spawn()
-
-    # -- grading --------------------------------------------------------------------------
     def grade(
         self, golds: Sequence[str], completions: Sequence[str], mode: str = "strict"
     ) -> list[float | None]:
         """1.0 / 0.0 per item, ``None`` where grading failed (see :attr:`last_errors`)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from pebble import ProcessExpired
+
         if len(golds) != len(completions):
             raise ValueError(f"{len(golds)} golds but {len(completions)} completions")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
-        n = len(golds)
-        results: list[float | None] = [None] * n
         self.last_errors = {}
-        if n == 0:
-            return results
-        while len(self._workers) < min(self.n_workers, n):
-            self._spawn()
-        pending = deque(range(n))
+        if not golds:
+            return []
         limit = self.timeout_s + self.grace_s
-
-        def fail(idx: int, why: str) -> None:
-            results[idx] = None
-            self.last_errors[idx] = why
-
-        while pending or any(w.item is not None for w in self._workers):
-            now = time.monotonic()
-            for w in self._workers:
-                if w.ready and w.item is None and pending:
-                    idx = pending.popleft()
-                    try:
-                        w.conn.send(
-                            (idx, str(golds[idx]), str(completions[idx]), mode, self.timeout_s)
-                        )
-                    except (OSError, BrokenPipeError):
-                        pending.appendleft(idx)
-                        self._replace(w)
-                        break
-                    w.item, w.deadline = idx, now + limit
-            busy_deadlines = [w.deadline for w in self._workers if w.item is not None]
-            wait_s = max(0.0, min(busy_deadlines) - now) if busy_deadlines else 1.0
-            ready_conns = mp_wait([w.conn for w in self._workers], timeout=min(wait_s, 1.0))
-            for w in list(self._workers):
-                if w.conn not in ready_conns:
-                    continue
-                try:
-                    msg = w.conn.recv()
-                except (EOFError, OSError):
-                    # The worker died: its item (if any) is missing; a death before
-                    # becoming ready counts towards max_restarts.
-                    if w.item is not None:
-                        fail(w.item, f"worker died (exit code {w.proc.exitcode})")
-                    elif not w.ready:
-                        self._startup_failures += 1
-                        if self._startup_failures > self.max_restarts:
-                            self.close()
-                            raise RuntimeError(
-                                "math grading workers keep dying at start-up "
-                                f"(exit code {w.proc.exitcode})"
-                            ) from None
-                    self._replace(w)
-                    continue
-                if msg[0] == "ready":
-                    w.ready = True
-                    continue
-                idx, value, error = msg
-                if idx == w.item:
-                    results[idx] = value
-                    if error is not None:
-                        self.last_errors[idx] = error
-                w.item, w.deadline = None, float("inf")
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.item is not None and now > w.deadline:
-                    fail(w.item, f"timeout (killed after {limit:.1f} s)")
-                    self._replace(w)
-        n_missing = sum(r is None for r in results)
-        if n_missing:
-            log.info("math grading: %d of %d items missing (timeouts/errors)", n_missing, n)
+        pool = self._workers()
+        futures = [pool.schedule(_grade_item, args=(self.grader, str(g), str(c), mode, self.timeout_s), timeout=limit)
+                   for g, c in zip(golds, completions)]
+        results: list[float | None] = [None] * len(futures)
+        for i, future in enumerate(futures):
+            try:
+                results[i], error = future.result()
+            except TimeoutError:
+                error = f"timeout (killed after {limit:.1f} s)"
+            except ProcessExpired as e:
+                error = f"worker died (exit code {e.exitcode})"
+            except BrokenProcessPool as e:
+                self.close()
+                raise RuntimeError(f"math grading workers cannot start ({e}); see the log of the worker "
+                                   "processes") from None
+            if error is not None:
+                self.last_errors[i] = error
+        if self.last_errors:
+            log.info("math grading: %d of %d items missing (timeouts/errors)", len(self.last_errors), len(results))
         return results
 
 

@@ -11,15 +11,14 @@ before resuming from a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from disa.cache import atomic_write
 
 
 class PoisonedCheckpointError(RuntimeError):
@@ -46,26 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise PoisonedCheckpointError(
                 f"refusing to write checkpoint {path}: non-finite values in {bad[:5]} "
                 f"({len(bad)} tensor(s)); training diverged (lower the learning rate or β, or check the rewards)")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache follows the umask
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 def verify_checkpoint(path: Path) -> None:

@@ -31,10 +31,12 @@ class PolicyModule(L.LightningModule):
         options: Any,
         optimizer: Callable[..., torch.optim.Optimizer],
         chunk_size: int = 2048,
+        logprob_impl: str = "chunked",
         lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
     ):
         """``loss`` and its ``options`` from the registry (:mod:`disa.losses`); the batches
         (from :class:`disa.training.data.TrajectoryDataModule`) hold the fields it needs.
+        ``chunk_size`` and ``logprob_impl`` go to :func:`disa.scoring.token_logprobs`.
         ``lr_schedule`` builds the learning-rate scheduler of the optimizer, stepped after
         every optimizer step (:func:`disa.training.schedule.lr_scheduler`); None: constant."""
         super().__init__()
@@ -42,7 +44,7 @@ class PolicyModule(L.LightningModule):
         self.loss, self.options = loss, options
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
-        self.chunk_size = chunk_size
+        self.chunk_size, self.logprob_impl = chunk_size, logprob_impl
         #: batches trained on so far; saved in checkpoints, read by the data module on resume
         self.batches_trained = 0
 
@@ -60,7 +62,7 @@ class PolicyModule(L.LightningModule):
     def logprobs(self, tokens: Batch) -> torch.Tensor:
         """The policy's per-token log-probs ``[B, T]`` of the completion tokens (with grad).
         :class:`disa.training.sharded.ShardedPolicyModule` computes them through its FSDP2 root."""
-        return token_logprobs(self.policy, tokens, chunk_size=self.chunk_size)
+        return token_logprobs(self.policy, tokens, chunk_size=self.chunk_size, impl=self.logprob_impl)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["disa"] = {"batches_trained": self.batches_trained, "rng": _rng_state()}

@@ -16,6 +16,7 @@ covers a resumed policy); the time this takes is logged as ``train/weight_sync_s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from disa.settings import derive_seed
 from disa.tokenization import completion_text, encode_prompt
 from disa.training.module import with_schedule
 from disa.training.schedule import current_lr
+
+log = logging.getLogger(__name__)
 
 
 class LogZHead(torch.nn.Module):
@@ -76,8 +79,10 @@ class OnlinePolicyModule(L.LightningModule):
         gradient_clip_val: float | None = 1.0,
         log_z_head: LogZHead | None = None,
         chunk_size: int = 2048,
+        logprob_impl: str = "chunked",
         seed: int = 0,
         chat_template: bool = False,
+        grade: Callable[[pd.DataFrame, list[str]], np.ndarray] | None = None,
         lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
         log_z_exact: torch.Tensor | None = None,
     ):
@@ -100,8 +105,14 @@ class OnlinePolicyModule(L.LightningModule):
         self.log_z_exact = log_z_exact
         self.group_size, self.updates, self.minibatch = group_size, updates_per_rollout, minibatch_size
         self.scale_rewards, self.clip = scale_rewards, gradient_clip_val
-        self.chunk_size, self.seed = chunk_size, seed
+        self.chunk_size, self.logprob_impl, self.seed = chunk_size, logprob_impl, seed
+        #: rewards of completions (prompt rows, texts) → float array, NaN for a grading failure
+        self.grade = grade or task.rewards
         self.tokens_generated = 0
+        #: rollouts sampled so far (each reads the next batch of the prompt stream), and groups
+        #: dropped for a missing reward; both saved in checkpoints
+        self.rollouts_done = 0
+        self.groups_dropped = 0
         #: the optimizer step whose weights the sampler last received (None: not yet)
         self._synced_step: int | None = None
         self.weight_sync_seconds = 0.0
@@ -116,8 +127,14 @@ class OnlinePolicyModule(L.LightningModule):
 
     # -- rollout ----------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompt_index: list[int]) -> dict[str, torch.Tensor]:
-        """Sample a group per prompt from the current policy; score old/ref log-probs."""
+    def rollout(self, prompt_index: list[int]) -> dict[str, torch.Tensor] | None:
+        """Sample a group per prompt from the current policy; score old/ref log-probs.
+
+        A group with a missing reward (NaN: the grader timed out or failed) is dropped whole
+        and counted (``train/groups_dropped``): its advantages and FlowRL's r̂ are statistics
+        of the whole group, which a missing member would change, and a 0 in its place would
+        teach the policy that the answer was wrong. None when every group was dropped (no
+        update from this rollout)."""
         self.policy.eval()
         self.sync_sampler()
         p_ids = [self.prompt_ids[i] for i in prompt_index]
@@ -125,22 +142,34 @@ class OnlinePolicyModule(L.LightningModule):
         # own seed stream, would draw different groups even for the same prompt.
         seed = derive_seed(self.seed, "rollout", int(self.global_step), self.global_rank)
         groups = self.sampler.sample(self.policy, self.tok, p_ids, self.group_size, self.settings, seed)
+        self.rollouts_done += 1
+        self.tokens_generated += self._all_ranks(sum(len(c) for g in groups for c in g))
+        rows = self.prompts.iloc[np.repeat(prompt_index, self.group_size)]
+        texts = [completion_text(self.tok, c) for g in groups for c in g]
+        reward = np.asarray(self.grade(rows, texts), dtype=np.float64).reshape(len(groups), self.group_size)
+        keep = ~np.isnan(reward).any(axis=1)  # [groups]
+        if not keep.all():
+            dropped = self.prompts.prompt_id.iloc[[i for i, k in zip(prompt_index, keep) if not k]].tolist()
+            self.groups_dropped += int((~keep).sum())
+            log.warning("rollout %d: dropped %d group(s) with a missing reward (prompts %s)",
+                        self.rollouts_done, int((~keep).sum()), dropped[:10])
+            if not keep.any():
+                return None
+            groups = [g for g, k in zip(groups, keep) if k]
+            p_ids = [p for p, k in zip(p_ids, keep) if k]
+            reward = reward[keep]
         completions = [c for g in groups for c in g]
         prompts_rep = [p for p in p_ids for _ in range(self.group_size)]
-        rows = self.prompts.iloc[np.repeat(prompt_index, self.group_size)]
-        texts = [completion_text(self.tok, c) for c in completions]
-        reward = torch.as_tensor(self.task.rewards(rows, texts), dtype=torch.float32)
-        self.tokens_generated += self._all_ranks(sum(len(c) for c in completions))
         batch = pack(prompts_rep, completions, self.tok.pad_token_id).to(self.device)
         out = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                "position_ids": batch.position_ids, "completion_mask": batch.completion_mask,
-               "reward": reward.to(self.device),
+               "reward": torch.as_tensor(reward.reshape(-1), dtype=torch.float32, device=self.device),
                "group_ids": torch.arange(len(p_ids), device=self.device).repeat_interleave(self.group_size)}
         mask = batch.completion_mask.to(torch.float32)
-        out["logp_old_tok"] = token_logprobs(self.policy, batch, chunk_size=self.chunk_size)  # [N, T]
+        out["logp_old_tok"] = self._logprobs(self.policy, batch)  # [N, T]
         out["logp_old_seq"] = (out["logp_old_tok"] * mask).sum(-1)  # [N]
         if self.ref is not None:
-            out["logp_ref_tok"] = token_logprobs(self.ref, batch, chunk_size=self.chunk_size)
+            out["logp_ref_tok"] = self._logprobs(self.ref, batch)
             out["logp_ref_seq"] = (out["logp_ref_tok"] * mask).sum(-1)
         out["advantages"] = group_normalize(out["reward"], out["group_ids"], self.scale_rewards)
         self.policy.train()
@@ -172,11 +201,17 @@ class OnlinePolicyModule(L.LightningModule):
                        roll["completion_mask"][idx])
         batch = {k: roll[k][idx] for k in self.needs if k != "log_z"}
         if "log_z" not in self.needs:
-            return token_logprobs(self.policy, tokens, chunk_size=self.chunk_size), tokens.completion_mask, batch
-        logp, hidden = token_logprobs(self.policy, tokens, chunk_size=self.chunk_size, return_hidden=True)
+            return self._logprobs(self.policy, tokens), tokens.completion_mask, batch
+        logp, hidden = self._logprobs(self.policy, tokens, return_hidden=True)
         P = tokens.prompt_len
         batch["log_z"] = self.log_z_head(hidden[:, :P].float(), tokens.attention_mask[:, :P])
         return logp, tokens.completion_mask, batch
+
+    def _logprobs(self, model, tokens: Batch, return_hidden: bool = False):
+        """:func:`disa.scoring.token_logprobs` with this module's settings: the old-policy,
+        reference and policy passes of an update share one backend, so ratios start at 1."""
+        return token_logprobs(model, tokens, chunk_size=self.chunk_size, impl=self.logprob_impl,
+                              return_hidden=return_hidden)
 
     def minibatch_index(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Rows of a random minibatch made of *whole groups*, so that group statistics (the
@@ -188,12 +223,14 @@ class OnlinePolicyModule(L.LightningModule):
 
     def training_step(self, prompt_index: torch.Tensor, batch_idx: int) -> None:
         roll = self.rollout(prompt_index.tolist())
+        self.log("train/groups_dropped", float(self.groups_dropped), batch_size=1)
+        if roll is None:
+            return
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
         n = roll["input_ids"].shape[0]
         g = torch.Generator().manual_seed(derive_seed(self.seed, "minibatches", int(self.global_step)))
         logged: list[dict[str, float]] = []
-        rollouts_done = int(self.global_step) // self.updates
         for _ in range(self.updates):
             if self.global_step >= self.trainer.max_steps:
                 break
@@ -213,9 +250,10 @@ class OnlinePolicyModule(L.LightningModule):
         if logged:
             self.log_dict({f"train/{k}": float(np.mean([m[k] for m in logged])) for k in logged[0]},
                           batch_size=n, prog_bar=False)
-        # Lightning writes a training step's logs when (rollouts before it + 1) is a multiple of
-        # trainer.log_every_n_steps: the calibration is computed for those steps only
-        if self.log_z_exact is not None and (rollouts_done + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        # Lightning writes a training step's logs when its count of training steps (rollouts,
+        # this one included) is a multiple of trainer.log_every_n_steps: the calibration is
+        # computed for those steps only
+        if self.log_z_exact is not None and self.rollouts_done % max(1, self.trainer.log_every_n_steps) == 0:
             self.log_dict({f"train/{k}": v for k, v in self.log_z_calibration().items()}, batch_size=n)
         self.log("train/reward_mean", roll["reward"].mean(), batch_size=n, sync_dist=True)
         self.log("train/tokens_generated", float(self.tokens_generated), batch_size=n)
@@ -255,15 +293,20 @@ class OnlinePolicyModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_generated"] = self.tokens_generated
+        checkpoint["rollouts_done"] = self.rollouts_done
+        checkpoint["groups_dropped"] = self.groups_dropped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_generated = checkpoint.get("tokens_generated", 0)
+        # a checkpoint from before rollouts were counted: every rollout took `updates` steps
+        self.rollouts_done = checkpoint.get("rollouts_done", int(checkpoint["global_step"]) // self.updates)
+        self.groups_dropped = checkpoint.get("groups_dropped", 0)
 
 
 def prompt_loader(module: OnlinePolicyModule, n_prompts: int, prompts_per_step: int, seed: int) -> DataLoader:
     """Batches of training-prompt indices, one per rollout, in an order a resumed run
     continues exactly: rollout r gets batch r of a seeded stream (see
-    :class:`disa.training.data.StepBatches`); on resume r = global_step // updates_per_rollout."""
+    :class:`disa.training.data.StepBatches`); on resume r is the checkpoint's rollout count."""
     from disa.training.data import StepBatches
 
     stream = StepBatches(n_prompts, prompts_per_step, seed, drop_last=n_prompts >= prompts_per_step,
@@ -272,12 +315,12 @@ def prompt_loader(module: OnlinePolicyModule, n_prompts: int, prompts_per_step: 
 
 
 class _RolloutsDone:
-    """Rollouts the module has trained on (0 before fit); a class rather than a closure so
-    that the loader pickles (``trainer.strategy=ddp_spawn`` sends it to other processes)."""
+    """Rollouts the module has sampled (0 before fit, the checkpoint's count after a resume);
+    a class rather than a closure so that the loader pickles (``trainer.strategy=ddp_spawn``
+    sends it to other processes)."""
 
     def __init__(self, module: OnlinePolicyModule):
         self.module = module
 
     def __call__(self) -> int:
-        trainer = self.module._trainer
-        return int(trainer.global_step) // self.module.updates if trainer is not None else 0
+        return int(self.module.rollouts_done) if self.module._trainer is not None else 0

@@ -1,10 +1,11 @@
 """Fit a policy with Lightning inside a ``train`` artifact (checkpoints there, resumable).
 
-Offline algorithms (DISA, LoRA-SFT) read the cached trajectories through
-:class:`TrajectoryDataModule`; online ones (FlowRL, GRPO, GSPO) sample from the current
-policy each step (:mod:`disa.training.online`). Both build their batches in the loss batch
-schema from what the registered loss reads (:mod:`disa.losses`); only an online loss that
-reads reference log-probs (FlowRL; GRPO with a KL term) loads the reference model.
+Offline algorithms (DISA, LoRA-SFT) read the cached trajectories, memory-mapped
+(:class:`disa.training.data.Trajectories`), through :class:`TrajectoryDataModule`; online
+ones (FlowRL, GRPO, GSPO) sample from the current policy each step
+(:mod:`disa.training.online`). Both build their batches in the loss batch schema from what
+the registered loss reads (:mod:`disa.losses`); only an online loss that reads reference
+log-probs (FlowRL; GRPO with a KL term) loads the reference model.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ from disa.training.checkpoints import (
     non_finite_tensors,
     verify_checkpoint,
 )
+from disa.training.console import StepProgressBar, route_lightning_logs
 from disa.training.schedule import lr_scheduler
 
 
-def fit(ctx, art: Artifact, frame: pd.DataFrame | None, log_z_exact: pd.Series | None = None) -> dict[str, Any]:
+def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[str, Any]:
     """Train and save the policy as a transformers checkpoint in ``art.path / "policy"``.
 
-    ``frame`` holds the cached trajectories joined with the anchor (offline algorithms) or
-    is None (online ones). ``log_z_exact`` (exact log Z by prompt id, on an enumerable task)
-    is what a learned log Z_φ head is compared with in the training logs. A killed run leaves
+    ``data`` holds the cached trajectories with their prompts' log Ẑ
+    (:class:`disa.training.data.Trajectories`, offline algorithms) or is None (online
+    ones). ``log_z_exact`` (exact log Z by prompt id, on an enumerable task) is what a learned
+    log Z_φ head is compared with in the training logs. A killed run leaves
     ``checkpoints/last.ckpt``; the next run with the same settings finds the artifact
     incomplete and resumes from there.
     """
@@ -55,8 +58,12 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None, log_z_exact: pd.Series |
     ckpt_dir = art.path / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
                                  every_n_train_steps=int(cfg.checkpoint.every_n_steps))
+    route_lightning_logs()
+    callbacks = [checkpoint, _Progress(), FiniteGuard()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoint, _Progress(), FiniteGuard()], logger=ctx.loggers or False,
+        cfg.trainer, callbacks=callbacks, logger=ctx.loggers or False,
         plugins=[AtomicCheckpointIO()], default_root_dir=str(art.path), enable_model_summary=False,
         **trainer_overrides,
     )
@@ -80,8 +87,9 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None, log_z_exact: pd.Series |
             from disa.training.sharded import ShardedPolicyModule as module_class
         else:
             module_class = PolicyModule
-        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size, lr_schedule=schedule)
-        data = TrajectoryDataModule(frame, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
+        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size, s.logprob_impl,
+                              lr_schedule=schedule)
+        data = TrajectoryDataModule(data, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
 
     last = ckpt_dir / "last.ckpt"
     resumed = last.exists()
@@ -95,6 +103,8 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None, log_z_exact: pd.Series |
     wall = time.perf_counter() - t0
     final = _trained_policy(ctx, trainer, module)  # a collective under sharding: every rank calls it
     if trainer.global_rank == 0:
+        if last.exists():  # sealed into the artifact with it: whole and finite, or the build fails
+            verify_checkpoint(last)
         bad = non_finite_tensors(dict(final.named_parameters()))
         if bad:  # never sealed into the cache
             raise PoisonedCheckpointError(f"the trained policy holds non-finite weights in {bad[:5]}; not saved")
@@ -107,7 +117,7 @@ def fit(ctx, art: Artifact, frame: pd.DataFrame | None, log_z_exact: pd.Series |
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics = {k: v for k, v in logged.items() if k.startswith("train/") and k not in _Progress.KEYS}
     return {"wall_s": wall, "steps": int(logged.get("train/optimizer_steps", trainer.global_step)),
-            "resumed": resumed, "trajectories": len(frame) if frame is not None else 0,
+            "resumed": resumed, "trajectories": len(data.dataset) if not s.online else 0,
             "tokens_generated": int(logged.get("train/tokens_generated", getattr(module, "tokens_generated", 0))),
             "final": metrics}
 
@@ -216,7 +226,7 @@ def _online(ctx, policy, tok, optimizer, schedule, log_z_exact: pd.Series | None
         s.loss_spec, s.loss_options, optimizer, group_size=int(alg.group_size),
         updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
         scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-        log_z_head=head, chunk_size=s.chunk_size, seed=s.seed, chat_template=s.chat_template,
-        lr_schedule=schedule, log_z_exact=exact,
+        log_z_head=head, chunk_size=s.chunk_size, logprob_impl=s.logprob_impl, seed=s.seed,
+        chat_template=s.chat_template, grade=ctx.rewards(), lr_schedule=schedule, log_z_exact=exact,
     )
     return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))

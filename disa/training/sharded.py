@@ -65,18 +65,19 @@ class CompletionLogProbs(nn.Module):
     causal LM (or peft model) being trained; the wrapper has no parameters of its own.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 2048):
+    def __init__(self, lm: nn.Module, chunk_size: int = 2048, logprob_impl: str = "chunked"):
         super().__init__()
         self.lm = lm
-        self.chunk_size = chunk_size
+        self.chunk_size, self.logprob_impl = chunk_size, logprob_impl
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 completion_mask: torch.Tensor) -> torch.Tensor:
         batch = Batch(input_ids, attention_mask, position_ids, completion_mask)
-        return token_logprobs(self.lm, batch, chunk_size=self.chunk_size)
+        return token_logprobs(self.lm, batch, chunk_size=self.chunk_size, impl=self.logprob_impl)
 
 
-def shard(lm: nn.Module, mesh=None, chunk_size: int = 2048, **fsdp_kwargs: Any) -> CompletionLogProbs:
+def shard(lm: nn.Module, mesh=None, chunk_size: int = 2048, logprob_impl: str = "chunked",
+          **fsdp_kwargs: Any) -> CompletionLogProbs:
     """Shard ``lm`` in place with FSDP2 over ``mesh`` (default: every rank of the default
     process group, on this process's device type) and return its :class:`CompletionLogProbs`
     root. Each decoder layer becomes one unit, then the root takes the remaining parameters
@@ -96,7 +97,7 @@ def shard(lm: nn.Module, mesh=None, chunk_size: int = 2048, **fsdp_kwargs: Any) 
     for module in list(lm.modules()):
         if isinstance(module, layer_classes):
             fully_shard(module, mesh=mesh, **fsdp_kwargs)
-    root = CompletionLogProbs(lm, chunk_size)
+    root = CompletionLogProbs(lm, chunk_size, logprob_impl)
     fully_shard(root, mesh=mesh, **fsdp_kwargs)
     return root
 
@@ -185,7 +186,7 @@ class ShardedPolicyModule(PolicyModule):
             raise ValueError("the sharded policy is data-parallel only: allowed: "
                              "trainer.strategy.tensor_parallel_size=1 (data_parallel_size = the processes)")
         self._root.append(shard(self.policy, self.device_mesh["data_parallel"], self.chunk_size,
-                                **self.fsdp_kwargs))
+                                self.logprob_impl, **self.fsdp_kwargs))
 
     @property
     def root(self) -> CompletionLogProbs:
