@@ -110,6 +110,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("eval.sampler.top_k", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     ("algorithm.batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("trainer.max_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("lr_schedule.decay", lambda v: v in ("constant", "linear", "cosine"), "one of ['constant', 'linear', 'cosine']"),
+    ("lr_schedule.warmup_steps", lambda v: _int(v) and v >= 0, "an integer >= 0, below trainer.max_steps"),
     ("checkpoint.every_n_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("checkpoint.activations", lambda v: isinstance(v, bool), "true or false"),
     ("backbone.kind", lambda v: v in ("embedded", "hf", "gguf"), "one of ['embedded', 'hf', 'gguf']"),
@@ -211,6 +213,10 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
                 f"algorithm.batch_size={alg.batch_size} is invalid; allowed: a multiple of algorithm.group_size="
                 f"{alg.group_size} of at most group_size × prompts_per_step={alg.group_size * alg.prompts_per_step} "
                 "(minibatches are whole groups of one rollout)")
+    warmup, max_steps = cfg.lr_schedule.warmup_steps, cfg.trainer.max_steps
+    if not {"lr_schedule.warmup_steps", "trainer.max_steps"} & bad and warmup >= max_steps:
+        errors.append(f"lr_schedule.warmup_steps={warmup} is invalid; allowed: an integer >= 0, below "
+                      f"trainer.max_steps={max_steps}")
     if cfg.algorithm.loss not in LOSSES:
         errors.append(f"algorithm.loss={cfg.algorithm.loss!r} is not registered; allowed: {sorted(LOSSES)}")
     elif "beta" not in bad:

@@ -72,6 +72,54 @@ def _log1mexp(x: np.ndarray) -> np.ndarray:
         return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
 
 
+def sample_metrics_per_prompt(samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Series | None = None
+                              ) -> pd.DataFrame:
+    """The sample metrics of :func:`sample_metrics` prompt by prompt: one row per prompt
+    (``prompt_id``, ``mean_at_k``, ``pass_at_{j}``, ``solved``, ``unique_correct``, which is
+    missing where the prompt has no correct sample, and ``coverage`` with ``set_sizes``).
+    What paired comparisons of two policies resample (:func:`disa.analysis.stats.paired_differences`)."""
+    per = samples.groupby("prompt_id", sort=False)
+    n = int(per.size().min())
+    out = pd.DataFrame({"prompt_id": list(per.groups)})
+    out["mean_at_k"] = per.reward.mean().to_numpy()
+    for j in ks:
+        if j <= n:
+            out[f"pass_at_{j}"] = [pass_at_k(len(g), int((g.reward > 0).sum()), j) for _, g in per]
+    uniq = samples[samples.reward > 0].groupby("prompt_id").text.nunique().reindex(out.prompt_id, fill_value=0)
+    out["solved"] = (uniq.to_numpy() > 0).astype(float)
+    out["unique_correct"] = uniq.where(uniq > 0).to_numpy(dtype=float)
+    if set_sizes is not None:
+        out["coverage"] = (uniq / set_sizes.reindex(uniq.index)).to_numpy(dtype=float)
+    return out
+
+
+def target_distances_per_prompt(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> pd.DataFrame:
+    """:func:`target_distances` prompt by prompt: one row per prompt (``prompt_id`` and the
+    metrics), before the average over prompts."""
+    m = ref.merge(policy, on=["prompt_id", "answer"], suffixes=("_ref", "_pol"), validate="one_to_one")
+    if len(m) != len(ref) or len(m) != len(policy):
+        raise ValueError("policy and reference rewarded-set tables do not cover the same answers")
+    rows = []
+    for prompt_id, g in m.groupby("prompt_id", sort=False):
+        lr, lp = g.logp_ref.to_numpy(np.float64), g.logp_pol.to_numpy(np.float64)
+        log_pr, log_pp = np.logaddexp.reduce(lr), np.logaddexp.reduce(lp)
+        log_rest_r, log_rest_p = _log1mexp(log_pr), _log1mexp(log_pp)
+        log_z = exact_log_z(log_pr, beta)
+        target = np.append(lr + beta - log_z, log_rest_r - log_z)  # log p* on the partition
+        pol = np.append(lp, log_rest_p)
+        tc, pc = lr - log_pr, lp - log_pp  # conditional on R
+        rows.append({
+            "prompt_id": prompt_id,
+            "tv_target": 0.5 * np.abs(np.exp(target) - np.exp(pol)).sum(),
+            "kl_target": float(np.sum(np.exp(target) * (target - pol))),
+            "tv_rewarded": 0.5 * np.abs(np.exp(tc) - np.exp(pc)).sum(),
+            "kl_rewarded": float(np.sum(np.exp(tc) * (tc - pc))),
+            "p_correct_exact": float(np.exp(log_pp)),
+            "p_correct_target": float(np.exp(log_pr + beta - log_z)),  # what matching p* exactly would give
+        })
+    return pd.DataFrame(rows)
+
+
 def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> dict[str, float]:
     """Exact distances between the policy and ``p* ∝ π_ref·exp(β r)``, averaged over prompts.
 
@@ -90,27 +138,27 @@ def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> di
     ``p_correct_exact`` is the policy's probability of a correct answer, ``p_correct_target``
     the target's (``P_ref e^β / Z``), the value a policy that matches ``p*`` reaches.
     """
-    m = ref.merge(policy, on=["prompt_id", "answer"], suffixes=("_ref", "_pol"), validate="one_to_one")
-    if len(m) != len(ref) or len(m) != len(policy):
-        raise ValueError("policy and reference rewarded-set tables do not cover the same answers")
-    rows = []
-    for _, g in m.groupby("prompt_id", sort=False):
-        lr, lp = g.logp_ref.to_numpy(np.float64), g.logp_pol.to_numpy(np.float64)
-        log_pr, log_pp = np.logaddexp.reduce(lr), np.logaddexp.reduce(lp)
-        log_rest_r, log_rest_p = _log1mexp(log_pr), _log1mexp(log_pp)
-        log_z = exact_log_z(log_pr, beta)
-        target = np.append(lr + beta - log_z, log_rest_r - log_z)  # log p* on the partition
-        pol = np.append(lp, log_rest_p)
-        tc, pc = lr - log_pr, lp - log_pp  # conditional on R
-        rows.append({
-            "tv_target": 0.5 * np.abs(np.exp(target) - np.exp(pol)).sum(),
-            "kl_target": float(np.sum(np.exp(target) * (target - pol))),
-            "tv_rewarded": 0.5 * np.abs(np.exp(tc) - np.exp(pc)).sum(),
-            "kl_rewarded": float(np.sum(np.exp(tc) * (tc - pc))),
-            "p_correct_exact": float(np.exp(log_pp)),
-            "p_correct_target": float(np.exp(log_pr + beta - log_z)),  # what matching p* exactly would give
-        })
-    return {k: float(v) for k, v in pd.DataFrame(rows).mean().items()}
+    per_prompt = target_distances_per_prompt(policy, ref, beta).drop(columns="prompt_id")
+    return {k: float(v) for k, v in per_prompt.mean().items()}
+
+
+def per_prompt_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
+                       rewarded: pd.DataFrame | None = None, ref_rewarded: pd.DataFrame | None = None
+                       ) -> pd.DataFrame:
+    """One row per evaluated prompt: the sample metrics (:func:`sample_metrics_per_prompt`,
+    over the graded samples) and, on an enumerable task, the exact ones
+    (:func:`target_distances_per_prompt`). Their mean over prompts is what
+    :func:`policy_metrics` reports for the exact metrics, Mean@k where every prompt has k
+    graded samples, and pass@k and coverage always."""
+    graded = samples[samples.reward.notna()]
+    sizes = ref_rewarded.groupby("prompt_id").size() if ref_rewarded is not None else None
+    out = sample_metrics_per_prompt(graded, list(pass_k), sizes)
+    if rewarded is not None and ref_rewarded is not None:
+        ids = set(samples.prompt_id)
+        exact = target_distances_per_prompt(rewarded[rewarded.prompt_id.isin(ids)],
+                                            ref_rewarded[ref_rewarded.prompt_id.isin(ids)], float(beta))
+        out = out.merge(exact, on="prompt_id", how="outer", validate="one_to_one")
+    return out
 
 
 def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,

@@ -6,7 +6,10 @@ needed). Its keys:
 
 - config choices: ``algorithm``, ``backbone``, ``task``, ``proposal.kind``,
   ``proposal.strength``, ``proposal.strength_effective`` (the realised round(λK)/K),
-  ``proposal.num_samples`` (K), ``beta``, ``seed``, ``stage``;
+  ``proposal.num_samples`` (K), ``beta``, ``seed``, ``stage``, ``eval.split``, and for the
+  embedded backbone ``backbone.source`` (shipped | pretrain) and ``backbone.pretrain_seed``;
+- ``backbone.ref_fingerprint``: the content fingerprint of π_ref (equal on two machines iff
+  they started from the same weights);
 - ``anchor.*``: anchor statistics (mean log Ẑ, mean ESS/K, min ESS, mean delta-method se
   and bias, prompts flagged degenerate, mean rewarded samples; on an enumerable task (sumpairs) also
   ``anchor.mean_abs_error`` = mean |log Ẑ − log Z|, ``anchor.mean_error`` and
@@ -84,7 +87,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         results = stages.run_plan(ctx, plan)
         if not leader:
             return {}
-        summary = choices(settings, cfg) | results
+        summary = choices(settings, cfg) | {"backbone.ref_fingerprint": backbone.ref_fingerprint} | results
         summary |= {f"time.{k}_s": round(v, 3) for k, v in ctx.timings.items()}
         summary["time.total_s"] = round(time.perf_counter() - t_start, 3)
         summary |= {f"reused.{k}": v for k, v in ctx.reused.items()}
@@ -172,6 +175,9 @@ def choices(settings: Settings, cfg: DictConfig) -> dict[str, Any]:
         "beta": settings.beta,
         "seed": settings.seed,
         "stage": settings.stage,
+        "eval.split": str(cfg.eval.split),
+        **({"backbone.source": str(cfg.backbone.source), "backbone.pretrain_seed": int(cfg.backbone.pretrain.seed)}
+           if cfg.backbone.kind == "embedded" else {}),
     }
 
 

@@ -58,9 +58,12 @@ class LossSpec:
     options: type  #: frozen dataclass of the loss's settings
     needs: Callable[[Any], frozenset[str]]  #: options → the BATCH_FIELDS the loss reads
 
-    def make_options(self, loss_args: Mapping[str, Any] | None = None, beta: float | None = None) -> Any:
+    def make_options(self, loss_args: Mapping[str, Any] | None = None, beta: float | None = None,
+                     max_new_tokens: int | None = None) -> Any:
         """The options from ``algorithm.loss_args``; ``beta`` (the run's β) goes to the losses
-        that declare it. Unknown keys are an error naming the allowed ones."""
+        that declare it, and ``max_new_tokens`` (the sampler's completion cap) becomes
+        ``norm_len``, Dr. GRPO's constant, where the loss has one and ``loss_args`` leaves it
+        unset. Unknown keys are an error naming the allowed ones."""
         names = {f.name for f in fields(self.options)}
         given = dict(loss_args or {})
         unknown = sorted(set(given) - (names - {"beta"}))
@@ -70,6 +73,8 @@ class LossSpec:
                                                                         if "beta" in unknown else ""))
         if "beta" in names:
             given["beta"] = beta
+        if "norm_len" in names and given.get("norm_len") is None and max_new_tokens is not None:
+            given["norm_len"] = int(max_new_tokens)
         return self.options(**given)
 
     def reads_reference(self, options: Any) -> bool:
@@ -129,9 +134,11 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, norm_len: int | None = No
 
     - ``token-mean``: Σ valid values / number of valid tokens in the batch.
     - ``seq-mean-token-mean``: mean over each sequence's tokens, then mean over the B sequences.
-    - ``seq-mean-token-sum-norm`` (Dr. GRPO): Σ over each sequence's tokens / ``norm_len``
-      (a constant, default ``T``), then mean over the B sequences; the constant removes the
-      length bias of the per-sequence mean.
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO): Σ over each sequence's tokens / ``norm_len``,
+      then mean over the B sequences. ``norm_len`` is a constant of the run (Dr. GRPO and TRL
+      take the maximum completion length; the losses get the sampler's ``max_new_tokens``),
+      never the padded width ``T`` of the batch at hand, which would change the scale of the
+      loss from one rollout to the next; this mode refuses to run without it.
 
     A sequence without valid tokens contributes 0 (never NaN) and still counts among the B.
 
@@ -148,7 +155,11 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, norm_len: int | None = No
         return per_seq.sum() / n.sum().clamp(min=1)
     if mode == "seq-mean-token-mean":
         return (per_seq / n.clamp(min=1)).mean()
-    return (per_seq / (values.shape[1] if norm_len is None else norm_len)).mean()
+    if norm_len is None:
+        raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' needs norm_len (Dr. GRPO's constant, the "
+                         "maximum completion length): set algorithm.loss_args.norm_len, or leave it unset for "
+                         "sampler.max_new_tokens")
+    return (per_seq / norm_len).mean()
 
 
 def group_normalize(rewards: Tensor, group_ids: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
@@ -231,6 +242,12 @@ def _floats(**values: Tensor | float) -> dict[str, float]:
 def _agg_mode(mode: str) -> None:
     if mode not in AGG_MODES:
         raise ValueError(f"algorithm.loss_args.loss_agg_mode={mode!r}; allowed: {list(AGG_MODES)}")
+
+
+def _norm_len(norm_len: Any) -> None:
+    if norm_len is not None and not (isinstance(norm_len, int) and not isinstance(norm_len, bool) and norm_len >= 1):
+        raise ValueError(f"algorithm.loss_args.norm_len={norm_len!r}; allowed: an integer >= 1, or null for "
+                         "sampler.max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -320,10 +337,11 @@ class GRPOOptions:
     clip_eps_high: float | None = None  #: overrides clip_eps above (DAPO's clip-higher)
     kl_coef: float = 0.0  #: weight of the k3 KL to π_ref; > 0 makes the loss read logp_ref_tok
     loss_agg_mode: str = "token-mean"  #: see aggregate()
-    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (default T)
+    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (unset: sampler.max_new_tokens)
 
     def __post_init__(self):
         _agg_mode(self.loss_agg_mode)
+        _norm_len(self.norm_len)
         if not self.kl_coef >= 0:
             raise ValueError(f"algorithm.loss_args.kl_coef={self.kl_coef!r}; allowed: a number >= 0")
 
@@ -393,10 +411,11 @@ def gspo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: 
 class SFTOptions:
     reward_threshold: float = 0.5  #: a trajectory is a target iff its reward exceeds this
     loss_agg_mode: str = "token-mean"  #: see aggregate()
-    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (default T)
+    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (unset: sampler.max_new_tokens)
 
     def __post_init__(self):
         _agg_mode(self.loss_agg_mode)
+        _norm_len(self.norm_len)
 
 
 @register_loss("sft", SFTOptions, needs=lambda o: {"reward"})

@@ -2,16 +2,24 @@
 
 The embedded backbone is a tiny Llama-architecture causal LM with a character-level
 tokenizer that is a real ``PreTrainedTokenizerFast`` (``save_pretrained``/``from_pretrained``
-round-trip, see :mod:`disa.tokenization`). It is pre-trained on the spot (seeded, cached) on
-the task's corpus of (prompt, completion) pairs: a short run on noisy data gives ``π_ref``
-(right sometimes), and a continuation on cleaner data gives the stronger proposal
-checkpoint. No downloads.
+round-trip, see :mod:`disa.tokenization`), pre-trained on the task's corpus of
+(prompt, completion) pairs: a short run on noisy data gives ``π_ref`` (right sometimes), and
+a continuation on cleaner data gives the stronger proposal checkpoint. No downloads.
+
+Its checkpoints ship with the package (:data:`SHIPPED`, ``backbone.source=shipped``, the
+default): float kernels differ between CPUs, so the same recipe pre-trained on two machines
+gives two slightly different models, and every figure measured on them differs too. The
+shipped ones were made by the recipe of ``conf/backbone/embedded.yaml`` (``make
+embedded-backbone``, ``experiments/embedded_backbone.py``); ``backbone.source=pretrain``
+pre-trains with the configured recipe here instead (seeded, cached).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,37 +165,108 @@ def _packed_nll(model, tok, chat_template: bool = False):
     return nll
 
 
-def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
-    """Pre-train (or reuse) the embedded reference and proposal checkpoints on ``task``:
-    its ``alphabet`` is the tokenizer's vocabulary, its ``corpus(rng, size, p_correct)`` the
-    (prompt, completion) pairs trained on (see :class:`disa.tasks.sumpairs.SumPairsTask`)."""
-    from transformers import LlamaForCausalLM
+#: the shipped embedded checkpoints: ``ref/``, ``proposal/`` and ``recipe.json`` (the recipe
+#: spec they were made with, the machine, their measured quality and every file's SHA-256)
+SHIPPED = Path(__file__).parent / "assets" / "embedded"
+#: what ``backbone.source`` may be for the embedded backbone
+EMBEDDED_SOURCES = ("shipped", "pretrain")
 
+
+def embedded_recipe(cfg, task) -> dict:
+    """The settings that determine the embedded checkpoints: the task (its prompts and corpus),
+    the architecture and the pre-training recipe. The cache key of a backbone pre-trained here,
+    and what a shipped backbone's ``recipe.json`` must match."""
     b = cfg.backbone
-    spec = {
+    return {
         "task": task.spec(),
         "arch": {k: b[k] for k in ("hidden_size", "num_layers", "num_heads", "max_length")},
         "pretrain": dict(b.pretrain),
         "seed": int(b.pretrain.seed),
     }
 
-    def build(art):
-        t0 = time.time()
-        torch.manual_seed(b.pretrain.seed)
-        tok = build_char_tokenizer(task.alphabet)
-        model = LlamaForCausalLM(embedded_config(len(tok), b))
-        rng = np.random.default_rng(b.pretrain.seed)
-        p = b.pretrain
-        ref_corpus = task.corpus(rng, p.corpus_size, p.ref_p_correct)
-        _pretrain(model, ref_corpus, _char_nll(model, tok), p.ref_steps, p.batch_size, p.lr, p.seed, "pre-train π_ref")
-        model.save_pretrained(art.path / "ref")
-        tok.save_pretrained(art.path / "ref")
-        prop_corpus = task.corpus(rng, p.corpus_size, p.proposal_p_correct)
-        _pretrain(model, prop_corpus, _char_nll(model, tok), p.proposal_steps, p.batch_size, p.lr, p.seed + 1,
-                  "pre-train proposal")
-        model.save_pretrained(art.path / "proposal")
-        tok.save_pretrained(art.path / "proposal")
-        return {"seconds": time.time() - t0}
+
+def pretrain_embedded(cfg, task, out: Path) -> None:
+    """Pre-train the embedded checkpoints on ``task`` into ``out/ref`` and ``out/proposal``:
+    the task's ``alphabet`` is the tokenizer's vocabulary, its ``corpus(rng, size, p_correct)``
+    the (prompt, completion) pairs trained on (see :class:`disa.tasks.sumpairs.SumPairsTask`).
+
+    Three phases, one model: ``base_steps`` on a mostly correct corpus (the model learns to
+    add; on a noisy corpus alone a model this small does not, and stays near chance), then
+    ``ref_steps`` on a noisy one, which makes it right only sometimes (π_ref), then, from π_ref,
+    ``proposal_steps`` on a cleaner one (the stronger proposal). ``base_steps: 0`` is the
+    two-phase recipe of earlier releases."""
+    from transformers import LlamaForCausalLM
+
+    b, p = cfg.backbone, cfg.backbone.pretrain
+    torch.manual_seed(p.seed)
+    tok = build_char_tokenizer(task.alphabet)
+    model = LlamaForCausalLM(embedded_config(len(tok), b))
+    nll = _char_nll(model, tok)
+    rng = np.random.default_rng(p.seed)
+    if int(p.get("base_steps", 0)) > 0:
+        base_corpus = task.corpus(rng, p.corpus_size, p.base_p_correct)
+        _pretrain(model, base_corpus, nll, p.base_steps, p.batch_size, p.lr, p.seed + 2, "pre-train base")
+    ref_corpus = task.corpus(rng, p.corpus_size, p.ref_p_correct)
+    _pretrain(model, ref_corpus, nll, p.ref_steps, p.batch_size, p.lr, p.seed, "pre-train π_ref")
+    model.save_pretrained(out / "ref")
+    tok.save_pretrained(out / "ref")
+    prop_corpus = task.corpus(rng, p.corpus_size, p.proposal_p_correct)
+    _pretrain(model, prop_corpus, nll, p.proposal_steps, p.batch_size, p.lr, p.seed + 1, "pre-train proposal")
+    model.save_pretrained(out / "proposal")
+    tok.save_pretrained(out / "proposal")
+
+
+def shipped_recipe(root: Path = SHIPPED) -> dict:
+    """The shipped checkpoints' ``recipe.json``, its files checked against the SHA-256 it lists."""
+    path = root / "recipe.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the package ships no embedded checkpoints; "
+                                "use backbone.source=pretrain, or make embedded-backbone")
+    recipe = json.loads(path.read_text())
+    for rel, sha in recipe["sha256"].items():
+        f = root / rel
+        if not f.exists() or hashlib.sha256(f.read_bytes()).hexdigest() != sha:
+            raise ValueError(f"shipped checkpoint file {f} is missing or differs from {path}; "
+                             "reinstall the package, or make embedded-backbone")
+    return recipe
+
+
+def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
+    """The embedded reference and proposal checkpoints for ``task`` as a cached artifact:
+    the shipped ones (``backbone.source=shipped``), copied into the cache, or pre-trained
+    here with the configured recipe (``backbone.source=pretrain``).
+
+    The two kinds are keyed apart (a shipped artifact's key holds ``source`` and the shipped
+    files' digest), so a cache that holds a model pre-trained here never passes it off as the
+    shipped one, nor the reverse. Fingerprints are content hashes either way: identical
+    weights give identical downstream keys, whichever way they were made."""
+    b = cfg.backbone
+    recipe = embedded_recipe(cfg, task)
+    source = b.get("source")
+    if source not in EMBEDDED_SOURCES:
+        raise ValueError(f"backbone.source={source!r} is invalid; allowed: one of {list(EMBEDDED_SOURCES)}")
+    if source == "pretrain":
+        spec = recipe
+
+        def build(art):
+            t0 = time.time()
+            pretrain_embedded(cfg, task, art.path)
+            return {"seconds": time.time() - t0}
+    else:
+        shipped = shipped_recipe()
+        wanted = json.loads(json.dumps(recipe, default=str))
+        if shipped["spec"] != wanted:
+            diff = _differences(shipped["spec"], wanted)
+            raise ValueError(
+                f"backbone.source=shipped, but the shipped checkpoints were made with another recipe: {diff}; "
+                "allowed: the shipped recipe (conf/backbone/embedded.yaml, task=sumpairs), or backbone.source=pretrain "
+                "to pre-train with these settings here")
+        spec = {"source": "shipped", "content": spec_key(shipped["sha256"]), **recipe}
+
+        def build(art):
+            for part in ("ref", "proposal"):
+                shutil.copytree(SHIPPED / part, art.path / part)
+            return {"source": str(SHIPPED), "made_on": shipped.get("built_with")}
 
     art, _ = cache.build("backbone", spec, build)
     # Fingerprints of cached checkpoints are their content, hashed once at build time.
@@ -203,6 +282,19 @@ def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
         proposal_path=str(art.path / "proposal"),
         proposal_fingerprint=fp["proposal"],
     )
+
+
+def _differences(shipped: dict, wanted: dict, prefix: str = "") -> str:
+    """``key: shipped → configured`` for every leaf where the two recipes differ."""
+    out = []
+    for k in sorted(set(shipped) | set(wanted)):
+        a, b = shipped.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{k}.")
+            out += [inner] if inner else []
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} shipped, {b!r} configured")
+    return "; ".join(out)
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

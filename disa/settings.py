@@ -59,7 +59,7 @@ class Settings:
     algorithm: str  #: name recorded in summaries (algorithm.name)
     loss: str  #: key in the loss registry (algorithm.loss)
     online: bool  #: samples from the current policy (FlowRL, GRPO, GSPO) instead of the cache
-    loss_options: Any  #: the loss's options (algorithm.loss_args, and β where the loss takes it)
+    loss_options: Any  #: the loss's options (algorithm.loss_args; β and norm_len = sampler.max_new_tokens where the loss takes them)
     # -- sizes
     sample_batch_size: int  #: sequences per generation call (sampler.batch_size)
     prompts_per_shard: int  #: prompts per shard of the sample stage (a resume point)
@@ -85,7 +85,8 @@ class Settings:
             strength_effective=split_counts(K, lam)[1] / K, num_samples=K, min_ess=float(p.min_ess),
             algorithm=str(alg.name), loss=str(alg.loss), online=bool(alg.online),
             loss_options=get_loss(alg.loss).make_options(OmegaConf.to_container(alg.loss_args, resolve=True),
-                                                         beta=float(cfg.beta)),
+                                                         beta=float(cfg.beta),
+                                                         max_new_tokens=int(cfg.sampler.max_new_tokens)),
             sample_batch_size=int(cfg.sampler.batch_size), prompts_per_shard=int(cfg.sampler.prompts_per_shard),
             score_batch_size=int(cfg.scoring.batch_size), chunk_size=int(cfg.scoring.chunk_size),
             logprob_impl=str(cfg.scoring.get("logprob_impl", "chunked")),

@@ -40,11 +40,57 @@ print(f"{SWEEP_DIR}: {len(runs)} runs; varying: {analysis.varying(runs)}")
 # ## The comparison table (mean ± s.e. over seeds)
 
 # %%
-written = analysis.write_comparison(SWEEP_DIR)  # comparison.{csv,md,png}, as the sweep's callback does
+written = analysis.write_comparison(SWEEP_DIR)  # comparison.{csv,md,png} and paired.csv, as the sweep's callback does
 analysis.comparison_table(runs)
 
 # %%
 display(Image(str(written["png"])))
+
+# %%
+def part_by(frame, columns):
+    """(label, rows) for each combination of ``columns`` (one part when there are none)."""
+    if not columns:
+        return [("", frame)]
+    return [(dict(zip(columns, k if isinstance(k, tuple) else (k,))), g) for k, g in frame.groupby(columns)]
+
+
+# %% [markdown]
+# ## Paired differences, with a bootstrap CI over seeds × prompts
+#
+# Per held-out prompt and seed, each algorithm's metric minus DISA's (then minus π_ref's);
+# the mean over the grid and its 95% CI from resampling seeds and prompts
+# (`analysis.paired_differences`). `*` marks a difference whose CI excludes 0.
+
+# %%
+diffs = analysis.paired_comparisons(SWEEP_DIR, by="algorithm")  # None: the runs wrote no per-prompt metrics
+settings = [c for c in ([] if diffs is None else diffs.columns) if c not in analysis.report.PAIRED_COLUMNS]
+for key, part in ([] if diffs is None else part_by(diffs, settings)):
+    for baseline, rows in part[part.arm != analysis.REF_ARM].groupby("baseline"):
+        print(f"against {baseline} {key}:")
+        display(analysis.paired_table(rows))
+
+# %% [markdown]
+# ## Is FlowRL's learned log Z_φ calibrated?
+#
+# On the embedded task the exact log Z(q) of every training prompt is known. FlowRL logs its
+# head's log Z_φ(q) against it at every logging step (mean error, mean |error|, correlation
+# across prompts); DISA's log Ẑ(q) is estimated once, before training, and frozen. FlowRL's
+# objective (length-normalised log-ratios, β_f · group-normalised reward) has its own
+# fixed point, so nothing ties log Z_φ to log Z at the run's β: the figure shows how far apart
+# they are, which is the case for decoupling the anchor from the policy.
+
+# %%
+try:
+    train_curves = analysis.load_training_curves(SWEEP_DIR)
+except FileNotFoundError:
+    train_curves = None
+anchors = analysis.load_anchors(SWEEP_DIR) if runs.algorithm.eq("disa").any() else None
+if train_curves is not None and anchors is not None and "train/log_z_phi_error" in train_curves:
+    flowrl = train_curves[train_curves.algorithm == "flowrl"]
+    path = analysis.plot_log_z_calibration(flowrl, anchors[anchors.algorithm == "disa"], out / "log_z_calibration.png")
+    display(Image(str(path)))
+else:
+    print("no FlowRL log Z_φ calibration or DISA anchor in this sweep")
 
 # %% [markdown]
 # ## pass@k against k
@@ -78,9 +124,11 @@ except FileNotFoundError:
     print("no metrics.csv in this sweep (logger=none?)")
 if curves is not None and "train/loss" in curves:
     steps = curves.dropna(subset=["train/loss"])
+    # online algorithms log once per rollout (the CSV's "step"); train/optimizer_steps counts updates
+    x = "train/optimizer_steps" if "train/optimizer_steps" in steps else "step"
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for alg, d in steps.groupby("algorithm"):
-        mean = d.groupby("step")["train/loss"].mean()
+        mean = d.groupby(x)["train/loss"].mean()
         ax.plot(mean.index, mean.to_numpy(), label=alg)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (each algorithm its own)")

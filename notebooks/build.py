@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NOTEBOOKS = ("bias_variance", "baselines", "sensitivity")
+NOTEBOOKS = ("bias_variance", "baselines", "sensitivity", "k_convergence")
 
 
 def build(name: str, out_dir: str | Path = HERE, execute: bool = False, timeout: int = 600,

@@ -46,6 +46,9 @@ def test_valid_variants(make_cfg, overrides):
         ("stage=fit", "stage", "sample"),
         ("eval.pass_k=[1,99]", "eval.pass_k", "[1, eval.k=16]"),
         ("algorithm.loss=nope", "algorithm.loss", "disa"),
+        ("lr_schedule.decay=step", "lr_schedule.decay", "['constant', 'linear', 'cosine']"),
+        ("lr_schedule.warmup_steps=-1", "lr_schedule.warmup_steps", "an integer >= 0"),
+        ("lr_schedule.warmup_steps=300", "lr_schedule.warmup_steps", "below trainer.max_steps=300"),
     ],
 )
 def test_invalid_setting_is_named_with_what_is_allowed(make_cfg, override, setting, allowed):

@@ -276,3 +276,42 @@ def test_policy_metrics_exact_distances_over_the_evaluated_prompts_only():
     assert "tv_target" not in m and m["coverage"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     m = evaluation.policy_metrics(samples, [1], beta, rewarded=pol)
     assert "tv_target" not in m and "coverage" not in m
+
+
+def test_per_prompt_metrics_average_to_the_reported_ones():
+    """The per-prompt table (what paired comparisons resample) and the summary agree: the
+    mean over prompts of each column is the summary's figure (unique_correct over solved
+    prompts, as the summary defines it)."""
+    s = _samples()
+    sizes = pd.Series({"C": 4, "A": 4, "B": 5})
+    table = evaluation.sample_metrics_per_prompt(s, [1, 2, 4], sizes)
+    m = evaluation.sample_metrics(s, [1, 2, 4], sizes)
+    assert table.prompt_id.tolist() == ["A", "B", "C"]
+    assert table.mean_at_k.tolist() == pytest.approx([3 / 4, 0, 1 / 4])
+    assert table.pass_at_2.tolist() == pytest.approx([1, 0, 0.5])
+    assert table.solved.tolist() == [1.0, 0.0, 1.0]
+    assert table.unique_correct.tolist()[0::2] == [2.0, 1.0] and math.isnan(table.unique_correct[1])
+    assert table.coverage.tolist() == pytest.approx([2 / 4, 0 / 5, 1 / 4])
+    for key in ("mean_at_k", "pass_at_1", "pass_at_2", "pass_at_4", "unique_correct", "coverage"):
+        assert table[key].mean() == pytest.approx(m[key], rel=1e-12), key
+    assert table.solved.mean() == pytest.approx(m["solved_frac"])
+
+    pol, ref = _rewarded_frames()
+    beta = math.log(2.0)
+    exact = evaluation.target_distances_per_prompt(pol, ref, beta)
+    assert exact.p_correct_exact.tolist() == pytest.approx([0.4, 0.7], rel=1e-12)  # by hand (see above)
+    summary = evaluation.target_distances(pol, ref, beta)
+    for key, value in summary.items():
+        assert exact[key].mean() == pytest.approx(value, rel=1e-12), key
+
+
+def test_per_prompt_metrics_joins_sample_and_exact_metrics_over_the_evaluated_prompts():
+    pol, ref = _rewarded_frames()
+    prompts = sorted(set(ref.prompt_id))
+    samples = pd.DataFrame({"prompt_id": [prompts[0]] * 2, "text": ["a", "zz"], "reward": [1.0, np.nan],
+                            "n_tokens": [1, 2]})
+    table = evaluation.per_prompt_metrics(samples, [1], 0.7, pol, ref)
+    assert table.prompt_id.tolist() == [prompts[0]]  # the exact metrics of the evaluated prompts only
+    assert table.mean_at_k.tolist() == [1.0]  # the failed grade is left out, as in policy_metrics
+    only = evaluation.target_distances_per_prompt(pol[pol.prompt_id == prompts[0]], ref[ref.prompt_id == prompts[0]], 0.7)
+    assert table.tv_target.tolist() == pytest.approx(only.tv_target.tolist(), rel=1e-15)

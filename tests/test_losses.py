@@ -84,22 +84,66 @@ def ref_group_normalize(rewards: list[float], groups: list[int], scale: str, eps
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
-@pytest.mark.parametrize("norm_len", [None, 9])
+@pytest.mark.parametrize("norm_len", [6, 9])
 def test_aggregate_modes_ignore_padding(mode, norm_len):
     rows = random_rows([3, 1, 0, 6, 2], seed=1, lo=-2.0, hi=2.0)
     values, mask = padded(rows, T=6, grad=True)
     out = aggregate(values, mask, mode, norm_len=norm_len)
-    expected = ref_aggregate(rows, mode, norm_len=norm_len or 6)
+    expected = ref_aggregate(rows, mode, norm_len=norm_len)
     assert out.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert aggregate(values, mask.float(), mode, norm_len=norm_len).item() == pytest.approx(expected, rel=1e-12)
     out.backward()
     assert torch.all(values.grad[~mask] == 0) and torch.isfinite(values.grad).all()
 
 
+def test_dr_grpo_normaliser_is_a_constant_not_the_padded_width():
+    # Dr. GRPO divides by a constant; the padded width of the batch at hand would make the same
+    # tokens weigh 1/2 here and 1/4 once the batch holds a longer completion
+    v, m = torch.tensor([[1.0, 2.0]], dtype=F64), torch.tensor([[1, 1]])
+    wide_v, wide_m = torch.nn.functional.pad(v, (0, 2)), torch.nn.functional.pad(m, (0, 2))
+    mode = "seq-mean-token-sum-norm"
+    assert aggregate(v, m, mode, norm_len=8).item() == aggregate(wide_v, wide_m, mode, norm_len=8).item() == 3 / 8
+    with pytest.raises(ValueError, match="needs norm_len .*sampler.max_new_tokens"):
+        aggregate(v, m, mode)
+    assert aggregate(v, m, "token-mean").item() == 1.5  # the other modes need no constant
+
+
+@pytest.mark.parametrize("extra", [0, 1, 5])
+def test_grpo_sum_norm_loss_does_not_depend_on_padding(extra):
+    # the options as a run builds them (norm_len from the sampler's max_new_tokens): padding
+    # the rollout's completions wider leaves loss and gradient unchanged
+    rows = random_rows([4, 1, 3], seed=21)
+    logp, mask = padded(rows, T=4, grad=True)
+    old, _ = padded(random_rows([4, 1, 3], seed=22), T=4)
+    batch = {"logp_old_tok": old, "advantages": t([0.9, -0.4, 0.3])}
+    options = get_loss("grpo").make_options({"loss_agg_mode": "seq-mean-token-sum-norm"}, max_new_tokens=8)
+    assert options.norm_len == 8
+    base, _ = get_loss("grpo")(logp, mask, batch, options)
+    base.backward()
+    wide = torch.nn.functional.pad(logp.detach(), (0, extra), value=-3.0).requires_grad_(True)
+    wide_batch = {"logp_old_tok": torch.nn.functional.pad(old, (0, extra), value=-1.0), "advantages": batch["advantages"]}
+    padded_loss, _ = get_loss("grpo")(wide, torch.nn.functional.pad(mask, (0, extra)), wide_batch, options)
+    padded_loss.backward()
+    assert padded_loss.item() == base.item()
+    assert torch.equal(wide.grad[:, :4], logp.grad) and torch.all(wide.grad[:, 4:] == 0)
+
+
+def test_norm_len_defaults_to_max_new_tokens_unless_set():
+    grpo, sft = get_loss("grpo"), get_loss("sft")
+    assert grpo.make_options({}, max_new_tokens=12).norm_len == 12
+    assert grpo.make_options({"norm_len": 5}, max_new_tokens=12).norm_len == 5  # set: kept
+    assert grpo.make_options({"norm_len": None}, max_new_tokens=12).norm_len == 12
+    assert sft.make_options({}, max_new_tokens=7).norm_len == 7
+    assert get_loss("disa").make_options({}, beta=1.0, max_new_tokens=7) == get_loss("disa").make_options({}, beta=1.0)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=r"loss_args.norm_len=.*allowed: an integer >= 1, or null"):
+            grpo.make_options({"norm_len": bad})
+
+
 def test_aggregate_all_empty_is_zero_not_nan():
     values, mask = padded([[], []], T=3)
     for mode in AGG_MODES:
-        assert aggregate(values, mask, mode).item() == 0.0
+        assert aggregate(values, mask, mode, norm_len=3).item() == 0.0
 
 
 def test_aggregate_unknown_mode():
@@ -379,11 +423,11 @@ def test_sft_ignores_unrewarded(mode):
     lengths = [3, 2, 4, 1]
     reward = [1.0, 0.0, 0.7, 0.5]  # 0.5 is not > 0.5: only rows 0 and 2 are targets
     rows = random_rows(lengths, seed=10)
-    cfg = {"loss_agg_mode": mode}
+    cfg = {"loss_agg_mode": mode, "norm_len": 5}
     logp, mask = padded(rows, T=4, grad=True)
     loss, metrics = run_loss("sft", logp, mask, {"reward": t(reward)}, cfg)
     used = [rows[0], rows[2]]
-    assert loss.item() == pytest.approx(ref_aggregate([[-x for x in r] for r in used], mode, norm_len=4), rel=1e-12)
+    assert loss.item() == pytest.approx(ref_aggregate([[-x for x in r] for r in used], mode, norm_len=5), rel=1e-12)
     assert metrics["n_used"] == 2.0
     check_metrics(metrics)
     loss.backward()

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from test_sweeps import study_run, tiny_sweep
+from test_sweeps import study_run, tiny_baselines, tiny_k_sweep, tiny_sweep
 
 pytest.importorskip("jupytext")
 pytest.importorskip("nbclient")
@@ -17,8 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {
     "bias_variance": (study_run, ["bias_variance_vs_K.png", "bias_variance_vs_beta_lambda.png",
                                   "bias_variance_theory_fit.png"]),
-    "baselines": (tiny_sweep, ["comparison.png", "pass_at_k.png", "training_curves.png"]),
+    "baselines": (tiny_baselines, ["comparison.png", "pass_at_k.png", "training_curves.png",
+                                   "log_z_calibration.png"]),
     "sensitivity": (tiny_sweep, ["sensitivity_beta.png"]),
+    "k_convergence": (tiny_k_sweep, ["k_convergence.png"]),
 }
 
 

@@ -48,6 +48,15 @@ def test_settings_hold_the_loss_options_and_whether_training_loads_the_reference
     assert Settings.from_config(make_cfg("algorithm=grpo", "algorithm.loss_args.kl_coef=0.05")).loads_reference
 
 
+def test_dr_grpo_norm_len_is_the_samplers_max_new_tokens_unless_set(make_cfg):
+    mode = "algorithm.loss_args.loss_agg_mode=seq-mean-token-sum-norm"
+    assert Settings.from_config(make_cfg("algorithm=grpo", mode)).loss_options.norm_len == 8  # sampler=hf default
+    assert Settings.from_config(make_cfg("algorithm=grpo", mode, "sampler.max_new_tokens=24")).loss_options.norm_len == 24
+    assert Settings.from_config(make_cfg("algorithm=grpo", mode, "+algorithm.loss_args.norm_len=5")
+                                ).loss_options.norm_len == 5
+    assert Settings.from_config(make_cfg("algorithm=lora_sft")).loss_options.norm_len == 8
+
+
 def test_fixed_strength_of_ref_and_model_is_not_silently_replaced(make_cfg):
     with pytest.raises(ConfigError, match=r"proposal.strength=0.3 with proposal.kind='ref' is invalid; allowed: 0.0"):
         validate(make_cfg("proposal=ref", "proposal.strength=0.3"))

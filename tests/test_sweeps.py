@@ -58,6 +58,27 @@ def tiny_sweep(tmp_path_factory) -> Path:
     return _built["sweep"]
 
 
+def tiny_baselines(tmp_path_factory) -> Path:
+    """``run.py -m debug=fast algorithm=disa,flowrl seed=0,1``: DISA's anchor and FlowRL's
+    logged log Z_φ on the same prompts, per-prompt metrics for the paired comparison."""
+    if "baselines" not in _built:
+        root = tmp_path_factory.mktemp("baselines")
+        run_py(root, "-m", "debug=fast", "algorithm=disa,flowrl", "seed=0,1", "logger=csv",
+               f"cache_dir={shared_cache(tmp_path_factory)}", f"hydra.sweep.dir={root / 'sweep'}")
+        _built["baselines"] = root / "sweep"
+    return _built["baselines"]
+
+
+def tiny_k_sweep(tmp_path_factory) -> Path:
+    """``experiment=k_convergence`` shrunk: K = 4, 8 × seeds 0, 1 × both evaluation splits."""
+    if "k" not in _built:
+        root = tmp_path_factory.mktemp("k")
+        run_py(root, "-m", "experiment=k_convergence", "debug=fast", "proposal.num_samples=4,8", "seed=0,1",
+               "logger=csv", f"cache_dir={shared_cache(tmp_path_factory)}", f"hydra.sweep.dir={root / 'sweep'}")
+        _built["k"] = root / "sweep"
+    return _built["k"]
+
+
 def compose_cfg(*overrides: str, hydra: bool = False):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
@@ -170,6 +191,9 @@ def test_experiment_composes(name):
         assert params["proposal.strength"] == "0,0.25,0.5,0.75,1" and cfg.proposal.kind == "mixture"
     if name == "anchor_bias_variance":
         assert cfg.study.stop and cfg.study.name == "bias_variance" and cfg.proposal.num_samples == 512
+    if name == "k_convergence":
+        assert params["proposal.num_samples"] == "8,32,128,512" and params["eval.split"] == "train,test"
+        assert cfg.algorithm.name == "disa" and "_k_convergence_" in path.read_text()  # the sweep dir
 
 
 @pytest.mark.slow

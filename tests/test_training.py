@@ -30,6 +30,7 @@ def test_disa_step_grad_reaches_policy_not_anchor(char_tok):
     disa = get_loss("disa")
     module = PolicyModule(policy.train(), disa, disa.make_options({}, beta=2.0), lambda p: torch.optim.SGD(p, lr=0.1))
     module.log = module.log_dict = lambda *a, **k: None  # no trainer attached
+    module.optimizers = lambda: module.configure_optimizers()  # read for the logged learning rate
     batch = _batch(char_tok)
     batch["log_z_hat"] = torch.tensor([0.5, 1.0], requires_grad=True)
     batch["logp_ref_seq"] = torch.tensor([-3.0, -2.0], requires_grad=True)
@@ -63,6 +64,39 @@ def test_flowrl_grad_reaches_log_z_head_not_reference(char_tok):
     assert all(p.grad is None for p in ref.parameters())
     assert all(p.grad is not None for p in head.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+
+
+def test_log_z_calibration_reads_what_the_loss_trains(char_tok):
+    """The calibration's log Z_φ of each prompt (a prompt-only forward) is the value the
+    FlowRL loss sees for that prompt in a rollout, and its statistics are those of numpy."""
+    import numpy as np
+
+    policy = tiny_llama(len(char_tok), seed=3)
+    head = LogZHead(policy.config.hidden_size, num_layers=2, dropout=0.5)  # dropout: eval mode must switch it off
+    task = type("T", (), {"rewards": lambda self, rows, texts: [float("a" in t) for t in texts]})()
+    prompts = pd.DataFrame({"prompt_id": ["p0", "p1", "p2"], "prompt": ["ab", "c", "fed"]})
+    exact = torch.tensor([0.3, 1.1, 0.2], dtype=torch.float64)
+    flowrl = get_loss("flowrl")
+    module = OnlinePolicyModule(
+        policy.train(), tiny_llama(len(char_tok), seed=4), char_tok, task, prompts, HFSampler(64),
+        SamplerSettings(max_new_tokens=3), flowrl, flowrl.make_options({}), lambda p: torch.optim.SGD(p, lr=0.1),
+        group_size=2, updates_per_rollout=1,
+        minibatch_size=6, log_z_head=head, log_z_exact=exact,
+    )
+    module.trainer = type("Tr", (), {"max_steps": 10})()
+    module._trainer = None
+    cal = module.log_z_calibration()
+    assert policy.training and head.training  # modes restored
+    roll = module.rollout([0, 1, 2])
+    head.eval()
+    with torch.no_grad():
+        _, _, batch = module.loss_inputs(roll, torch.arange(6))
+    phi = batch["log_z"][::2].double().numpy()  # one value per prompt (groups of 2)
+    err = phi - exact.numpy()
+    assert cal["log_z_phi_mean"] == pytest.approx(phi.mean(), abs=1e-6)
+    assert cal["log_z_phi_error"] == pytest.approx(err.mean(), abs=1e-6)
+    assert cal["log_z_phi_abs_error"] == pytest.approx(np.abs(err).mean(), abs=1e-6)
+    assert cal["log_z_phi_corr"] == pytest.approx(np.corrcoef(phi, exact.numpy())[0, 1], abs=1e-5)
 
 
 def test_a_group_with_a_missing_reward_is_dropped_whole(char_tok):
@@ -124,6 +158,72 @@ def test_every_algorithm_trains_on_the_embedded_task(tmp_path, algorithm):
     assert 0 <= s["policy.mean_at_k"] <= 1
     metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv")))
     assert metrics["train/loss"].notna().any()
+    # the default schedule (constant, no warmup) leaves the configured learning rate as it is
+    # (logged through a float32 tensor: 7 digits)
+    lr = {"lora_sft": 3e-3}.get(algorithm, 1e-3)
+    assert metrics["train/lr"].dropna().tolist() == [pytest.approx(lr, rel=1e-7)] * metrics["train/lr"].notna().sum()
+    # FlowRL's learned log Z_φ is logged against the exact log Z of the training prompts
+    calibration = {"train/log_z_phi_error", "train/log_z_phi_abs_error", "train/log_z_phi_mean"}
+    assert calibration <= set(metrics) if algorithm == "flowrl" else not calibration & set(metrics)
+    if algorithm == "flowrl":
+        logged = metrics.dropna(subset=["train/log_z_phi_error"])
+        assert len(logged) >= 2 and (logged["train/log_z_phi_abs_error"] >= logged["train/log_z_phi_error"].abs()).all()
+
+
+# -- learning-rate schedule ------------------------------------------------------------------------
+def _lr_by_hand(decay: str, warmup: int, total: int, step: int) -> float:
+    """The multiplier of the learning rate used by optimizer step ``step`` (0-based)."""
+    import math
+
+    if step < warmup:
+        return step / warmup
+    if decay == "constant":
+        return 1.0
+    progress = (step - warmup) / (total - warmup)
+    return max(0.0, 1 - progress) if decay == "linear" else max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize(("decay", "warmup"), [("constant", 0), ("constant", 3), ("linear", 0), ("linear", 4),
+                                               ("cosine", 0), ("cosine", 2)])
+def test_lr_schedule_shapes_by_hand(decay, warmup):
+    from disa.training.schedule import lr_scheduler
+
+    total, base = 10, 0.3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = lr_scheduler(opt, decay, warmup, total)
+    used = []
+    for _ in range(total):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert used == [pytest.approx(base * _lr_by_hand(decay, warmup, total, k), abs=1e-15) for k in range(total)]
+    if decay == "constant" and warmup == 0:
+        assert used == [base] * total  # exactly: the behaviour of a run without a schedule
+
+
+def test_lr_schedule_refuses_unknown_decay_and_long_warmup():
+    from disa.training.schedule import lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"lr_schedule.decay='step' is not known; allowed: \['constant', 'linear', 'cosine'\]"):
+        lr_scheduler(opt, "step", 0, 10)
+    with pytest.raises(ValueError, match=r"warmup_steps=10; allowed: an integer in \[0, trainer.max_steps=10\)"):
+        lr_scheduler(opt, "linear", 10, 10)
+
+
+@pytest.mark.parametrize("algorithm", ["disa", "grpo"])
+def test_lr_schedule_steps_once_per_optimizer_step_and_is_logged(tmp_path, algorithm):
+    """Offline (Lightning steps the scheduler) and online (manual optimization: the module
+    does) alike, the learning rate of optimizer step k is the schedule's k-th value."""
+    from test_pipeline import run_py
+
+    run_py(tmp_path, "run", f"algorithm={algorithm}", "logger=csv", "lr_schedule.decay=linear",
+           "lr_schedule.warmup_steps=2")
+    metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv"))).dropna(subset=["train/lr"])
+    expected = [1e-3 * _lr_by_hand("linear", 2, 5, k) for k in range(5)]
+    if algorithm == "grpo":  # one logged row per rollout of 2 updates: their mean
+        expected = [sum(expected[i:i + 2]) / len(expected[i:i + 2]) for i in range(0, 5, 2)]
+    assert metrics["train/lr"].tolist() == [pytest.approx(x, rel=1e-7, abs=1e-12) for x in expected]  # float32 logs
 
 
 def test_online_algorithm_trains_the_lora_adapters(tmp_path):

@@ -8,8 +8,11 @@
   :func:`load_wandb` reads the same flat summaries from a W&B project instead;
   :func:`latest_run`, :func:`latest_sweep` find the newest output.
 - :mod:`disa.analysis.stats`: mean ± standard error over seeds (:func:`mean_se`), pass@k
-  curves and the baselines :func:`comparison_table`.
-- :mod:`disa.analysis.plots`: figures (:func:`plot_comparison`).
+  curves, the baselines :func:`comparison_table`, and paired differences between arms
+  (algorithms, settings, π_ref) with a bootstrap CI over seeds × prompts
+  (:func:`paired_differences` on the per-prompt tables of :func:`load_per_prompt`).
+- :mod:`disa.analysis.plots`: figures (:func:`plot_comparison`, and
+  :func:`plot_log_z_calibration`: FlowRL's learned log Z_φ against DISA's frozen log Ẑ).
 - :mod:`disa.analysis.report`: :func:`write_comparison` and the Hydra callback
   :class:`~disa.analysis.report.ComparisonCallback` that runs it after a multirun.
 
@@ -25,6 +28,7 @@ from disa.analysis.io import (
     load_anchors,
     load_bias_variance,
     load_eval_samples,
+    load_per_prompt,
     load_run_tables,
     load_sweep,
     load_training_curves,
@@ -32,13 +36,26 @@ from disa.analysis.io import (
     sweep_dirs_from_env,
     varying,
 )
-from disa.analysis.plots import plot_comparison
-from disa.analysis.report import write_comparison
-from disa.analysis.stats import COMPARISON_METRICS, comparison_table, mean_se, pass_at_k_curves
+from disa.analysis.plots import anchor_calibration, plot_comparison, plot_log_z_calibration
+from disa.analysis.report import paired_comparisons, write_comparison
+from disa.analysis.stats import (
+    COMPARISON_METRICS,
+    PAIRED_METRICS,
+    REF_ARM,
+    comparison_table,
+    mean_se,
+    paired_differences,
+    paired_table,
+    pass_at_k_curves,
+    with_arms,
+)
 
 __all__ = [
+    "anchor_calibration",
     "COMPARISON_METRICS",
     "CONFIG_KEYS",
+    "PAIRED_METRICS",
+    "REF_ARM",
     "comparison_table",
     "latest_run",
     "latest_sweep",
@@ -46,14 +63,20 @@ __all__ = [
     "load_anchors",
     "load_bias_variance",
     "load_eval_samples",
+    "load_per_prompt",
     "load_run_tables",
     "load_sweep",
     "load_training_curves",
     "load_wandb",
     "mean_se",
+    "paired_comparisons",
+    "paired_differences",
+    "paired_table",
     "pass_at_k_curves",
     "plot_comparison",
+    "plot_log_z_calibration",
     "sweep_dirs_from_env",
     "varying",
+    "with_arms",
     "write_comparison",
 ]

@@ -23,6 +23,8 @@ CONFIG_KEYS = (
     "beta",
     "seed",
     "stage",
+    "eval.split",
+    "backbone.pretrain_seed",
 )
 
 
@@ -81,6 +83,13 @@ def load_anchors(sweep_dir: str | Path) -> pd.DataFrame:
 def load_eval_samples(sweep_dir: str | Path, policy: str = "policy") -> pd.DataFrame:
     """Every run's evaluation samples of ``policy`` ("policy" or "ref"), with config choices."""
     return load_run_tables(sweep_dir, f"eval_samples_{policy}.parquet")
+
+
+def load_per_prompt(sweep_dir: str | Path) -> pd.DataFrame:
+    """Every run's evaluation metrics prompt by prompt (``eval_per_prompt.parquet``: one row
+    per run × model ("ref", "policy") × prompt), with config choices: what
+    :func:`disa.analysis.stats.paired_differences` resamples."""
+    return load_run_tables(sweep_dir, "eval_per_prompt.parquet")
 
 
 def load_training_curves(sweep_dir: str | Path) -> pd.DataFrame:

@@ -47,7 +47,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("score", ("rollouts",), "scores", score.run, score.report),
     Stage("anchor", ("scores", "oracle"), "anchor", anchor.run, anchor.report),
     Stage("study", ("scores", "oracle"), "study", study.run, study.report),
-    Stage("train", ("scores", "anchor"), "policy", train.run, train.report),
+    Stage("train", ("scores", "anchor", "oracle"), "policy", train.run, train.report),
     Stage("evaluate", ("policy", "oracle"), "evaluation", evaluate.run, evaluate.report),
 )
 #: the values ``stage=`` may take besides ``all``: the stages a job can be asked to run alone

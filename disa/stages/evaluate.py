@@ -74,10 +74,12 @@ def sandbox_guards(samples: pd.DataFrame, name: str) -> dict[str, bool]:
 
 def report(ctx: Context, evaluation: Evaluation) -> dict:
     """``ref.*`` and ``policy.*`` metrics (and the judge's, with ``eval.judge``); the samples
-    are copied into the run directory as ``eval_samples_{ref,policy}.parquet``."""
-    from disa.evaluation import policy_metrics
+    are copied into the run directory as ``eval_samples_{ref,policy}.parquet``, and the
+    metrics prompt by prompt (``model`` "ref" or "policy") as ``eval_per_prompt.parquet``:
+    what paired comparisons across runs resample (:func:`disa.analysis.paired_differences`)."""
+    from disa.evaluation import per_prompt_metrics, policy_metrics
 
-    cfg, out = ctx.cfg, {}
+    cfg, out, per_prompt = ctx.cfg, {}, []
     reference = evaluation.oracle.read_table("rewarded") if evaluation.oracle is not None else None
     judge = None
     if cfg.eval.get("judge"):  # one judge for both models (an HF judge is a model load)
@@ -96,5 +98,8 @@ def report(ctx: Context, evaluation: Evaluation) -> dict:
                 scores = judge_metrics(judge, samples, ctx.task.prompts(cfg.eval.split),
                                        max_chars=int(j.get("max_chars", 4000)), workers=int(j.get("workers", 1)))
                 out |= {f"{name}.{k}": v for k, v in scores.items()}
+            table = per_prompt_metrics(samples, list(cfg.eval.pass_k), ctx.settings.beta, rewarded, reference)
+            per_prompt.append(table.assign(model=name, split=str(cfg.eval.split)))
         samples.to_parquet(ctx.run_dir / f"eval_samples_{name}.parquet")
+    pd.concat(per_prompt, ignore_index=True).to_parquet(ctx.run_dir / "eval_per_prompt.parquet", index=False)
     return out

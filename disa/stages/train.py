@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from omegaconf import OmegaConf
 
 from disa import anchor as anchoring
@@ -18,10 +19,14 @@ from disa.stages.context import Context
 TRAINER_KEYS_THAT_MATTER = ("max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
 
 
-def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None) -> Artifact:
+def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None, oracle: Artifact | None) -> Artifact:
     """Offline algorithms depend on the cached trajectories and the anchor; online ones on
     the task and the sampler settings they sample with instead (and on π_ref where their
-    loss reads it). Every rank of a multi-process launch runs this build together."""
+    loss reads it). Every rank of a multi-process launch runs this build together.
+
+    The ``oracle`` (enumerable tasks) gives the exact log Z of the training prompts, which a
+    learned log Z_φ is compared with in the training logs; it changes no weight, so it is not
+    part of the key."""
     from disa.training.run import fit
 
     s, cfg = ctx.settings, ctx.cfg
@@ -29,6 +34,7 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None) -> Artif
             "algorithm": OmegaConf.to_container(cfg.algorithm, resolve=True),
             "trainer": {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                         if k in TRAINER_KEYS_THAT_MATTER},
+            "lr_schedule": OmegaConf.to_container(cfg.lr_schedule, resolve=True),
             "seed": s.seed}
     if s.online:
         spec |= {"task": ctx.task.spec(), "sampler": SamplerSettings.from_cfg(cfg.sampler).spec()}
@@ -38,10 +44,11 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None) -> Artif
         spec |= {"scores": scores.key, "anchor": anchor.key, "beta": s.beta}
 
     def build(art: Artifact) -> dict:
+        log_z = exact_log_z(ctx, oracle)
         if s.online:
-            return fit(ctx, art, None)
+            return fit(ctx, art, None, log_z)
         data = training_data(ctx, scores, anchor)
-        return fit(ctx, art, data) | {"store": data.path.name}  # the trajectories artifact's key
+        return fit(ctx, art, data, log_z) | {"store": data.path.name}  # the trajectories artifact's key
 
     return ctx.build("train", spec, build, collective=True)
 
@@ -63,6 +70,16 @@ def training_data(ctx: Context, scores: Artifact, anchor: Artifact):
     store = ctx.build("trajectories", spec, build, built_with=("train",))
     log_z_hat = anchor.read_table("anchor", ["prompt_id", "log_z_hat"]).set_index("prompt_id").log_z_hat
     return Trajectories.open(store.path, log_z_hat)
+
+
+def exact_log_z(ctx: Context, oracle: Artifact | None) -> pd.Series | None:
+    """The exact log Z of every prompt at the run's β, by prompt id (None without an oracle)."""
+    if oracle is None:
+        return None
+    from disa.oracle import log_p_correct
+
+    lpc = log_p_correct(oracle.read_table("rewarded"))
+    return pd.Series(anchoring.exact_log_z(lpc.to_numpy(), ctx.settings.beta), index=lpc.index)
 
 
 def report(ctx: Context, trained: Artifact) -> dict:

@@ -20,6 +20,7 @@ import torch
 
 from disa.losses import LossSpec
 from disa.scoring import Batch, token_logprobs
+from disa.training.schedule import current_lr
 
 
 class PolicyModule(L.LightningModule):
@@ -31,14 +32,18 @@ class PolicyModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         chunk_size: int = 2048,
         logprob_impl: str = "chunked",
+        lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
     ):
         """``loss`` and its ``options`` from the registry (:mod:`disa.losses`); the batches
         (from :class:`disa.training.data.TrajectoryDataModule`) hold the fields it needs.
-        ``chunk_size`` and ``logprob_impl`` go to :func:`disa.scoring.token_logprobs`."""
+        ``chunk_size`` and ``logprob_impl`` go to :func:`disa.scoring.token_logprobs`.
+        ``lr_schedule`` builds the learning-rate scheduler of the optimizer, stepped after
+        every optimizer step (:func:`disa.training.schedule.lr_scheduler`); None: constant."""
         super().__init__()
         self.policy = policy
         self.loss, self.options = loss, options
         self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
         self.chunk_size, self.logprob_impl = chunk_size, logprob_impl
         #: batches trained on so far; saved in checkpoints, read by the data module on resume
         self.batches_trained = 0
@@ -50,6 +55,7 @@ class PolicyModule(L.LightningModule):
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}, prog_bar=False,
                       batch_size=tokens.input_ids.shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=tokens.input_ids.shape[0])
+        self.log("train/lr", current_lr(self.optimizers()), batch_size=tokens.input_ids.shape[0])
         self.batches_trained += 1
         return loss
 
@@ -71,7 +77,15 @@ class PolicyModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        return self.optimizer_factory(params)
+        return with_schedule(self.optimizer_factory(params), self.lr_schedule)
+
+
+def with_schedule(optimizer: torch.optim.Optimizer, lr_schedule: Callable | None):
+    """What ``configure_optimizers`` returns: the optimizer, with its scheduler stepped once per
+    optimizer step where there is one."""
+    if lr_schedule is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_schedule(optimizer), "interval": "step"}}
 
 
 def _rng_state() -> dict[str, Any]:

@@ -31,6 +31,8 @@ from disa.sampling import SamplerSettings
 from disa.scoring import Batch, pack, token_logprobs
 from disa.settings import derive_seed
 from disa.tokenization import completion_text, encode_prompt
+from disa.training.module import with_schedule
+from disa.training.schedule import current_lr
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,13 @@ class OnlinePolicyModule(L.LightningModule):
         seed: int = 0,
         chat_template: bool = False,
         grade: Callable[[pd.DataFrame, list[str]], np.ndarray] | None = None,
+        lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        log_z_exact: torch.Tensor | None = None,
     ):
+        """``lr_schedule`` builds the optimizer's learning-rate scheduler (None: constant).
+        With a ``log_z_head`` and ``log_z_exact [n_prompts]`` (the exact log Z of every training
+        prompt at the run's β, on an enumerable task), the head's log Z_φ of every training
+        prompt is compared with it at every logging step (:meth:`log_z_calibration`)."""
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -93,7 +101,8 @@ class OnlinePolicyModule(L.LightningModule):
         self.sampler, self.settings = sampler, settings
         self.loss, self.options = loss, options
         self.needs = loss.needs(options)  # the batch fields each update builds
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.lr_schedule = optimizer, lr_schedule
+        self.log_z_exact = log_z_exact
         self.group_size, self.updates, self.minibatch = group_size, updates_per_rollout, minibatch_size
         self.scale_rewards, self.clip = scale_rewards, gradient_clip_val
         self.chunk_size, self.logprob_impl, self.seed = chunk_size, logprob_impl, seed
@@ -218,6 +227,7 @@ class OnlinePolicyModule(L.LightningModule):
         if roll is None:
             return
         opt = self.optimizers()
+        scheduler = self.lr_schedulers()
         n = roll["input_ids"].shape[0]
         g = torch.Generator().manual_seed(derive_seed(self.seed, "minibatches", int(self.global_step)))
         logged: list[dict[str, float]] = []
@@ -227,24 +237,59 @@ class OnlinePolicyModule(L.LightningModule):
             idx = self.minibatch_index(n, g).to(self.device)
             logp, mask, batch = self.loss_inputs(roll, idx)
             loss, metrics = self.loss(logp, mask, batch, self.options)
+            lr = current_lr(opt)
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if self.clip:
                 self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
             opt.step()
-            logged.append({**metrics, "loss": float(loss.detach())})
+            if scheduler is not None:  # manual optimization: Lightning leaves the stepping to us
+                scheduler.step()
+            logged.append({**metrics, "loss": float(loss.detach()), "lr": lr})
         # Lightning allows one value per key per training_step: log the mean over the updates.
         if logged:
             self.log_dict({f"train/{k}": float(np.mean([m[k] for m in logged])) for k in logged[0]},
                           batch_size=n, prog_bar=False)
+        # Lightning writes a training step's logs when its count of training steps (rollouts,
+        # this one included) is a multiple of trainer.log_every_n_steps: the calibration is
+        # computed for those steps only
+        if self.log_z_exact is not None and self.rollouts_done % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log_dict({f"train/{k}": v for k, v in self.log_z_calibration().items()}, batch_size=n)
         self.log("train/reward_mean", roll["reward"].mean(), batch_size=n, sync_dist=True)
         self.log("train/tokens_generated", float(self.tokens_generated), batch_size=n)
         if self._synced_step is not None:
             self.log("train/weight_sync_s", float(self.weight_sync_seconds), batch_size=n)
 
+    @torch.no_grad()
+    def log_z_calibration(self) -> dict[str, float]:
+        """The head's log Z_φ(q) of every training prompt against the exact log Z(q):
+        ``log_z_phi_mean``, ``log_z_phi_error`` (mean of log Z_φ − log Z), ``log_z_phi_abs_error``
+        (mean |log Z_φ − log Z|) and ``log_z_phi_corr`` (Pearson correlation across prompts;
+        left out where either side is constant across prompts, as it is undefined there).
+
+        The head and the policy run in eval mode (no dropout, so no random numbers are drawn
+        and a resumed run stays exact), on the prompts alone: the policy is causal, so the
+        prompt positions' hidden states are those the head pools during training."""
+        was_training = self.policy.training, self.log_z_head.training
+        self.policy.eval(), self.log_z_head.eval()
+        tokens = pack(self.prompt_ids, [[] for _ in self.prompt_ids], self.tok.pad_token_id).to(self.device)
+        decoder = (self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy).get_decoder()
+        P = tokens.prompt_len
+        hidden = decoder(input_ids=tokens.input_ids[:, :P], attention_mask=tokens.attention_mask[:, :P],
+                         position_ids=tokens.position_ids[:, :P], use_cache=False).last_hidden_state
+        phi = self.log_z_head(hidden.float(), tokens.attention_mask[:, :P]).double().cpu()  # [n_prompts]
+        self.policy.train(was_training[0]), self.log_z_head.train(was_training[1])
+        exact = self.log_z_exact.double().cpu()
+        error = phi - exact
+        out = {"log_z_phi_mean": float(phi.mean()), "log_z_phi_error": float(error.mean()),
+               "log_z_phi_abs_error": float(error.abs().mean())}
+        if len(phi) > 1 and float(phi.std()) > 0 and float(exact.std()) > 0:
+            out["log_z_phi_corr"] = float(torch.corrcoef(torch.stack([phi, exact]))[0, 1])
+        return out
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return self.optimizer_factory(params)
+        return with_schedule(self.optimizer_factory(params), self.lr_schedule)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_generated"] = self.tokens_generated

@@ -10,10 +10,12 @@ log-probs (FlowRL; GRPO with a KL term) loads the reference model.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 import lightning as L
+import pandas as pd
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -28,15 +30,18 @@ from disa.training.checkpoints import (
     verify_checkpoint,
 )
 from disa.training.console import StepProgressBar, route_lightning_logs
+from disa.training.schedule import lr_scheduler
 
 
-def fit(ctx, art: Artifact, data) -> dict[str, Any]:
+def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[str, Any]:
     """Train and save the policy as a transformers checkpoint in ``art.path / "policy"``.
 
     ``data`` holds the cached trajectories with their prompts' log Ẑ
     (:class:`disa.training.data.Trajectories`, offline algorithms) or is None (online
-    ones). A killed run leaves ``checkpoints/last.ckpt``; the next run with
-    the same settings finds the artifact incomplete and resumes from there.
+    ones). ``log_z_exact`` (exact log Z by prompt id, on an enumerable task) is what a learned
+    log Z_φ head is compared with in the training logs. A killed run leaves
+    ``checkpoints/last.ckpt``; the next run with the same settings finds the artifact
+    incomplete and resumes from there.
     """
     cfg, s = ctx.cfg, ctx.settings
     alg = cfg.algorithm
@@ -46,6 +51,8 @@ def fit(ctx, art: Artifact, data) -> dict[str, Any]:
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)({"use_reentrant": False})
     tok = load_tokenizer(ctx.backbone.ref_path)
     optimizer = instantiate(alg.optimizer)
+    schedule = functools.partial(lr_scheduler, decay=str(cfg.lr_schedule.decay),
+                                 warmup_steps=int(cfg.lr_schedule.warmup_steps), total_steps=int(cfg.trainer.max_steps))
     # manual optimization clips in the online module
     trainer_overrides: dict[str, Any] = {"gradient_clip_val": None} if s.online else {}
     ckpt_dir = art.path / "checkpoints"
@@ -67,7 +74,7 @@ def fit(ctx, art: Artifact, data) -> dict[str, Any]:
         if sharded:  # the sampler generates with the whole policy, which FSDP2 holds in shards
             raise ValueError(f"algorithm={alg.name} (online) cannot train under trainer.strategy=ModelParallelStrategy "
                              "(FSDP2); allowed: an offline algorithm (disa, lora_sft), or trainer=ddp / trainer=fsdp")
-        module, data = _online(ctx, policy, tok, optimizer)
+        module, data = _online(ctx, policy, tok, optimizer, schedule, log_z_exact)
     else:
         from disa.training.data import CACHE_FIELDS, TrajectoryDataModule
         from disa.training.module import PolicyModule
@@ -80,7 +87,8 @@ def fit(ctx, art: Artifact, data) -> dict[str, Any]:
             from disa.training.sharded import ShardedPolicyModule as module_class
         else:
             module_class = PolicyModule
-        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size, s.logprob_impl)
+        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size, s.logprob_impl,
+                              lr_schedule=schedule)
         data = TrajectoryDataModule(data, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
 
     last = ckpt_dir / "last.ckpt"
@@ -199,23 +207,26 @@ def _with_lora(policy, lora_cfg):
     return get_peft_model(policy, config)
 
 
-def _online(ctx, policy, tok, optimizer):
+def _online(ctx, policy, tok, optimizer, schedule, log_z_exact: pd.Series | None):
+    import torch
+
     from disa.sampling import SamplerSettings, build_sampler
     from disa.training.online import LogZHead, OnlinePolicyModule, prompt_loader
 
     cfg, s, alg = ctx.cfg, ctx.settings, ctx.cfg.algorithm
     ref = load_model(ctx.backbone.ref_path, "float32") if s.loads_reference else None
     head = None
+    prompts = ctx.task.prompts("train")
     if "log_z" in s.loss_spec.needs(s.loss_options):  # the loss trains a log Z_φ(q) head (FlowRL)
         head = LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), float(alg.log_z_head.dropout))
-    prompts = ctx.task.prompts("train")
+    calibrate = head is not None and log_z_exact is not None
+    exact = torch.as_tensor(log_z_exact.loc[prompts.prompt_id].to_numpy()) if calibrate else None
     module = OnlinePolicyModule(
         policy, ref, tok, ctx.task, prompts, build_sampler(cfg), SamplerSettings.from_cfg(cfg.sampler),
         s.loss_spec, s.loss_options, optimizer, group_size=int(alg.group_size),
         updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
         scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         log_z_head=head, chunk_size=s.chunk_size, logprob_impl=s.logprob_impl, seed=s.seed,
-        chat_template=s.chat_template,
-        grade=ctx.rewards(),
+        chat_template=s.chat_template, grade=ctx.rewards(), lr_schedule=schedule, log_z_exact=exact,
     )
     return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))
