@@ -16,7 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 # A short per-process id in run directory names: jobs launched in the same second never collide.
-OmegaConf.register_new_resolver("disa_uid", lambda: uuid.uuid4().hex[:6], use_cache=True, replace=True)
+OmegaConf.register_new_resolver(
+    "disa_uid", lambda: uuid.uuid4().hex[:6], use_cache=True, replace=True
+)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -31,5 +33,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     from disa.config import upgrade_overrides
 
-    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # settings renamed this release keep working, with a warning
+    sys.argv[1:] = upgrade_overrides(
+        sys.argv[1:]
+    )  # settings renamed this release keep working, with a warning
     main()

@@ -62,7 +62,6 @@ class CacheWriteError(CacheError, OSError):
     also the ``OSError`` it came from (its ``errno`` kept)."""
 
 
-
 def spec_key(spec: Mapping[str, Any]) -> str:
     """Stable 16-hex-digit hash of a JSON-serialisable spec (key order does not matter)."""
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
@@ -156,7 +155,9 @@ def atomic_writer(path: Path) -> Iterator[Path]:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    )
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
@@ -256,7 +257,9 @@ class Artifact:
         df.to_parquet(buf, index=False)
         data = buf.getvalue()
         # checksum first: a kill in between leaves a record without a shard, which is redone
-        atomic_write_bytes(self._checksum_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
+        atomic_write_bytes(
+            self._checksum_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode()
+        )
         atomic_write_bytes(path, data)
 
     # -- many workers, one artifact ----------------------------------------------------------
@@ -282,8 +285,13 @@ class Artifact:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def fill_shards(self, units: list[tuple[str, int]], make: Callable[[str, int], pd.DataFrame], *,
-                    poll_s: float = 0.5) -> int:
+    def fill_shards(
+        self,
+        units: list[tuple[str, int]],
+        make: Callable[[str, int], pd.DataFrame],
+        *,
+        poll_s: float = 0.5,
+    ) -> int:
         """Write every shard of ``units`` (``(prefix, index)`` pairs) that is missing, each as
         ``make(prefix, index)``, together with any other workers doing the same; return how
         many this worker wrote.
@@ -318,7 +326,11 @@ class Artifact:
 
     def missing_shards(self, units: list[tuple[str, int]]) -> list[str]:
         """The names of the shards of ``units`` that do not exist (yet)."""
-        return [self.shard_path(i, prefix).name for prefix, i in units if not self.shard_path(i, prefix).exists()]
+        return [
+            self.shard_path(i, prefix).name
+            for prefix, i in units
+            if not self.shard_path(i, prefix).exists()
+        ]
 
     def _remove_shard_temps(self, shard: Path) -> None:
         for p in shard.parent.glob(f".{shard.name}.*.tmp"):
@@ -329,8 +341,15 @@ class Artifact:
                 p.unlink()
 
     def _journal_shard(self, prefix: str, index: int, rows: int, seconds: float) -> None:
-        line = json.dumps({"shard": f"{prefix}-{index:05d}", "rows": rows, "seconds": round(seconds, 4),
-                           "done": round(time.time(), 3), **_who()})
+        line = json.dumps(
+            {
+                "shard": f"{prefix}-{index:05d}",
+                "rows": rows,
+                "seconds": round(seconds, 4),
+                "done": round(time.time(), 3),
+                **_who(),
+            }
+        )
         with contextlib.suppress(OSError), open(self.path / ".shards.jsonl", "a") as f:
             f.write(line + "\n")
 
@@ -346,7 +365,9 @@ class Artifact:
         try:
             return pd.read_parquet(path)
         except Exception as e:  # pyarrow raises several types for truncated/corrupted files
-            raise CacheError(f"{self}: shard {path} is unreadable ({e}); delete it to rebuild") from e
+            raise CacheError(
+                f"{self}: shard {path} is unreadable ({e}); delete it to rebuild"
+            ) from e
 
     def read_shard(self, index: int, prefix: str = "part") -> pd.DataFrame:
         """A shard written by an earlier (possibly killed) build; corrupted -> CacheError."""
@@ -363,8 +384,10 @@ class Artifact:
                 entry: dict[str, Any] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                 record = self._checksum_path(p)
                 if record.exists() and record.read_text().strip() != entry["sha256"]:
-                    raise CacheError(f"{self}: shard {p} does not match the checksum recorded when it "
-                                     f"was written (truncated or corrupted); delete it to rebuild")
+                    raise CacheError(
+                        f"{self}: shard {p} does not match the checksum recorded when it "
+                        f"was written (truncated or corrupted); delete it to rebuild"
+                    )
                 if p.suffix == ".parquet":
                     import pyarrow.parquet as pq
 
@@ -372,8 +395,15 @@ class Artifact:
                 files[rel] = entry
         atomic_write_json(
             self.manifest_path,
-            {"stage": self.stage, "key": self.key, "spec": self.spec, "version": __version__,
-             "files": files, "built_by": _who(), **info},
+            {
+                "stage": self.stage,
+                "key": self.key,
+                "spec": self.spec,
+                "version": __version__,
+                "files": files,
+                "built_by": _who(),
+                **info,
+            },
         )
 
     # -- reading -------------------------------------------------------------------------
@@ -381,7 +411,9 @@ class Artifact:
         """Check every file listed in the manifest; raise :class:`CacheError` naming the bad one."""
         manifest = self.manifest()
         if manifest.get("key") != self.key:
-            raise CacheError(f"{self.manifest_path} belongs to key {manifest.get('key')}, not {self.key}")
+            raise CacheError(
+                f"{self.manifest_path} belongs to key {manifest.get('key')}, not {self.key}"
+            )
         for rel, entry in manifest["files"].items():
             p = self.path / rel
             if not p.exists():
@@ -419,8 +451,11 @@ class Artifact:
         """``(path, rows)`` of the shards the manifest lists, in order; the artifact is
         verified first unless the caller has just done so (``verify=False``)."""
         files = (self.verify() if verify else self.manifest())["files"]
-        return [(self.path / rel, int(entry["rows"])) for rel, entry in sorted(files.items())
-                if rel.startswith(f"shards/{prefix}-") and rel.endswith(".parquet")]
+        return [
+            (self.path / rel, int(entry["rows"]))
+            for rel, entry in sorted(files.items())
+            if rel.startswith(f"shards/{prefix}-") and rel.endswith(".parquet")
+        ]
 
     def read_json(self, name: str) -> Any:
         return json.loads(self._listed(f"{name}.json").read_text())
@@ -428,7 +463,9 @@ class Artifact:
     def read_shards(self, prefix: str = "part") -> pd.DataFrame:
         """The shards the manifest lists, in order (a file added later is not picked up)."""
         files = self.verify()["files"]
-        parts = sorted(rel for rel in files if rel.startswith(f"shards/{prefix}-") and rel.endswith(".parquet"))
+        parts = sorted(
+            rel for rel in files if rel.startswith(f"shards/{prefix}-") and rel.endswith(".parquet")
+        )
         if not parts:
             raise CacheError(f"{self}: {self.manifest_path} lists no shards {prefix}-*.parquet")
         return pd.concat([pd.read_parquet(self.path / p) for p in parts], ignore_index=True)
@@ -436,7 +473,10 @@ class Artifact:
     def collect_shards(self, prefix: str = "part") -> pd.DataFrame:
         """All shards of ``prefix`` written so far, during a build (before the manifest)."""
         parts = sorted((self.path / "shards").glob(f"{prefix}-*.parquet"))
-        return pd.concat([self.read_shard(int(p.stem.rsplit("-", 1)[1]), prefix) for p in parts], ignore_index=True)
+        return pd.concat(
+            [self.read_shard(int(p.stem.rsplit("-", 1)[1]), prefix) for p in parts],
+            ignore_index=True,
+        )
 
     def remove_shards(self) -> None:
         """Drop build-time shards once their content is consolidated into a table."""
@@ -487,8 +527,11 @@ class Artifact:
 
 
 def _who() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 class Cache:
@@ -526,7 +569,12 @@ class Cache:
             if stale:
                 log.warning("%s: removed %d temp file(s) left by a killed writer", art, len(stale))
             if found:
-                log.info("%s: resuming an interrupted build from %d shard(s) in %s", art, found, art.path / "shards")
+                log.info(
+                    "%s: resuming an interrupted build from %d shard(s) in %s",
+                    art,
+                    found,
+                    art.path / "shards",
+                )
             art.journal("start", shards_found=found, stale_temp_files=len(stale))
             info = builder(art) or {}
             art.finalize(**info)

@@ -36,7 +36,9 @@ def distinct_n(texts: Iterable[str], n: int, unit: str = "word") -> float:
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
-def sample_metrics(samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Series | None = None) -> dict[str, float]:
+def sample_metrics(
+    samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Series | None = None
+) -> dict[str, float]:
     """Metrics from ``samples`` (columns ``prompt_id, text, reward``; k rows per prompt).
 
     - ``mean_at_k``: mean reward over all samples (Mean@k);
@@ -53,7 +55,9 @@ def sample_metrics(samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Serie
     out = {"mean_at_k": float(samples.reward.mean()), "k": n}
     for j in ks:
         if j <= n:
-            out[f"pass_at_{j}"] = float(np.mean([pass_at_k(len(g), int((g.reward > 0).sum()), j) for _, g in per]))
+            out[f"pass_at_{j}"] = float(
+                np.mean([pass_at_k(len(g), int((g.reward > 0).sum()), j) for _, g in per])
+            )
     solved = uniq[uniq > 0]
     out["solved_frac"] = float((uniq > 0).mean())
     # no solved prompt means no unique-correct figure, not a zero: leave it out of the result
@@ -68,12 +72,15 @@ def sample_metrics(samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Serie
 def _log1mexp(x: np.ndarray) -> np.ndarray:
     """log(1 − e^x) for x ≤ 0."""
     x = np.minimum(np.asarray(x, np.float64), -1e-300)
-    with np.errstate(divide="ignore"):  # np.where evaluates both branches; the unused one may be log 0
+    with np.errstate(
+        divide="ignore"
+    ):  # np.where evaluates both branches; the unused one may be log 0
         return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
 
 
-def sample_metrics_per_prompt(samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Series | None = None
-                              ) -> pd.DataFrame:
+def sample_metrics_per_prompt(
+    samples: pd.DataFrame, ks: Sequence[int], set_sizes: pd.Series | None = None
+) -> pd.DataFrame:
     """The sample metrics of :func:`sample_metrics` prompt by prompt: one row per prompt
     (``prompt_id``, ``mean_at_k``, ``pass_at_{j}``, ``solved``, ``unique_correct``, which is
     missing where the prompt has no correct sample, and ``coverage`` with ``set_sizes``).
@@ -85,7 +92,12 @@ def sample_metrics_per_prompt(samples: pd.DataFrame, ks: Sequence[int], set_size
     for j in ks:
         if j <= n:
             out[f"pass_at_{j}"] = [pass_at_k(len(g), int((g.reward > 0).sum()), j) for _, g in per]
-    uniq = samples[samples.reward > 0].groupby("prompt_id").text.nunique().reindex(out.prompt_id, fill_value=0)
+    uniq = (
+        samples[samples.reward > 0]
+        .groupby("prompt_id")
+        .text.nunique()
+        .reindex(out.prompt_id, fill_value=0)
+    )
     out["solved"] = (uniq.to_numpy() > 0).astype(float)
     out["unique_correct"] = uniq.where(uniq > 0).to_numpy(dtype=float)
     if set_sizes is not None:
@@ -93,10 +105,14 @@ def sample_metrics_per_prompt(samples: pd.DataFrame, ks: Sequence[int], set_size
     return out
 
 
-def target_distances_per_prompt(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> pd.DataFrame:
+def target_distances_per_prompt(
+    policy: pd.DataFrame, ref: pd.DataFrame, beta: float
+) -> pd.DataFrame:
     """:func:`target_distances` prompt by prompt: one row per prompt (``prompt_id`` and the
     metrics), before the average over prompts."""
-    m = ref.merge(policy, on=["prompt_id", "answer"], suffixes=("_ref", "_pol"), validate="one_to_one")
+    m = ref.merge(
+        policy, on=["prompt_id", "answer"], suffixes=("_ref", "_pol"), validate="one_to_one"
+    )
     if len(m) != len(ref) or len(m) != len(policy):
         raise ValueError("policy and reference rewarded-set tables do not cover the same answers")
     rows = []
@@ -108,15 +124,19 @@ def target_distances_per_prompt(policy: pd.DataFrame, ref: pd.DataFrame, beta: f
         target = np.append(lr + beta - log_z, log_rest_r - log_z)  # log p* on the partition
         pol = np.append(lp, log_rest_p)
         tc, pc = lr - log_pr, lp - log_pp  # conditional on R
-        rows.append({
-            "prompt_id": prompt_id,
-            "tv_target": 0.5 * np.abs(np.exp(target) - np.exp(pol)).sum(),
-            "kl_target": float(np.sum(np.exp(target) * (target - pol))),
-            "tv_rewarded": 0.5 * np.abs(np.exp(tc) - np.exp(pc)).sum(),
-            "kl_rewarded": float(np.sum(np.exp(tc) * (tc - pc))),
-            "p_correct_exact": float(np.exp(log_pp)),
-            "p_correct_target": float(np.exp(log_pr + beta - log_z)),  # what matching p* exactly would give
-        })
+        rows.append(
+            {
+                "prompt_id": prompt_id,
+                "tv_target": 0.5 * np.abs(np.exp(target) - np.exp(pol)).sum(),
+                "kl_target": float(np.sum(np.exp(target) * (target - pol))),
+                "tv_rewarded": 0.5 * np.abs(np.exp(tc) - np.exp(pc)).sum(),
+                "kl_rewarded": float(np.sum(np.exp(tc) * (tc - pc))),
+                "p_correct_exact": float(np.exp(log_pp)),
+                "p_correct_target": float(
+                    np.exp(log_pr + beta - log_z)
+                ),  # what matching p* exactly would give
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -142,9 +162,13 @@ def target_distances(policy: pd.DataFrame, ref: pd.DataFrame, beta: float) -> di
     return {k: float(v) for k, v in per_prompt.mean().items()}
 
 
-def per_prompt_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
-                       rewarded: pd.DataFrame | None = None, ref_rewarded: pd.DataFrame | None = None
-                       ) -> pd.DataFrame:
+def per_prompt_metrics(
+    samples: pd.DataFrame,
+    pass_k: Sequence[int],
+    beta: float,
+    rewarded: pd.DataFrame | None = None,
+    ref_rewarded: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per evaluated prompt: the sample metrics (:func:`sample_metrics_per_prompt`,
     over the graded samples) and, on an enumerable task, the exact ones
     (:func:`target_distances_per_prompt`). Their mean over prompts is what
@@ -155,14 +179,22 @@ def per_prompt_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float
     out = sample_metrics_per_prompt(graded, list(pass_k), sizes)
     if rewarded is not None and ref_rewarded is not None:
         ids = set(samples.prompt_id)
-        exact = target_distances_per_prompt(rewarded[rewarded.prompt_id.isin(ids)],
-                                            ref_rewarded[ref_rewarded.prompt_id.isin(ids)], float(beta))
+        exact = target_distances_per_prompt(
+            rewarded[rewarded.prompt_id.isin(ids)],
+            ref_rewarded[ref_rewarded.prompt_id.isin(ids)],
+            float(beta),
+        )
         out = out.merge(exact, on="prompt_id", how="outer", validate="one_to_one")
     return out
 
 
-def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
-                   rewarded: pd.DataFrame | None = None, ref_rewarded: pd.DataFrame | None = None) -> dict[str, float]:
+def policy_metrics(
+    samples: pd.DataFrame,
+    pass_k: Sequence[int],
+    beta: float,
+    rewarded: pd.DataFrame | None = None,
+    ref_rewarded: pd.DataFrame | None = None,
+) -> dict[str, float]:
     """Every evaluation metric of one policy from its ``samples`` (columns ``prompt_id, text,
     reward, n_tokens``, optionally ``benchmark``).
 
@@ -177,10 +209,14 @@ def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
     missing = samples.reward.isna()
     graded = samples[~missing]
     if graded.empty:
-        where = f" of benchmarks {sorted(samples.benchmark.unique())}" if "benchmark" in samples else ""
-        raise ValueError(f"every evaluation sample ({len(samples)}{where}) failed grading: the grader returned no "
-                         "reward for any; see the grading errors logged above (the sandbox, a canonical solution, "
-                         "a math-verify timeout) and the grader settings (task.grader)")
+        where = (
+            f" of benchmarks {sorted(samples.benchmark.unique())}" if "benchmark" in samples else ""
+        )
+        raise ValueError(
+            f"every evaluation sample ({len(samples)}{where}) failed grading: the grader returned no "
+            "reward for any; see the grading errors logged above (the sandbox, a canonical solution, "
+            "a math-verify timeout) and the grader settings (task.grader)"
+        )
     sizes = ref_rewarded.groupby("prompt_id").size() if ref_rewarded is not None else None
     m = sample_metrics(graded, list(pass_k), sizes)
     if "benchmark" in graded:  # even for one benchmark: a sweep's tables keep one schema
@@ -198,8 +234,11 @@ def policy_metrics(samples: pd.DataFrame, pass_k: Sequence[int], beta: float,
                 m[f"macro.{k}"] = float(sum(vals) / len(vals))
     if rewarded is not None and ref_rewarded is not None:
         ids = set(samples.prompt_id)
-        m |= target_distances(rewarded[rewarded.prompt_id.isin(ids)], ref_rewarded[ref_rewarded.prompt_id.isin(ids)],
-                              float(beta))
+        m |= target_distances(
+            rewarded[rewarded.prompt_id.isin(ids)],
+            ref_rewarded[ref_rewarded.prompt_id.isin(ids)],
+            float(beta),
+        )
     m["tokens_generated"] = int(samples.n_tokens.sum())
     m["reward_missing"] = int(missing.sum())
     return m

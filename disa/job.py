@@ -75,19 +75,38 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     executor = build_executor(cfg.get("executor"))
     try:
         study = cfg.get("study")
-        plan = stages.plan(settings.stage, online=settings.online, study=bool(study),
-                           study_stops=bool(study.get("stop", True)) if study else True,
-                           enumerable=hasattr(task, "rewarded_set"), leader=leader)
+        plan = stages.plan(
+            settings.stage,
+            online=settings.online,
+            study=bool(study),
+            study_stops=bool(study.get("stop", True)) if study else True,
+            enumerable=hasattr(task, "rewarded_set"),
+            leader=leader,
+        )
         _check_inputs_cached(settings.stage, plan, cache)
         t0 = time.perf_counter()
         backbone = resolve_backbone(cfg, task, cache)
-        ctx = stages.Context(settings, cfg, cache, task, backbone, run_dir, stages.resolve_device(cfg.device), loggers,
-                             leader, executor=executor)
+        ctx = stages.Context(
+            settings,
+            cfg,
+            cache,
+            task,
+            backbone,
+            run_dir,
+            stages.resolve_device(cfg.device),
+            loggers,
+            leader,
+            executor=executor,
+        )
         ctx.timings["backbone"] = time.perf_counter() - t0
         results = stages.run_plan(ctx, plan)
         if not leader:
             return {}
-        summary = choices(settings, cfg) | {"backbone.ref_fingerprint": backbone.ref_fingerprint} | results
+        summary = (
+            choices(settings, cfg)
+            | {"backbone.ref_fingerprint": backbone.ref_fingerprint}
+            | results
+        )
         summary |= {f"time.{k}_s": round(v, 3) for k, v in ctx.timings.items()}
         summary["time.total_s"] = round(time.perf_counter() - t_start, 3)
         summary |= {f"reused.{k}": v for k, v in ctx.reused.items()}
@@ -109,10 +128,16 @@ def _check_inputs_cached(stage: str, plan: list[stages.Stage], cache: Cache) -> 
     that reads one checks that.)"""
     if stage == "all":
         return
-    missing = [s.name for s in plan if s.name in stages.CACHED_INPUTS and s.name != stage and not cache.has_any(s.name)]
+    missing = [
+        s.name
+        for s in plan
+        if s.name in stages.CACHED_INPUTS and s.name != stage and not cache.has_any(s.name)
+    ]
     if missing:
-        raise CacheError(f"stage={stage} reuses cached {missing} artifacts, and cache_dir={cache.root} holds none; "
-                         f"run stage={missing[0]} (or stage=all) first")
+        raise CacheError(
+            f"stage={stage} reuses cached {missing} artifacts, and cache_dir={cache.root} holds none; "
+            f"run stage={missing[0]} (or stage=all) first"
+        )
 
 
 def _no_per_model_progress_bars() -> None:
@@ -176,8 +201,14 @@ def choices(settings: Settings, cfg: DictConfig) -> dict[str, Any]:
         "seed": settings.seed,
         "stage": settings.stage,
         "eval.split": str(cfg.eval.split),
-        **({"backbone.source": str(cfg.backbone.source), "backbone.pretrain_seed": int(cfg.backbone.pretrain.seed)}
-           if cfg.backbone.kind == "embedded" else {}),
+        **(
+            {
+                "backbone.source": str(cfg.backbone.source),
+                "backbone.pretrain_seed": int(cfg.backbone.pretrain.seed),
+            }
+            if cfg.backbone.kind == "embedded"
+            else {}
+        ),
     }
 
 
@@ -197,14 +228,20 @@ def print_summary(summary: dict[str, Any]) -> None:
     console = Console()
     metrics = sorted({k.split(".", 1)[1] for k in summary if k.startswith(("ref.", "policy."))})
     if metrics:
-        t = Table(title=f"{summary['algorithm']} on {summary['task']} (β={summary['beta']}, "
-                        f"λ={summary['proposal.strength']}, K={summary['proposal.num_samples']})")
+        t = Table(
+            title=f"{summary['algorithm']} on {summary['task']} (β={summary['beta']}, "
+            f"λ={summary['proposal.strength']}, K={summary['proposal.num_samples']})"
+        )
         t.add_column("metric")
         t.add_column("π_ref", justify="right")
         t.add_column("policy", justify="right")
         for m in metrics:
-            fmt = [f"{summary[k]:.4g}" if isinstance(summary.get(k), float) else str(summary.get(k, "–"))
-                   for k in (f"ref.{m}", f"policy.{m}")]
+            fmt = [
+                f"{summary[k]:.4g}"
+                if isinstance(summary.get(k), float)
+                else str(summary.get(k, "–"))
+                for k in (f"ref.{m}", f"policy.{m}")
+            ]
             t.add_row(m, *fmt)
         console.print(t)
     anchor = {k: v for k, v in summary.items() if k.startswith("anchor.")}

@@ -215,17 +215,27 @@ class OpenAICompatibleJudge:
         try:
             import openai
         except ImportError as e:
-            raise ImportError("the OpenAI-compatible judge needs the 'judge' extra: pip install 'disa[judge]'") from e
+            raise ImportError(
+                "the OpenAI-compatible judge needs the 'judge' extra: pip install 'disa[judge]'"
+            ) from e
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         where = f"{self.base_url}/chat/completions"
         try:
-            with openai.OpenAI(base_url=self.base_url, api_key=key or "EMPTY", timeout=self.timeout,
-                               max_retries=self.retries) as client:
+            with openai.OpenAI(
+                base_url=self.base_url,
+                api_key=key or "EMPTY",
+                timeout=self.timeout,
+                max_retries=self.retries,
+            ) as client:
                 reply = client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
-                    extra_body=self.extra_body or None)
+                    model=self.model,
+                    messages=messages,
+                    temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                    extra_body=self.extra_body or None,
+                )
         except openai.APIStatusError as e:
             raise JudgeError(f"HTTP {e.status_code} from {where}: {str(e)[:300]}") from e
         except openai.APIConnectionError as e:  # timeouts included
@@ -406,25 +416,40 @@ def summarize_judgements(df: pd.DataFrame) -> dict[str, float | int]:
 def build_judge(judge_cfg) -> Judge:
     """The judge an ``eval.judge`` config names (``kind``: ``openai`` or ``hf``)."""
     if judge_cfg.kind == "openai":
-        return OpenAICompatibleJudge(judge_cfg.base_url, judge_cfg.model,
-                                     api_key_env=judge_cfg.get("api_key_env", "OPENAI_API_KEY"))
+        return OpenAICompatibleJudge(
+            judge_cfg.base_url,
+            judge_cfg.model,
+            api_key_env=judge_cfg.get("api_key_env", "OPENAI_API_KEY"),
+        )
     if judge_cfg.kind == "hf":
         return HFJudge(judge_cfg.model)
     raise ValueError(f"eval.judge.kind={judge_cfg.kind!r}; allowed: ['openai', 'hf']")
 
 
-def judge_metrics(judge: Judge, samples: pd.DataFrame, problems: pd.DataFrame, max_chars: int = 4000,
-                  workers: int = 1) -> dict[str, float]:
+def judge_metrics(
+    judge: Judge,
+    samples: pd.DataFrame,
+    problems: pd.DataFrame,
+    max_chars: int = 4000,
+    workers: int = 1,
+) -> dict[str, float]:
     """Strategy diversity of each evaluation prompt's k responses (``samples``: ``prompt_id,
     text``) to its problem (``problems``: ``prompt_id`` and ``problem`` or ``prompt``).
     Failed or unparsable judgements are counted in ``judge_missing`` and left out of the
     means; with none scored, no mean is reported."""
     problems = problems.set_index("prompt_id")
     column = "problem" if "problem" in problems else "prompt"
-    items = [{"prompt_id": pid, "problem": problems.loc[pid, column], "responses": g.text.tolist()}
-             for pid, g in samples.groupby("prompt_id", sort=False)]
-    s = summarize_judgements(judge_diversity(judge, items, max_chars_per_response=max_chars, workers=workers))
+    items = [
+        {"prompt_id": pid, "problem": problems.loc[pid, column], "responses": g.text.tolist()}
+        for pid, g in samples.groupby("prompt_id", sort=False)
+    ]
+    s = summarize_judgements(
+        judge_diversity(judge, items, max_chars_per_response=max_chars, workers=workers)
+    )
     out = {"judge_missing": s["n_missing"], "judge_scored": s["n_scored"]}
     if s["n_scored"]:
-        out |= {"judge_score": s["mean_score"], "judge_distinct_fraction": s["mean_distinct_fraction"]}
+        out |= {
+            "judge_score": s["mean_score"],
+            "judge_distinct_fraction": s["mean_distinct_fraction"],
+        }
     return out

@@ -58,8 +58,12 @@ class LossSpec:
     options: type  #: frozen dataclass of the loss's settings
     needs: Callable[[Any], frozenset[str]]  #: options → the BATCH_FIELDS the loss reads
 
-    def make_options(self, loss_args: Mapping[str, Any] | None = None, beta: float | None = None,
-                     max_new_tokens: int | None = None) -> Any:
+    def make_options(
+        self,
+        loss_args: Mapping[str, Any] | None = None,
+        beta: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Any:
         """The options from ``algorithm.loss_args``; ``beta`` (the run's β) goes to the losses
         that declare it, and ``max_new_tokens`` (the sampler's completion cap) becomes
         ``norm_len``, Dr. GRPO's constant, where the loss has one and ``loss_args`` leaves it
@@ -68,9 +72,11 @@ class LossSpec:
         given = dict(loss_args or {})
         unknown = sorted(set(given) - (names - {"beta"}))
         if unknown:
-            raise ValueError(f"algorithm.loss_args has {unknown}, which the {self.name!r} loss does not take; "
-                             f"allowed: {sorted(names - {'beta'})}" + (" (β is the top-level `beta`)"
-                                                                        if "beta" in unknown else ""))
+            raise ValueError(
+                f"algorithm.loss_args has {unknown}, which the {self.name!r} loss does not take; "
+                f"allowed: {sorted(names - {'beta'})}"
+                + (" (β is the top-level `beta`)" if "beta" in unknown else "")
+            )
         if "beta" in names:
             given["beta"] = beta
         if "norm_len" in names and given.get("norm_len") is None and max_new_tokens is not None:
@@ -87,8 +93,9 @@ class LossSpec:
         # the loss's identity, and its needs functions are lambdas
         return get_loss, (self.name,)
 
-    def __call__(self, logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: Any
-                 ) -> tuple[Tensor, dict[str, float]]:
+    def __call__(
+        self, logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: Any
+    ) -> tuple[Tensor, dict[str, float]]:
         check_batch(self.needs(options), batch, len(logp))
         return self.fn(logp, mask, batch, options)
 
@@ -96,10 +103,12 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, options: type, needs: Callable[[Any], frozenset[str] | set[str]]
-                  ) -> Callable[[LossFn], LossFn]:
+def register_loss(
+    name: str, options: type, needs: Callable[[Any], frozenset[str] | set[str]]
+) -> Callable[[LossFn], LossFn]:
     """Decorator: add the function to :data:`LOSSES` under ``name`` with its options class and
     the batch fields it reads."""
+
     def add(fn: LossFn) -> LossFn:
         LOSSES[name] = LossSpec(name, fn, options, lambda o: frozenset(needs(o)))
         return fn
@@ -123,7 +132,9 @@ def check_batch(needs: frozenset[str], batch: Mapping[str, Tensor], B: int) -> N
         shape, x = BATCH_FIELDS[name][0], batch[name]
         dims = 2 if shape == "[B, T]" else 1
         if x.dim() != dims or x.shape[0] != B:
-            raise ValueError(f"batch[{name!r}] has shape {list(x.shape)}; the schema says {shape} with B={B}")
+            raise ValueError(
+                f"batch[{name!r}] has shape {list(x.shape)}; the schema says {shape} with B={B}"
+            )
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -156,13 +167,17 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, norm_len: int | None = No
     if mode == "seq-mean-token-mean":
         return (per_seq / n.clamp(min=1)).mean()
     if norm_len is None:
-        raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' needs norm_len (Dr. GRPO's constant, the "
-                         "maximum completion length): set algorithm.loss_args.norm_len, or leave it unset for "
-                         "sampler.max_new_tokens")
+        raise ValueError(
+            "loss_agg_mode='seq-mean-token-sum-norm' needs norm_len (Dr. GRPO's constant, the "
+            "maximum completion length): set algorithm.loss_args.norm_len, or leave it unset for "
+            "sampler.max_new_tokens"
+        )
     return (per_seq / norm_len).mean()
 
 
-def group_normalize(rewards: Tensor, group_ids: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
+def group_normalize(
+    rewards: Tensor, group_ids: Tensor, scale: str = "group", eps: float = 1e-6
+) -> Tensor:
     """Group-relative advantages ``[B]`` of ``rewards [B]`` in the groups ``group_ids [B]`` (int).
 
     ``reward − group mean``, divided by ``unbiased std + eps`` of the group (``"group"``) or of
@@ -208,7 +223,9 @@ def _prepare(logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x, m, m.sum(-1).clamp(min=1).to(x.dtype)
 
 
-def _const(batch: Mapping[str, Tensor], key: str, like: Tensor, mask: Tensor | None = None) -> Tensor:
+def _const(
+    batch: Mapping[str, Tensor], key: str, like: Tensor, mask: Tensor | None = None
+) -> Tensor:
     """``batch[key]`` detached, in ``like``'s dtype; token-level ones with padding set to 0.
     (:func:`check_batch` has already refused a batch without the key.)"""
     x = batch[key].detach().to(dtype=like.dtype, device=like.device)
@@ -224,7 +241,9 @@ def _clip_range(options: Any, low: float, high: float) -> tuple[float, float]:
     return pick(options.clip_eps_low, low), pick(options.clip_eps_high, high)
 
 
-def _clipped_surrogate(ratio: Tensor, adv: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+def _clipped_surrogate(
+    ratio: Tensor, adv: Tensor, low: float, high: float
+) -> tuple[Tensor, Tensor]:
     """PPO's ``−min(ρA, clip(ρ, 1−low, 1+high)A)`` and where the clipped term is the active one
     (then the gradient is 0: the update has already moved the ratio far enough)."""
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - low, 1 + high)
@@ -245,15 +264,21 @@ def _agg_mode(mode: str) -> None:
 
 
 def _norm_len(norm_len: Any) -> None:
-    if norm_len is not None and not (isinstance(norm_len, int) and not isinstance(norm_len, bool) and norm_len >= 1):
-        raise ValueError(f"algorithm.loss_args.norm_len={norm_len!r}; allowed: an integer >= 1, or null for "
-                         "sampler.max_new_tokens")
+    if norm_len is not None and not (
+        isinstance(norm_len, int) and not isinstance(norm_len, bool) and norm_len >= 1
+    ):
+        raise ValueError(
+            f"algorithm.loss_args.norm_len={norm_len!r}; allowed: an integer >= 1, or null for "
+            "sampler.max_new_tokens"
+        )
 
 
 @dataclass(frozen=True)
 class DisaOptions:
     beta: float  #: the run's inverse temperature β (top-level ``beta``, not a loss_args key)
-    length_normalize: bool = False  #: ablation: divide the log-ratio by |o| (changes the fixed point)
+    length_normalize: bool = (
+        False  #: ablation: divide the log-ratio by |o| (changes the fixed point)
+    )
 
     def __post_init__(self):
         if self.beta is None:
@@ -261,8 +286,9 @@ class DisaOptions:
 
 
 @register_loss("disa", DisaOptions, needs=lambda o: {"log_z_hat", "logp_ref_seq", "reward"})
-def disa_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: DisaOptions
-              ) -> tuple[Tensor, dict[str, float]]:
+def disa_loss(
+    logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: DisaOptions
+) -> tuple[Tensor, dict[str, float]]:
     """DISA: trajectory balance against the frozen offline anchor ``log Ẑ(q)``.
 
     ``δ = log Ẑ + Σ_t logp − logp_ref_seq − β·r``, ``L = mean δ²``. Its minimiser is
@@ -283,8 +309,13 @@ def disa_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: 
     reward = _const(batch, "reward", x)
     delta = _const(batch, "log_z_hat", x) + log_ratio - float(options.beta) * reward  # [B]
     loss = delta.pow(2).mean()
-    return loss, _floats(loss=loss, delta_mean=delta.mean(), delta_abs_mean=delta.abs().mean(),
-                         log_ratio_mean=log_ratio.mean(), reward_mean=reward.mean())
+    return loss, _floats(
+        loss=loss,
+        delta_mean=delta.mean(),
+        delta_abs_mean=delta.abs().mean(),
+        log_ratio_mean=log_ratio.mean(),
+        reward_mean=reward.mean(),
+    )
 
 
 @dataclass(frozen=True)
@@ -295,9 +326,14 @@ class FlowRLOptions:
     clip_eps_high: float | None = None  #: overrides clip_eps above
 
 
-@register_loss("flowrl", FlowRLOptions, needs=lambda o: {"log_z", "logp_ref_seq", "logp_old_seq", "reward", "group_ids"})
-def flowrl_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: FlowRLOptions
-                ) -> tuple[Tensor, dict[str, float]]:
+@register_loss(
+    "flowrl",
+    FlowRLOptions,
+    needs=lambda o: {"log_z", "logp_ref_seq", "logp_old_seq", "reward", "group_ids"},
+)
+def flowrl_loss(
+    logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: FlowRLOptions
+) -> tuple[Tensor, dict[str, float]]:
     """FlowRL (arXiv 2509.15207): trajectory balance with a learned ``log Z_φ(q)``.
 
     ``δ = log Z_φ + (Σ_t logp)/|o| − logp_ref_seq/|o| − β_f·r̂``, ``r̂`` the group-normalised
@@ -321,13 +357,20 @@ def flowrl_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options
     seq = x.sum(-1)  # [B]
     log_z = batch["log_z"].to(x.dtype)  # deliberately not detached: this trains the head
     r_hat = group_normalize(_const(batch, "reward", x), batch["group_ids"].to(x.device), "group")
-    delta = log_z + (seq - _const(batch, "logp_ref_seq", x)) / length - float(options.beta_f) * r_hat
+    delta = (
+        log_z + (seq - _const(batch, "logp_ref_seq", x)) / length - float(options.beta_f) * r_hat
+    )
     raw_w = torch.exp(seq.detach() - _const(batch, "logp_old_seq", x))
     w = raw_w.clamp(1 - low, 1 + high)
     loss = (w * delta.pow(2)).mean()
-    return loss, _floats(loss=loss, delta_mean=delta.mean(), delta_abs_mean=delta.abs().mean(),
-                         log_z_mean=log_z.mean(), weight_mean=w.mean(),
-                         clip_frac=((raw_w < 1 - low) | (raw_w > 1 + high)).float().mean())
+    return loss, _floats(
+        loss=loss,
+        delta_mean=delta.mean(),
+        delta_abs_mean=delta.abs().mean(),
+        log_z_mean=log_z.mean(),
+        weight_mean=w.mean(),
+        clip_frac=((raw_w < 1 - low) | (raw_w > 1 + high)).float().mean(),
+    )
 
 
 @dataclass(frozen=True)
@@ -337,19 +380,27 @@ class GRPOOptions:
     clip_eps_high: float | None = None  #: overrides clip_eps above (DAPO's clip-higher)
     kl_coef: float = 0.0  #: weight of the k3 KL to π_ref; > 0 makes the loss read logp_ref_tok
     loss_agg_mode: str = "token-mean"  #: see aggregate()
-    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (unset: sampler.max_new_tokens)
+    norm_len: int | None = (
+        None  #: the constant of seq-mean-token-sum-norm (unset: sampler.max_new_tokens)
+    )
 
     def __post_init__(self):
         _agg_mode(self.loss_agg_mode)
         _norm_len(self.norm_len)
         if not self.kl_coef >= 0:
-            raise ValueError(f"algorithm.loss_args.kl_coef={self.kl_coef!r}; allowed: a number >= 0")
+            raise ValueError(
+                f"algorithm.loss_args.kl_coef={self.kl_coef!r}; allowed: a number >= 0"
+            )
 
 
-@register_loss("grpo", GRPOOptions,
-               needs=lambda o: {"logp_old_tok", "advantages"} | ({"logp_ref_tok"} if o.kl_coef > 0 else set()))
-def grpo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: GRPOOptions
-              ) -> tuple[Tensor, dict[str, float]]:
+@register_loss(
+    "grpo",
+    GRPOOptions,
+    needs=lambda o: {"logp_old_tok", "advantages"} | ({"logp_ref_tok"} if o.kl_coef > 0 else set()),
+)
+def grpo_loss(
+    logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: GRPOOptions
+) -> tuple[Tensor, dict[str, float]]:
     """GRPO: PPO's clipped surrogate per token with a sequence-level advantage, optional k3 KL.
 
     ``ρ = exp(logp − logp_old_tok)``, per token ``−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)
@@ -375,8 +426,12 @@ def grpo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: 
         if kl_coef > 0:
             per_token = per_token + kl_coef * k3
     loss = aggregate(per_token, m, options.loss_agg_mode, options.norm_len)
-    return loss, _floats(loss=loss, clip_frac=aggregate(clipped.to(x.dtype), m, "token-mean"),
-                         ratio_mean=aggregate(ratio, m, "token-mean"), **metrics)
+    return loss, _floats(
+        loss=loss,
+        clip_frac=aggregate(clipped.to(x.dtype), m, "token-mean"),
+        ratio_mean=aggregate(ratio, m, "token-mean"),
+        **metrics,
+    )
 
 
 @dataclass(frozen=True)
@@ -387,8 +442,9 @@ class GSPOOptions:
 
 
 @register_loss("gspo", GSPOOptions, needs=lambda o: {"logp_old_tok", "advantages"})
-def gspo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: GSPOOptions
-              ) -> tuple[Tensor, dict[str, float]]:
+def gspo_loss(
+    logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: GSPOOptions
+) -> tuple[Tensor, dict[str, float]]:
     """GSPO: the clipped surrogate on a sequence-level, length-normalised ratio. No KL.
 
     ``s = exp(mean over valid tokens of (logp − logp_old_tok))`` (gradient flows through s),
@@ -411,7 +467,9 @@ def gspo_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: 
 class SFTOptions:
     reward_threshold: float = 0.5  #: a trajectory is a target iff its reward exceeds this
     loss_agg_mode: str = "token-mean"  #: see aggregate()
-    norm_len: int | None = None  #: the constant of seq-mean-token-sum-norm (unset: sampler.max_new_tokens)
+    norm_len: int | None = (
+        None  #: the constant of seq-mean-token-sum-norm (unset: sampler.max_new_tokens)
+    )
 
     def __post_init__(self):
         _agg_mode(self.loss_agg_mode)
@@ -419,8 +477,9 @@ class SFTOptions:
 
 
 @register_loss("sft", SFTOptions, needs=lambda o: {"reward"})
-def sft_loss(logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: SFTOptions
-             ) -> tuple[Tensor, dict[str, float]]:
+def sft_loss(
+    logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor], options: SFTOptions
+) -> tuple[Tensor, dict[str, float]]:
     """LoRA-SFT distillation: NLL ``−logp`` on the tokens of rewarded trajectories only.
 
     A trajectory is a target iff ``reward > reward_threshold``; the others are dropped before

@@ -46,7 +46,9 @@ class Backbone:
 
     def load(self, path: str, device: str | torch.device = "cpu"):
         """Load one of this backbone's models with its dtype and attention settings."""
-        kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        kwargs = (
+            {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        )
         return load_model(path, self.dtype, device, **kwargs)
 
 
@@ -108,12 +110,22 @@ def embedded_config(vocab_size: int, cfg) -> object:
     )
 
 
-def _pretrain(model, pairs: list[tuple[str, str]], nll, steps: int, batch_size: int, lr: float, seed: int,
-              desc: str):
+def _pretrain(
+    model,
+    pairs: list[tuple[str, str]],
+    nll,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+):
     """Plain next-token training on (prompt, completion) pairs, loss on the completion and its
     EOS only (``nll(batch)``), so that the model learns ``π(o|q)``, not the prompt distribution."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng = np.random.default_rng(seed)
     model.train()
@@ -157,7 +169,9 @@ def _packed_nll(model, tok, chat_template: bool = False):
 
     def nll(batch: list[tuple[str, str]]) -> torch.Tensor:
         prompts = [encode_prompt(tok, p, chat_template) for p, _ in batch]
-        completions = [tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for _, c in batch]
+        completions = [
+            tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for _, c in batch
+        ]
         packed = pack(prompts, completions, tok.pad_token_id)
         mask = packed.completion_mask.to(torch.float32)
         return -(token_logprobs(model, packed) * mask).sum() / mask.sum()
@@ -205,13 +219,24 @@ def pretrain_embedded(cfg, task, out: Path) -> None:
     rng = np.random.default_rng(p.seed)
     if int(p.get("base_steps", 0)) > 0:
         base_corpus = task.corpus(rng, p.corpus_size, p.base_p_correct)
-        _pretrain(model, base_corpus, nll, p.base_steps, p.batch_size, p.lr, p.seed + 2, "pre-train base")
+        _pretrain(
+            model, base_corpus, nll, p.base_steps, p.batch_size, p.lr, p.seed + 2, "pre-train base"
+        )
     ref_corpus = task.corpus(rng, p.corpus_size, p.ref_p_correct)
     _pretrain(model, ref_corpus, nll, p.ref_steps, p.batch_size, p.lr, p.seed, "pre-train π_ref")
     model.save_pretrained(out / "ref")
     tok.save_pretrained(out / "ref")
     prop_corpus = task.corpus(rng, p.corpus_size, p.proposal_p_correct)
-    _pretrain(model, prop_corpus, nll, p.proposal_steps, p.batch_size, p.lr, p.seed + 1, "pre-train proposal")
+    _pretrain(
+        model,
+        prop_corpus,
+        nll,
+        p.proposal_steps,
+        p.batch_size,
+        p.lr,
+        p.seed + 1,
+        "pre-train proposal",
+    )
     model.save_pretrained(out / "proposal")
     tok.save_pretrained(out / "proposal")
 
@@ -220,14 +245,18 @@ def shipped_recipe(root: Path = SHIPPED) -> dict:
     """The shipped checkpoints' ``recipe.json``, its files checked against the SHA-256 it lists."""
     path = root / "recipe.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the package ships no embedded checkpoints; "
-                                "use backbone.source=pretrain, or make embedded-backbone")
+        raise FileNotFoundError(
+            f"{path} is missing: the package ships no embedded checkpoints; "
+            "use backbone.source=pretrain, or make embedded-backbone"
+        )
     recipe = json.loads(path.read_text())
     for rel, sha in recipe["sha256"].items():
         f = root / rel
         if not f.exists() or hashlib.sha256(f.read_bytes()).hexdigest() != sha:
-            raise ValueError(f"shipped checkpoint file {f} is missing or differs from {path}; "
-                             "reinstall the package, or make embedded-backbone")
+            raise ValueError(
+                f"shipped checkpoint file {f} is missing or differs from {path}; "
+                "reinstall the package, or make embedded-backbone"
+            )
     return recipe
 
 
@@ -244,7 +273,9 @@ def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
     recipe = embedded_recipe(cfg, task)
     source = b.get("source")
     if source not in EMBEDDED_SOURCES:
-        raise ValueError(f"backbone.source={source!r} is invalid; allowed: one of {list(EMBEDDED_SOURCES)}")
+        raise ValueError(
+            f"backbone.source={source!r} is invalid; allowed: one of {list(EMBEDDED_SOURCES)}"
+        )
     if source == "pretrain":
         spec = recipe
 
@@ -260,7 +291,8 @@ def build_embedded_backbone(cfg, task, cache: Cache) -> Backbone:
             raise ValueError(
                 f"backbone.source=shipped, but the shipped checkpoints were made with another recipe: {diff}; "
                 "allowed: the shipped recipe (conf/backbone/embedded.yaml, task=sumpairs), or backbone.source=pretrain "
-                "to pre-train with these settings here")
+                "to pre-train with these settings here"
+            )
         spec = {"source": "shipped", "content": spec_key(shipped["sha256"]), **recipe}
 
         def build(art):
@@ -309,7 +341,9 @@ def model_fingerprint(path: str, revision: str | None = None) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            return fingerprint(snapshot_download(str(path), revision=revision, local_files_only=True))
+            return fingerprint(
+                snapshot_download(str(path), revision=revision, local_files_only=True)
+            )
         except Exception:  # not in the local HF cache: identify it by name
             return spec_key({"hub": str(path), "revision": revision})
     raise FileNotFoundError(f"model {path!r} is neither a local directory nor a hub id")
@@ -344,7 +378,9 @@ def convert_gguf(cfg, cache: Cache, task=None) -> Backbone:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=b.gguf_file)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=b.gguf_file, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=b.gguf_file, dtype=torch.float32
+        )
         # transformers refuses to save a model still marked as GGUF-loaded: copy the
         # de-quantized weights into a plain model of the same config.
         config = loaded.config
@@ -355,15 +391,19 @@ def convert_gguf(cfg, cache: Cache, task=None) -> Backbone:
         if eos_token is not None:
             ids = tok(eos_token, add_special_tokens=False).input_ids
             if len(ids) != 1:
-                raise ValueError(f"backbone.eos_token={eos_token!r} is {len(ids)} tokens of {b.name}'s tokenizer; "
-                                 "allowed: a string that is exactly one token")
+                raise ValueError(
+                    f"backbone.eos_token={eos_token!r} is {len(ids)} tokens of {b.name}'s tokenizer; "
+                    "allowed: a string that is exactly one token"
+                )
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token  # padding keeps the old end token (masked anyway)
             # by its vocabulary entry: a byte-level BPE spells "\n" as "Ċ", and setting the raw
             # string would add a new, untrained token instead
             tok.eos_token = tok.convert_ids_to_tokens(ids[0])
             if tok.eos_token_id != ids[0]:
-                raise ValueError(f"backbone.eos_token={eos_token!r}: the tokenizer did not take token {ids[0]} as EOS")
+                raise ValueError(
+                    f"backbone.eos_token={eos_token!r}: the tokenizer did not take token {ids[0]} as EOS"
+                )
             model.config.eos_token_id = model.generation_config.eos_token_id = ids[0]
         model.save_pretrained(art.path / "ref")
         tok.save_pretrained(art.path / "ref")
@@ -378,8 +418,14 @@ def convert_gguf(cfg, cache: Cache, task=None) -> Backbone:
         proposal_fp = model_fingerprint(proposal)
     elif b.get("proposal_sft"):
         proposal, proposal_fp = sft_proposal(cfg, cache, task, str(art.path / "ref"), art.key)
-    return Backbone(name=b.name, ref_path=str(art.path / "ref"), ref_fingerprint=art.key,
-                    proposal_path=proposal, proposal_fingerprint=proposal_fp, dtype=b.dtype)
+    return Backbone(
+        name=b.name,
+        ref_path=str(art.path / "ref"),
+        ref_fingerprint=art.key,
+        proposal_path=proposal,
+        proposal_fingerprint=proposal_fp,
+        dtype=b.dtype,
+    )
 
 
 def sft_proposal(cfg, cache: Cache, task, ref_path: str, ref_key: str) -> tuple[str, str]:
@@ -390,8 +436,10 @@ def sft_proposal(cfg, cache: Cache, task, ref_path: str, ref_key: str) -> tuple[
     from disa.tokenization import load_tokenizer
 
     if task is None or not hasattr(task, "corpus"):
-        raise ValueError(f"backbone.proposal_sft needs a task with a corpus of correct answers; "
-                         f"task={getattr(task, 'name', None)!r} has none (allowed: task=sumpairs)")
+        raise ValueError(
+            f"backbone.proposal_sft needs a task with a corpus of correct answers; "
+            f"task={getattr(task, 'name', None)!r} has none (allowed: task=sumpairs)"
+        )
     s = cfg.backbone.proposal_sft
     spec = {"ref": ref_key, "task": task.spec(), "sft": dict(s), "kind": "proposal sft"}
 
@@ -400,10 +448,23 @@ def sft_proposal(cfg, cache: Cache, task, ref_path: str, ref_key: str) -> tuple[
         torch.manual_seed(int(s.seed))
         model = load_model(ref_path, "float32")
         tok = load_tokenizer(ref_path)
-        pairs = task.corpus(np.random.default_rng(int(s.seed)), int(s.corpus_size), float(s.p_correct), split="train")
+        pairs = task.corpus(
+            np.random.default_rng(int(s.seed)),
+            int(s.corpus_size),
+            float(s.p_correct),
+            split="train",
+        )
         chat = bool(cfg.task.get("chat_template", False))
-        _pretrain(model, pairs, _packed_nll(model, tok, chat), int(s.steps), int(s.batch_size), float(s.lr),
-                  int(s.seed), "fine-tune proposal")
+        _pretrain(
+            model,
+            pairs,
+            _packed_nll(model, tok, chat),
+            int(s.steps),
+            int(s.batch_size),
+            float(s.lr),
+            int(s.seed),
+            "fine-tune proposal",
+        )
         model.save_pretrained(art.path / "proposal")
         tok.save_pretrained(art.path / "proposal")
         return {"seconds": time.time() - t0}

@@ -14,8 +14,14 @@ from disa.scoring import sequence_logprobs
 from disa.tokenization import encode_prompt
 
 
-def rewarded_logprobs(model, tokenizer, task, prompts: pd.DataFrame, batch_size: int = 512,
-                      progress: str | None = None) -> pd.DataFrame:
+def rewarded_logprobs(
+    model,
+    tokenizer,
+    task,
+    prompts: pd.DataFrame,
+    batch_size: int = 512,
+    progress: str | None = None,
+) -> pd.DataFrame:
     """``log π(o|q)`` of every rewarded completion (text + EOS) of every prompt.
 
     Returns columns ``prompt_id, answer, logp``.
@@ -28,7 +34,9 @@ def rewarded_logprobs(model, tokenizer, task, prompts: pd.DataFrame, batch_size:
             rows.append((prompt.prompt_id, ans))
             p_ids.append(p)
             c_ids.append(tokenizer(ans, add_special_tokens=False).input_ids + [eos])
-    lp = sequence_logprobs(model, p_ids, c_ids, tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
+    lp = sequence_logprobs(
+        model, p_ids, c_ids, tokenizer.pad_token_id, batch_size=batch_size, progress=progress
+    )
     out = pd.DataFrame(rows, columns=["prompt_id", "answer"])
     out["logp"] = lp.numpy()
     return out
@@ -36,6 +44,7 @@ def rewarded_logprobs(model, tokenizer, task, prompts: pd.DataFrame, batch_size:
 
 def log_p_correct(rewarded: pd.DataFrame) -> pd.Series:
     """``log P_π(correct|q)`` per prompt id, by log-sum-exp over the rewarded set."""
+
     def lse(x: pd.Series) -> float:
         m = x.max()
         return float(m + np.log(np.exp(x - m).sum()))

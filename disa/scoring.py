@@ -36,14 +36,20 @@ import torch.nn.functional as F
 
 #: backends of :func:`token_logprobs` (``scoring.logprob_impl``): the chunked projection, or a
 #: fused kernel → (the module it imports, the extra that installs it)
-LOGPROB_IMPLS = {"chunked": None, "liger": ("liger_kernel", "liger"), "cce": ("cut_cross_entropy", "cce")}
+LOGPROB_IMPLS = {
+    "chunked": None,
+    "liger": ("liger_kernel", "liger"),
+    "cce": ("cut_cross_entropy", "cce"),
+}
 
 
 class LogProbBackendError(RuntimeError):
     """A fused log-prob backend that cannot run here (the message names the setting)."""
 
 
-def logprob_impl_problem(impl: str, *, on_cuda: bool, half_precision: bool | None = None) -> str | None:
+def logprob_impl_problem(
+    impl: str, *, on_cuda: bool, half_precision: bool | None = None
+) -> str | None:
     """Why the backend ``impl`` cannot compute log-probs here, or None where it can.
 
     ``on_cuda``: the log-probs are computed on a CUDA device; ``half_precision``: in bf16 or
@@ -55,14 +61,20 @@ def logprob_impl_problem(impl: str, *, on_cuda: bool, half_precision: bool | Non
         return None
     module, extra = LOGPROB_IMPLS[impl]
     if not on_cuda:
-        return (f"scoring.logprob_impl={impl!r} runs Triton kernels on a CUDA device, but training runs on the "
-                "CPU; allowed: 'chunked' (or a GPU trainer, e.g. trainer=gpu)")
+        return (
+            f"scoring.logprob_impl={impl!r} runs Triton kernels on a CUDA device, but training runs on the "
+            "CPU; allowed: 'chunked' (or a GPU trainer, e.g. trainer=gpu)"
+        )
     if importlib.util.find_spec(module) is None:
-        return (f"scoring.logprob_impl={impl!r} is not installed: it needs the {extra!r} extra: "
-                f"pip install 'disa[{extra}]' (or use scoring.logprob_impl=chunked)")
+        return (
+            f"scoring.logprob_impl={impl!r} is not installed: it needs the {extra!r} extra: "
+            f"pip install 'disa[{extra}]' (or use scoring.logprob_impl=chunked)"
+        )
     if impl == "cce" and half_precision is False:
-        return ("scoring.logprob_impl='cce' needs bf16 or fp16 compute (cut-cross-entropy's backward takes no "
-                "float32): trainer.precision=bf16-mixed, or scoring.logprob_impl=liger / chunked")
+        return (
+            "scoring.logprob_impl='cce' needs bf16 or fp16 compute (cut-cross-entropy's backward takes no "
+            "float32): trainer.precision=bf16-mixed, or scoring.logprob_impl=liger / chunked"
+        )
     return None
 
 
@@ -86,10 +98,22 @@ class Batch:
         return self.input_ids.shape[1] - self.completion_mask.shape[1]
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.completion_mask)))
+        return Batch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.position_ids,
+                    self.completion_mask,
+                )
+            )
+        )
 
 
-def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> Batch:
+def pack(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> Batch:
     """Pack token-id lists into a :class:`Batch` (prompts left-, completions right-padded)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -107,7 +131,9 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return Batch(ids, attn, pos, attn[:, P:].clone())
 
 
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Apply sampling transforms exactly as HF ``generate`` does (temperature → top-k → top-p);
     removed tokens get ``-inf``. ``logits``: [N, V] float."""
     if temperature != 1.0:
@@ -130,8 +156,15 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
 
 
-def _chunk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor,
-                   temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_forward(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(target), logsumexp)`` ``[n]`` each, with a single float32 ``[n, V]`` buffer
     (modified in place)."""
     logits = process_logits(F.linear(h, w, b).float(), temperature, top_k, top_p)  # [n, V]
@@ -149,7 +182,14 @@ def _project(h, weight, bias, targets, chunk_size, temperature, top_k, top_p, dt
         lse = torch.empty_like(out)
         for s in range(0, h.shape[0], chunk_size):
             out[s : s + chunk_size], lse[s : s + chunk_size] = _chunk_forward(
-                h[s : s + chunk_size].to(dtype), w, b, targets[s : s + chunk_size], temperature, top_k, top_p)
+                h[s : s + chunk_size].to(dtype),
+                w,
+                b,
+                targets[s : s + chunk_size],
+                temperature,
+                top_k,
+                top_p,
+            )
     return out, lse
 
 
@@ -184,10 +224,20 @@ class _ChunkedLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             for s in range(0, h.shape[0], chunk_size):
-                hc, g, t = h[s : s + chunk_size].to(dtype), grad_out[s : s + chunk_size].float(), targets[s : s + chunk_size]
-                logits = process_logits(F.linear(hc, w, b).float(), temperature, top_k, top_p)  # [n, V]
-                kept = torch.isfinite(logits.gather(-1, t[:, None]))  # a masked target has no gradient
-                grad = logits.sub_(lse[s : s + chunk_size, None]).exp_().mul_(-g[:, None])  # −g·softmax
+                hc, g, t = (
+                    h[s : s + chunk_size].to(dtype),
+                    grad_out[s : s + chunk_size].float(),
+                    targets[s : s + chunk_size],
+                )
+                logits = process_logits(
+                    F.linear(hc, w, b).float(), temperature, top_k, top_p
+                )  # [n, V]
+                kept = torch.isfinite(
+                    logits.gather(-1, t[:, None])
+                )  # a masked target has no gradient
+                grad = (
+                    logits.sub_(lse[s : s + chunk_size, None]).exp_().mul_(-g[:, None])
+                )  # −g·softmax
                 grad.scatter_add_(-1, t[:, None], torch.where(kept, g[:, None], 0.0))
                 if temperature != 1.0:
                     grad.div_(temperature)
@@ -202,17 +252,33 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 if need_b:
                     grad_b.add_(grad.float().sum(0))
                 del logits, grad  # before the next chunk's buffer is allocated
-        return (grad_h, None if grad_wt is None else grad_wt.T.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+        return (
+            grad_h,
+            None if grad_wt is None else grad_wt.T.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def _fused(impl: str, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           targets: torch.Tensor) -> torch.Tensor:
+def _fused(
+    impl: str,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+) -> torch.Tensor:
     """``log softmax(h Wᵀ + b)[target]`` ``[N]`` (float32) by the fused kernel ``impl``, in the
     compute dtype the chunked path would use; gradients reach ``h``, ``weight`` and ``bias``."""
     dtype = _compute_dtype(h, weight)
-    problem = logprob_impl_problem(impl, on_cuda=h.device.type == "cuda",
-                                   half_precision=dtype in (torch.bfloat16, torch.float16))
+    problem = logprob_impl_problem(
+        impl,
+        on_cuda=h.device.type == "cuda",
+        half_precision=dtype in (torch.bfloat16, torch.float16),
+    )
     if problem:
         raise LogProbBackendError(problem)
     with torch.autocast(h.device.type, enabled=False):
@@ -223,11 +289,15 @@ def _fused(impl: str, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
             # reduction="none": per-token losses, whose backward takes per-token gradients (DISA's
             # differ per sequence); weight gradients accumulated in float32 as the chunked path does
-            nll = liger_fused_linear_cross_entropy(h, w, targets, b, reduction="none", accum_dtype=torch.float32)
+            nll = liger_fused_linear_cross_entropy(
+                h, w, targets, b, reduction="none", accum_dtype=torch.float32
+            )
         else:
             if b is not None:
-                raise LogProbBackendError("scoring.logprob_impl='cce' takes no output-head bias, and this model's "
-                                          "head has one; allowed: 'liger' or 'chunked'")
+                raise LogProbBackendError(
+                    "scoring.logprob_impl='cce' takes no output-head bias, and this model's "
+                    "head has one; allowed: 'liger' or 'chunked'"
+                )
             from cut_cross_entropy import linear_cross_entropy
 
             # filter_eps=None: the exact gradient. Its default skips softmax entries below bf16
@@ -272,10 +342,21 @@ def token_logprobs(
     if impl != "chunked" and temperature == 1.0 and not top_k and top_p >= 1.0:
         lp = _fused(impl, h, head.weight, head.bias, targets)
     elif torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
-        lp = _ChunkedLogProbs.apply(h, head.weight, head.bias, targets, chunk_size, temperature, top_k, top_p)
+        lp = _ChunkedLogProbs.apply(
+            h, head.weight, head.bias, targets, chunk_size, temperature, top_k, top_p
+        )
     else:
-        lp, _ = _project(h, head.weight, head.bias, targets, chunk_size, temperature, top_k, top_p,
-                         _compute_dtype(h, head.weight))
+        lp, _ = _project(
+            h,
+            head.weight,
+            head.bias,
+            targets,
+            chunk_size,
+            temperature,
+            top_k,
+            top_p,
+            _compute_dtype(h, head.weight),
+        )
     out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
     out = out.masked_scatter(mask, lp)
     return (out, hidden) if return_hidden else out
@@ -300,12 +381,14 @@ def sequence_logprobs(
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]) + len(completions[i])))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
     out = torch.empty(len(prompts), dtype=torch.float64)
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=progress, disable=progress is None, leave=False):
         idx = order[s : s + batch_size]
         batch = pack([prompts[i] for i in idx], [completions[i] for i in idx], pad_id).to(device)
-        lp = token_logprobs(model, batch, temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size)
+        lp = token_logprobs(
+            model, batch, temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size
+        )
         out[idx] = lp.double().sum(-1).cpu()
     return out

@@ -52,7 +52,9 @@ class Settings:
     proposal_kind: str  #: ref | model | mixture
     components: tuple[str, ...]  #: mixture components sampled ("ref", "proposal")
     strength: float  #: λ as configured: 0 for kind=ref, 1 for kind=model
-    strength_effective: float  #: λ_eff = round(λK)/K, the fraction actually sampled from the proposal
+    strength_effective: (
+        float  #: λ_eff = round(λK)/K, the fraction actually sampled from the proposal
+    )
     num_samples: int  #: K, proposal samples per prompt for log Ẑ (and DISA's training set)
     min_ess: float  #: prompts whose ESS is below this are flagged degenerate
     # -- the algorithm
@@ -65,10 +67,14 @@ class Settings:
     prompts_per_shard: int  #: prompts per shard of the sample stage (a resume point)
     score_batch_size: int  #: sequences per scoring forward pass (scoring.batch_size)
     chunk_size: int  #: rows of the vocabulary projection computed at once (scoring.chunk_size; scoring and training)
-    logprob_impl: str  #: backend of the training's log-probs (scoring.logprob_impl): chunked | liger | cce
+    logprob_impl: (
+        str  #: backend of the training's log-probs (scoring.logprob_impl): chunked | liger | cce
+    )
     train_batch_size: int  #: trajectories per optimizer step (algorithm.batch_size)
     eval_k: int  #: samples per held-out prompt (eval.k)
-    chat_template: bool  #: prompts are wrapped in the tokenizer's chat template (task.chat_template)
+    chat_template: (
+        bool  #: prompts are wrapped in the tokenizer's chat template (task.chat_template)
+    )
 
     @classmethod
     def from_config(cls, cfg) -> Settings:
@@ -80,17 +86,30 @@ class Settings:
         p, alg = cfg.proposal, cfg.algorithm
         K, lam = int(p.num_samples), float(p.strength)
         return cls(
-            beta=float(cfg.beta), seed=int(cfg.seed), stage=str(cfg.stage),
-            proposal_kind=str(p.kind), components=COMPONENTS[p.kind], strength=lam,
-            strength_effective=split_counts(K, lam)[1] / K, num_samples=K, min_ess=float(p.min_ess),
-            algorithm=str(alg.name), loss=str(alg.loss), online=bool(alg.online),
-            loss_options=get_loss(alg.loss).make_options(OmegaConf.to_container(alg.loss_args, resolve=True),
-                                                         beta=float(cfg.beta),
-                                                         max_new_tokens=int(cfg.sampler.max_new_tokens)),
-            sample_batch_size=int(cfg.sampler.batch_size), prompts_per_shard=int(cfg.sampler.prompts_per_shard),
-            score_batch_size=int(cfg.scoring.batch_size), chunk_size=int(cfg.scoring.chunk_size),
+            beta=float(cfg.beta),
+            seed=int(cfg.seed),
+            stage=str(cfg.stage),
+            proposal_kind=str(p.kind),
+            components=COMPONENTS[p.kind],
+            strength=lam,
+            strength_effective=split_counts(K, lam)[1] / K,
+            num_samples=K,
+            min_ess=float(p.min_ess),
+            algorithm=str(alg.name),
+            loss=str(alg.loss),
+            online=bool(alg.online),
+            loss_options=get_loss(alg.loss).make_options(
+                OmegaConf.to_container(alg.loss_args, resolve=True),
+                beta=float(cfg.beta),
+                max_new_tokens=int(cfg.sampler.max_new_tokens),
+            ),
+            sample_batch_size=int(cfg.sampler.batch_size),
+            prompts_per_shard=int(cfg.sampler.prompts_per_shard),
+            score_batch_size=int(cfg.scoring.batch_size),
+            chunk_size=int(cfg.scoring.chunk_size),
             logprob_impl=str(cfg.scoring.get("logprob_impl", "chunked")),
-            train_batch_size=int(alg.batch_size), eval_k=int(cfg.eval.k),
+            train_batch_size=int(alg.batch_size),
+            eval_k=int(cfg.eval.k),
             chat_template=bool(cfg.task.get("chat_template", False)),
         )
 

@@ -95,11 +95,17 @@ def _is_wandb(lg: Any) -> bool:
     return type(lg).__name__ == "WandbLogger"
 
 
-def log_summary(loggers: list, summary: dict[str, Any], artifacts: dict[str, Any] | None = None) -> None:
+def log_summary(
+    loggers: list, summary: dict[str, Any], artifacts: dict[str, Any] | None = None
+) -> None:
     """The flat summary to every logger; to W&B also the sample tables and, of ``artifacts``
     (the cache artifacts the job built or reused, by label: ``sample.ref``, ``score``,
     ``anchor``, ...), the rollouts, scores and anchor."""
-    numeric = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     for lg in loggers:
         _learn_csv_header(lg)
         lg.log_metrics(numeric)
@@ -179,12 +185,21 @@ def log_wandb_artifacts(run: Any, artifacts: dict[str, Any], summary: dict[str, 
         reused = bool(summary.get(f"reused.{stage}"))
         spec = cached.manifest().get("spec", {})
         if stage in _BY_REFERENCE:
-            art = wandb.Artifact(f"{label.replace('.', '-')}-{cached.key}", type=_BY_REFERENCE[stage],
-                                 metadata={"stage": stage, "key": cached.key, "spec": spec})
-            art.add_reference(f"file://{cached.path}", checksum=False)  # large: recorded, never uploaded
+            art = wandb.Artifact(
+                f"{label.replace('.', '-')}-{cached.key}",
+                type=_BY_REFERENCE[stage],
+                metadata={"stage": stage, "key": cached.key, "spec": spec},
+            )
+            art.add_reference(
+                f"file://{cached.path}", checksum=False
+            )  # large: recorded, never uploaded
         elif stage == "anchor":
             meta = {k: v for k, v in summary.items() if k.startswith("anchor.")}
-            art = wandb.Artifact(f"anchor-{cached.key}", type="anchor", metadata={"key": cached.key, "spec": spec, **meta})
+            art = wandb.Artifact(
+                f"anchor-{cached.key}",
+                type="anchor",
+                metadata={"key": cached.key, "spec": spec, **meta},
+            )
             art.add_file(str(cached.path / "anchor.parquet"))
         else:
             continue

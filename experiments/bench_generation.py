@@ -32,7 +32,9 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 FEW_SHOT = "12 = 5 + 7\n20 = 11 + 9\n9 = 0 + 9\n31 = 16 + 15\n{n} ="
-INTEGRATION_CACHE = Path(os.environ.get("DISA_INTEGRATION_CACHE", "~/.cache/disa/integration")).expanduser()
+INTEGRATION_CACHE = Path(
+    os.environ.get("DISA_INTEGRATION_CACHE", "~/.cache/disa/integration")
+).expanduser()
 
 
 def few_shot_prompts(count: int) -> list[str]:
@@ -57,12 +59,21 @@ def machine() -> dict:
     """What the figures were measured on."""
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):  # not Linux: the platform's own name
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     import torch
 
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "load_average_1m": os.getloadavg()[0], "python": platform.python_version(), "torch": torch.__version__}
+    out = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
@@ -79,8 +90,15 @@ def newline_tokenizer(path: str):
     return tok
 
 
-def bench(engine: str, path: str, prompts: list[str], samples: int, max_new_tokens: int, batch_size: int,
-          seed: int) -> dict:
+def bench(
+    engine: str,
+    path: str,
+    prompts: list[str],
+    samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> dict:
     from disa.models import load_model
     from disa.sampling import SamplerSettings
 
@@ -105,10 +123,19 @@ def bench(engine: str, path: str, prompts: list[str], samples: int, max_new_toke
     tokens = sum(len(c) for g in groups for c in g)
     if engine == "vllm":
         sampler.close()
-    return {"engine": engine, "prompts": len(prompts), "samples": samples, "sequences": len(prompts) * samples,
-            "max_new_tokens": max_new_tokens, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "sequences_per_s": len(prompts) * samples / seconds, "startup_s": startup,
-            "example": tok.decode(groups[0][0])}
+    return {
+        "engine": engine,
+        "prompts": len(prompts),
+        "samples": samples,
+        "sequences": len(prompts) * samples,
+        "max_new_tokens": max_new_tokens,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "sequences_per_s": len(prompts) * samples / seconds,
+        "startup_s": startup,
+        "example": tok.decode(groups[0][0]),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=8, help="completions per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=512, help="sequences per generate call (both engines)")
+    ap.add_argument(
+        "--batch-size", type=int, default=512, help="sequences per generate call (both engines)"
+    )
     ap.add_argument("--engines", default="vllm,hf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
@@ -125,19 +154,31 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = few_shot_prompts(args.prompts)
     res = {"machine": machine(), "model": "SmolLM2-135M-Instruct (float32)", "runs": []}
     for engine in args.engines.split(","):
-        res["runs"].append(bench(engine, path, prompts, args.samples, args.max_new_tokens, args.batch_size, args.seed))
+        res["runs"].append(
+            bench(
+                engine, path, prompts, args.samples, args.max_new_tokens, args.batch_size, args.seed
+            )
+        )
     res["machine"]["load_average_1m_after"] = os.getloadavg()[0]
     m = res["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-          f"load average {m['load_average_1m']:.2f} → {m['load_average_1m_after']:.2f}")
-    print(f"{'engine':<6} {'sequences':>9} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'seq/s':>7} {'start-up s':>10}")
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+        f"load average {m['load_average_1m']:.2f} → {m['load_average_1m_after']:.2f}"
+    )
+    print(
+        f"{'engine':<6} {'sequences':>9} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'seq/s':>7} {'start-up s':>10}"
+    )
     for r in res["runs"]:
-        print(f"{r['engine']:<6} {r['sequences']:>9} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['sequences_per_s']:>7.2f} {r['startup_s']:>10.1f}")
+        print(
+            f"{r['engine']:<6} {r['sequences']:>9} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
+            f"{r['sequences_per_s']:>7.2f} {r['startup_s']:>10.1f}"
+        )
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
     return res
 
 
-if __name__ == "__main__":  # the vLLM engine may start worker processes: keep the module import-safe
+if (
+    __name__ == "__main__"
+):  # the vLLM engine may start worker processes: keep the module import-safe
     main()

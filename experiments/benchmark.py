@@ -66,16 +66,32 @@ from disa.scoring import Batch, logprob_impl_problem, pack, token_logprobs  # no
 
 QWEN_VOCAB = 151_936
 #: dense bf16 tensor-core peak (FLOP/s) by device-name substring; the first match wins
-GPU_PEAKS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12),
-             ("L4", 121e12), ("4090", 165e12)]
+GPU_PEAKS = [
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+    ("L4", 121e12),
+    ("4090", 165e12),
+]
 TARGETS = {
     "disa_mfu": ("DISA step MFU on GPU", ">= 0.45"),
     "disa_vs_sft": ("DISA / SFT (chunked) tokens/s on GPU", ">= 0.95"),
     "disa_vs_sft_hf": ("DISA / SFT (transformers labels=) tokens/s on GPU", ">= 0.95"),
-    "logprob_memory_ratio": ("log-prob peak memory, chunked / naive (vocab 151,936; batch >= 4 chunks)", "<= 0.25"),
+    "logprob_memory_ratio": (
+        "log-prob peak memory, chunked / naive (vocab 151,936; batch >= 4 chunks)",
+        "<= 0.25",
+    ),
     "scoring_mfu": ("scoring (no-grad token_logprobs) MFU on GPU", ">= 0.50"),
-    "flowrl_over_disa": ("one FlowRL online update / one DISA update (same trajectories)", "reported"),
-    "disa_fused_vs_chunked": ("DISA step tokens/s, fastest fused backend / chunked (GPU)", "reported"),
+    "flowrl_over_disa": (
+        "one FlowRL online update / one DISA update (same trajectories)",
+        "reported",
+    ),
+    "disa_fused_vs_chunked": (
+        "DISA step tokens/s, fastest fused backend / chunked (GPU)",
+        "reported",
+    ),
 }
 
 
@@ -84,10 +100,20 @@ def qwen_config(vocab_size: int = QWEN_VOCAB, **shape):
     """Qwen2.5-0.5B's shape by default; ``shape`` overrides fields (tiny models for tests)."""
     from transformers import Qwen2Config
 
-    base = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                intermediate_size=4864, max_position_embeddings=32768, rope_theta=1_000_000.0,
-                tie_word_embeddings=True, rms_norm_eps=1e-6)
-    return Qwen2Config(vocab_size=vocab_size, **(base | shape), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    return Qwen2Config(
+        vocab_size=vocab_size, **(base | shape), pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
 
 
 def embedded_model(max_len: int):
@@ -112,9 +138,16 @@ def build_model(preset: str, max_len: int, quick: bool = False):
     # qwen-tiny: Qwen2.5's vocabulary on a 2-layer, 64-wide body, so that on a CPU the
     # vocabulary projection dominates a step as it does for the real model on a GPU
     tiny = quick or preset == "qwen-tiny"
-    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if tiny else {}
-    return Qwen2ForCausalLM(qwen_config(4096 if quick else QWEN_VOCAB, max_position_embeddings=max(max_len, 64),
-                                        **shape))
+    shape = (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        if tiny
+        else {}
+    )
+    return Qwen2ForCausalLM(
+        qwen_config(
+            4096 if quick else QWEN_VOCAB, max_position_embeddings=max(max_len, 64), **shape
+        )
+    )
 
 
 def matmul_params(model) -> int:
@@ -130,14 +163,25 @@ def random_batch(B: int, P: int, T: int, vocab: int, device, seed: int = 0) -> t
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, P + T), generator=g)
     batch = pack(ids[:, :P].tolist(), ids[:, P:].tolist(), pad_id=0).to(device)
-    cache = {"log_z_hat": torch.rand(B, generator=g), "logp_ref_seq": -T * 5 * torch.rand(B, generator=g),
-             "reward": (torch.rand(B, generator=g) < 0.3).float()}
+    cache = {
+        "log_z_hat": torch.rand(B, generator=g),
+        "logp_ref_seq": -T * 5 * torch.rand(B, generator=g),
+        "reward": (torch.rand(B, generator=g) < 0.3).float(),
+    }
     return batch, {k: v.to(device) for k, v in cache.items()}
 
 
 # -- measuring ---------------------------------------------------------------------------------
-def measure(fn: Callable[[], Any], device: torch.device, args, *, tokens: int, flops_per_token: float,
-            peak: float, warm_call: bool = False) -> dict[str, Any]:
+def measure(
+    fn: Callable[[], Any],
+    device: torch.device,
+    args,
+    *,
+    tokens: int,
+    flops_per_token: float,
+    peak: float,
+    warm_call: bool = False,
+) -> dict[str, Any]:
     """Peak memory, median time, tokens/s and MFU of ``fn`` (which processes ``tokens``
     tokens), or ``{"oom": True}`` where it ran out of GPU memory."""
     try:
@@ -148,8 +192,12 @@ def measure(fn: Callable[[], Any], device: torch.device, args, *, tokens: int, f
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"oom": True}
-    return {"seconds": sec, "tokens_per_s": tokens / sec, "mfu": flops_per_token * tokens / sec / peak,
-            "peak_mem_mib": mem / 2**20}
+    return {
+        "seconds": sec,
+        "tokens_per_s": tokens / sec,
+        "mfu": flops_per_token * tokens / sec / peak,
+        "peak_mem_mib": mem / 2**20,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -213,14 +261,21 @@ def peak_flops(device: torch.device, override: float | None) -> tuple[float, str
                 return flops, f"{name}: dense bf16 tensor-core peak {flops / 1e12:.0f} TFLOP/s"
         return math.nan, f"{name}: unknown peak (pass --peak-tflops)"
     flops = cpu_matmul_peak()
-    return flops, f"measured float32 matmul on {os.cpu_count()} CPU cores ({torch.get_num_threads()} threads)"
+    return (
+        flops,
+        f"measured float32 matmul on {os.cpu_count()} CPU cores ({torch.get_num_threads()} threads)",
+    )
 
 
 # -- the steps ---------------------------------------------------------------------------------
 def _naive_logprobs(model, batch: Batch) -> torch.Tensor:
     """Full ``[B, P+T, V]`` logits → float32 ``log_softmax`` → gather: ``[B, T]``."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits
     P = batch.prompt_len
     lp = logits[:, P - 1 : -1].float().log_softmax(-1)
     return lp.gather(-1, batch.input_ids[:, P:, None]).squeeze(-1) * batch.completion_mask
@@ -233,8 +288,9 @@ def _sft_labels(batch: Batch) -> torch.Tensor:
     return labels
 
 
-def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp,
-             fused: tuple[str, ...] = ()) -> dict[str, Callable[[], None]]:
+def step_fns(
+    model, opt, batch: Batch, cache: dict, chunk: int, amp, fused: tuple[str, ...] = ()
+) -> dict[str, Callable[[], None]]:
     """One optimizer step of each method, on the same batch (``fused``: the fused log-prob
     backends to time, as ``disa_<backend>``)."""
     disa = get_loss("disa")
@@ -247,8 +303,12 @@ def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp,
 
     def disa_step(impl: str = "chunked"):
         with amp():
-            loss, _ = disa(token_logprobs(model, batch, chunk_size=chunk, impl=impl), mask, cache,
-                           disa.make_options({}, beta=2.0))
+            loss, _ = disa(
+                token_logprobs(model, batch, chunk_size=chunk, impl=impl),
+                mask,
+                cache,
+                disa.make_options({}, beta=2.0),
+            )
         finish(loss)
 
     def sft_chunked():
@@ -259,20 +319,34 @@ def step_fns(model, opt, batch: Batch, cache: dict, chunk: int, amp,
 
     def sft_hf():
         with amp():
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, labels=_sft_labels(batch), use_cache=False).loss
+            loss = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                labels=_sft_labels(batch),
+                use_cache=False,
+            ).loss
         finish(loss)
 
     def naive():
         with amp():
-            loss, _ = disa(_naive_logprobs(model, batch), mask, cache, disa.make_options({}, beta=2.0))
+            loss, _ = disa(
+                _naive_logprobs(model, batch), mask, cache, disa.make_options({}, beta=2.0)
+            )
         finish(loss)
 
-    return {"disa": disa_step, "sft_chunked": sft_chunked, "sft_hf": sft_hf, "naive": naive,
-            **{f"disa_{impl}": partial(disa_step, impl) for impl in fused}}
+    return {
+        "disa": disa_step,
+        "sft_chunked": sft_chunked,
+        "sft_hf": sft_hf,
+        "naive": naive,
+        **{f"disa_{impl}": partial(disa_step, impl) for impl in fused},
+    }
 
 
-def score_fns(model, batch: Batch, chunk: int, fused: tuple[str, ...] = ()) -> dict[str, Callable[[], None]]:
+def score_fns(
+    model, batch: Batch, chunk: int, fused: tuple[str, ...] = ()
+) -> dict[str, Callable[[], None]]:
     @torch.no_grad()
     def scored(impl: str = "chunked"):
         token_logprobs(model, batch, chunk_size=chunk, impl=impl)
@@ -287,9 +361,13 @@ def score_fns(model, batch: Batch, chunk: int, fused: tuple[str, ...] = ()) -> d
 def fused_backends(args, device: torch.device) -> tuple[tuple[str, ...], dict[str, str]]:
     """The fused backends of ``--impls`` that run here, and why each other one does not."""
     half = args.precision == "bf16-mixed"
-    problems = {impl: logprob_impl_problem(impl, on_cuda=device.type == "cuda", half_precision=half)
-                for impl in args.impls}
-    return tuple(i for i, p in problems.items() if p is None), {i: p for i, p in problems.items() if p}
+    problems = {
+        impl: logprob_impl_problem(impl, on_cuda=device.type == "cuda", half_precision=half)
+        for impl in args.impls
+    }
+    return tuple(i for i, p in problems.items() if p is None), {
+        i: p for i, p in problems.items() if p
+    }
 
 
 # -- online updates ------------------------------------------------------------------------------
@@ -321,17 +399,26 @@ class _FixedLengthSampler:
         torch.manual_seed(seed)
         ids = torch.tensor(prompt_ids, device=device)
         with self.amp():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                 num_return_sequences=n, min_new_tokens=self.T, max_new_tokens=self.T,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=0,
+                num_return_sequences=n,
+                min_new_tokens=self.T,
+                max_new_tokens=self.T,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         sync(device)
         self.seconds += time.perf_counter() - t0
         new = out[:, ids.shape[1] :].tolist()
         return [new[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
 
-def online_update(algorithm: str, model_factory, B: int, P: int, T: int, group: int, device, amp,
-                  seed: int = 0) -> dict[str, float]:
+def online_update(
+    algorithm: str, model_factory, B: int, P: int, T: int, group: int, device, amp, seed: int = 0
+) -> dict[str, float]:
     """Seconds of one rollout + one update of ``algorithm`` (flowrl | grpo) on ``B`` trajectories."""
     import pandas as pd
     from omegaconf import OmegaConf
@@ -346,18 +433,44 @@ def online_update(algorithm: str, model_factory, B: int, P: int, T: int, group: 
     ref = model_factory().to(device).eval() if loss.reads_reference(options) else None
     n_prompts = B // group
     g = torch.Generator().manual_seed(seed)
-    prompt_ids = {f"p{i}": torch.randint(3, policy.config.vocab_size, (P,), generator=g).tolist()
-                  for i in range(n_prompts)}
+    prompt_ids = {
+        f"p{i}": torch.randint(3, policy.config.vocab_size, (P,), generator=g).tolist()
+        for i in range(n_prompts)
+    }
     frame = pd.DataFrame({"prompt_id": list(prompt_ids), "prompt": list(prompt_ids)})
-    task = type("RandomReward", (), {"rewards": lambda self, rows, texts: (torch.rand(len(texts), generator=g)
-                                                                           < 0.3).float().tolist()})()
+    task = type(
+        "RandomReward",
+        (),
+        {
+            "rewards": lambda self, rows, texts: (
+                (torch.rand(len(texts), generator=g) < 0.3).float().tolist()
+            )
+        },
+    )()
     needs_head = "log_z" in loss.needs(options)
-    head = LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), 0.0) if needs_head else None
+    head = (
+        LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), 0.0)
+        if needs_head
+        else None
+    )
     sampler = _FixedLengthSampler(T, amp)
     module = OnlinePolicyModule(
-        policy, ref, _IdTokenizer(prompt_ids), task, frame, sampler, SamplerSettings(max_new_tokens=T), loss,
-        options, lambda p: torch.optim.AdamW(p, lr=1e-6), group_size=group, updates_per_rollout=1,
-        minibatch_size=B, scale_rewards=str(alg.get("scale_rewards", "group")), log_z_head=head, seed=seed,
+        policy,
+        ref,
+        _IdTokenizer(prompt_ids),
+        task,
+        frame,
+        sampler,
+        SamplerSettings(max_new_tokens=T),
+        loss,
+        options,
+        lambda p: torch.optim.AdamW(p, lr=1e-6),
+        group_size=group,
+        updates_per_rollout=1,
+        minibatch_size=B,
+        scale_rewards=str(alg.get("scale_rewards", "group")),
+        log_z_head=head,
+        seed=seed,
     ).to(device)
     opt = module.configure_optimizers()
 
@@ -369,7 +482,9 @@ def online_update(algorithm: str, model_factory, B: int, P: int, T: int, group: 
             roll = module.rollout(list(range(n_prompts)))
         sync(device)
         t1 = time.perf_counter()
-        idx = module.minibatch_index(roll["input_ids"].shape[0], torch.Generator().manual_seed(seed))
+        idx = module.minibatch_index(
+            roll["input_ids"].shape[0], torch.Generator().manual_seed(seed)
+        )
         with amp():
             logp, mask, batch = module.loss_inputs(roll, idx.to(device))
             value, _ = module.loss(logp, mask, batch, module.options)
@@ -382,8 +497,14 @@ def online_update(algorithm: str, model_factory, B: int, P: int, T: int, group: 
 
     once()  # warm-up (allocator, kernels, optimizer state)
     gen, rescore, update = once()
-    return {"generate_s": gen, "rescore_s": rescore, "update_s": update, "total_s": gen + rescore + update,
-            "reference_pass": ref is not None, "harness_updates_per_rollout": int(alg.updates_per_rollout)}
+    return {
+        "generate_s": gen,
+        "rescore_s": rescore,
+        "update_s": update,
+        "total_s": gen + rescore + update,
+        "reference_pass": ref is not None,
+        "harness_updates_per_rollout": int(alg.updates_per_rollout),
+    }
 
 
 # -- vLLM generation -------------------------------------------------------------------------
@@ -397,12 +518,27 @@ def vllm_generation(model, B: int, P: int, T: int, group: int) -> dict[str, floa
 
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        llm = LLM(model=d, skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
-                  max_model_len=P + T, seed=0, generation_config="vllm")
+        llm = LLM(
+            model=d,
+            skip_tokenizer_init=True,
+            dtype="bfloat16",
+            gpu_memory_utilization=0.3,
+            max_model_len=P + T,
+            seed=0,
+            generation_config="vllm",
+        )
         g = torch.Generator().manual_seed(0)
-        prompts = [{"prompt_token_ids": torch.randint(3, model.config.vocab_size, (P,), generator=g).tolist()}
-                   for _ in range(B // group)]
-        params = SamplingParams(n=group, temperature=1.0, min_tokens=T, max_tokens=T, detokenize=False)
+        prompts = [
+            {
+                "prompt_token_ids": torch.randint(
+                    3, model.config.vocab_size, (P,), generator=g
+                ).tolist()
+            }
+            for _ in range(B // group)
+        ]
+        params = SamplingParams(
+            n=group, temperature=1.0, min_tokens=T, max_tokens=T, detokenize=False
+        )
         llm.generate(prompts, params, use_tqdm=False)
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
@@ -424,7 +560,11 @@ def run(args) -> dict[str, Any]:
     # as the harness runs: fp32 master weights under bf16 autocast for training (trainer
     # precision bf16-mixed) and bf16 weights for scoring (backbone.dtype); or float32 throughout
     bf16 = args.precision == "bf16-mixed"
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    amp = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if bf16
+        else contextlib.nullcontext
+    )
     peak, peak_source = peak_flops(device, args.peak_tflops)
     fused, skipped = fused_backends(args, device)
     for why in skipped.values():
@@ -432,18 +572,47 @@ def run(args) -> dict[str, Any]:
     model = build_model(args.preset, max(seq_lens), args.quick).to(device).train()
     vocab, N = model.config.vocab_size, matmul_params(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    scorer = build_model(args.preset, max(seq_lens), args.quick).to(device, torch.bfloat16 if bf16 else torch.float32).eval()
-    res: dict[str, Any] = {"meta": {
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "preset": args.preset,
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "params": sum(p.numel() for p in model.parameters()), "matmul_params": N, "vocab": vocab,
-        "seq_lens": seq_lens, "prompt_len": args.prompt_len, "chunk_size": args.chunk_size,
-        "train_precision": args.precision, "score_dtype": "bfloat16" if bf16 else "float32",
-        "peak_flops": peak, "peak_flops_source": peak_source, "warmup": args.warmup, "reps": args.reps,
-        "quick": args.quick, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "load_average_at_start": os.getloadavg()[0], "fused_backends": list(fused), "fused_skipped": skipped,
-    }, "steps": [], "scoring": [], "memory": [], "online": [], "generation": []}
+    scorer = (
+        build_model(args.preset, max(seq_lens), args.quick)
+        .to(device, torch.bfloat16 if bf16 else torch.float32)
+        .eval()
+    )
+    res: dict[str, Any] = {
+        "meta": {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if cuda
+            else platform.processor() or platform.machine(),
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "preset": args.preset,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "params": sum(p.numel() for p in model.parameters()),
+            "matmul_params": N,
+            "vocab": vocab,
+            "seq_lens": seq_lens,
+            "prompt_len": args.prompt_len,
+            "chunk_size": args.chunk_size,
+            "train_precision": args.precision,
+            "score_dtype": "bfloat16" if bf16 else "float32",
+            "peak_flops": peak,
+            "peak_flops_source": peak_source,
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "quick": args.quick,
+            "command": " ".join(sys.argv),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "load_average_at_start": os.getloadavg()[0],
+            "fused_backends": list(fused),
+            "fused_skipped": skipped,
+        },
+        "steps": [],
+        "scoring": [],
+        "memory": [],
+        "online": [],
+        "generation": [],
+    }
 
     for S in seq_lens:
         B = args.batch or max(1, args.tokens_per_step // S)
@@ -456,13 +625,17 @@ def run(args) -> dict[str, Any]:
             if name == "naive" and args.skip_naive:
                 continue
             # first call outside the measurement: the optimizer state exists before memory is measured
-            row = measure(fn, device, args, tokens=tokens, flops_per_token=6 * N, peak=peak, warm_call=True)
+            row = measure(
+                fn, device, args, tokens=tokens, flops_per_token=6 * N, peak=peak, warm_call=True
+            )
             if row.get("oom"):
                 opt.zero_grad(set_to_none=True)
             res["steps"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name} | row)
         for name, fn in score_fns(scorer, batch.to(device), args.chunk_size, fused).items():
             row = measure(fn, device, args, tokens=tokens, flops_per_token=2 * N, peak=peak)
-            res["scoring"].append({"seq_len": S, "batch": B, "tokens": tokens, "method": name} | row)
+            res["scoring"].append(
+                {"seq_len": S, "batch": B, "tokens": tokens, "method": name} | row
+            )
         _progress(res, S)
 
     res["memory"] = memory_comparison(args, device, amp, fused)
@@ -472,26 +645,62 @@ def run(args) -> dict[str, Any]:
     B = B // group * group
     T = S - args.prompt_len
     if not args.skip_online:
-        disa_s = timed(step_fns(model, opt, *random_batch(B, args.prompt_len, T, vocab, device), args.chunk_size,
-                                amp)["disa"], device, args.warmup, args.reps)
+        disa_s = timed(
+            step_fns(
+                model,
+                opt,
+                *random_batch(B, args.prompt_len, T, vocab, device),
+                args.chunk_size,
+                amp,
+            )["disa"],
+            device,
+            args.warmup,
+            args.reps,
+        )
         del model, opt, scorer
         factory = lambda: build_model(args.preset, max(seq_lens), args.quick)  # noqa: E731
         for alg in ("flowrl", "grpo"):
             r = online_update(alg, factory, B, args.prompt_len, T, group, device, amp)
             u = r["harness_updates_per_rollout"]
-            res["online"].append({"algorithm": alg, "seq_len": S, "trajectories": B, "group_size": group, **r,
-                                  "disa_update_s": disa_s, "ratio_to_disa": r["total_s"] / disa_s,
-                                  # the harness amortises one rollout over `updates_per_rollout` updates
-                                  "ratio_to_disa_amortised": ((r["generate_s"] + r["rescore_s"]) / u + r["update_s"]) / disa_s})
+            res["online"].append(
+                {
+                    "algorithm": alg,
+                    "seq_len": S,
+                    "trajectories": B,
+                    "group_size": group,
+                    **r,
+                    "disa_update_s": disa_s,
+                    "ratio_to_disa": r["total_s"] / disa_s,
+                    # the harness amortises one rollout over `updates_per_rollout` updates
+                    "ratio_to_disa_amortised": (
+                        (r["generate_s"] + r["rescore_s"]) / u + r["update_s"]
+                    )
+                    / disa_s,
+                }
+            )
         gen_tokens = B * T
         hf_gen = [o for o in res["online"] if o["algorithm"] == "grpo"][0]["generate_s"]
-        res["generation"].append({"engine": "hf", "seconds": hf_gen, "tokens_per_s": gen_tokens / hf_gen,
-                                  "seq_len": S, "new_tokens": T, "sequences": B})
-        vl = vllm_generation(factory().to(device, torch.bfloat16), B, args.prompt_len, T, group) if cuda else None
+        res["generation"].append(
+            {
+                "engine": "hf",
+                "seconds": hf_gen,
+                "tokens_per_s": gen_tokens / hf_gen,
+                "seq_len": S,
+                "new_tokens": T,
+                "sequences": B,
+            }
+        )
+        vl = (
+            vllm_generation(factory().to(device, torch.bfloat16), B, args.prompt_len, T, group)
+            if cuda
+            else None
+        )
         if vl:
             res["generation"].append({**vl, "seq_len": S, "new_tokens": T, "sequences": B})
     res["targets"] = targets(res, cuda)
-    res["meta"]["load_average_at_end"] = os.getloadavg()[0]  # other processes on the machine skew timings
+    res["meta"]["load_average_at_end"] = os.getloadavg()[
+        0
+    ]  # other processes on the machine skew timings
     return res
 
 
@@ -501,10 +710,14 @@ def memory_comparison(args, device, amp, fused: tuple[str, ...] = ()) -> list[di
     if device.type == "cuda" and args.preset == "qwen0.5b" and not args.quick:
         model = build_model("qwen0.5b", args.mem_seq_len).to(device)
     else:
-        shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        shape = dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        )
         from transformers import Qwen2ForCausalLM
 
-        model = Qwen2ForCausalLM(qwen_config(args.mem_vocab, max_position_embeddings=args.mem_seq_len, **shape)).to(device)
+        model = Qwen2ForCausalLM(
+            qwen_config(args.mem_vocab, max_position_embeddings=args.mem_seq_len, **shape)
+        ).to(device)
     B, P = args.mem_batch, args.prompt_len
     T = args.mem_seq_len - P
     batch, _ = random_batch(B, P, T, model.config.vocab_size, device)
@@ -512,19 +725,38 @@ def memory_comparison(args, device, amp, fused: tuple[str, ...] = ()) -> list[di
     rows = []
     for grad in (False, True):
         base = None
-        chunks = sorted({n, max(1, n // 4), min(args.chunk_size, n)}, reverse=True)  # one chunk, four, the default
-        for name, c in [("naive", None), *(("chunked", c) for c in chunks), *((impl, None) for impl in fused)]:
+        chunks = sorted(
+            {n, max(1, n // 4), min(args.chunk_size, n)}, reverse=True
+        )  # one chunk, four, the default
+        for name, c in [
+            ("naive", None),
+            *(("chunked", c) for c in chunks),
+            *((impl, None) for impl in fused),
+        ]:
             model.zero_grad(set_to_none=True)
             try:
-                mib = peak_memory(partial(_logprob_pass, model, batch, c, grad, amp, name), device) / 2**20
+                mib = (
+                    peak_memory(partial(_logprob_pass, model, batch, c, grad, amp, name), device)
+                    / 2**20
+                )
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({"grad": grad, "method": name, "chunk_size": c, "oom": True})
                 continue
             base = mib if name == "naive" else base
-            rows.append({"vocab": model.config.vocab_size, "batch": B, "seq_len": args.mem_seq_len,
-                         "completion_tokens": n, "grad": grad, "method": name, "chunk_size": c,
-                         "peak_mem_mib": mib, "ratio_to_naive": None if base is None else mib / base})
+            rows.append(
+                {
+                    "vocab": model.config.vocab_size,
+                    "batch": B,
+                    "seq_len": args.mem_seq_len,
+                    "completion_tokens": n,
+                    "grad": grad,
+                    "method": name,
+                    "chunk_size": c,
+                    "peak_mem_mib": mib,
+                    "ratio_to_naive": None if base is None else mib / base,
+                }
+            )
         model.zero_grad(set_to_none=True)
     return rows
 
@@ -532,31 +764,50 @@ def memory_comparison(args, device, amp, fused: tuple[str, ...] = ()) -> list[di
 def _logprob_pass(model, batch: Batch, chunk: int | None, grad: bool, amp, impl: str) -> None:
     """Log-probs by ``impl`` (naive | chunked | a fused backend), and their backward when ``grad``."""
     with torch.set_grad_enabled(grad), amp():
-        lp = (_naive_logprobs(model, batch) if impl == "naive"
-              else token_logprobs(model, batch, chunk_size=chunk or 2048, impl=impl))
+        lp = (
+            _naive_logprobs(model, batch)
+            if impl == "naive"
+            else token_logprobs(model, batch, chunk_size=chunk or 2048, impl=impl)
+        )
     if grad:
         lp.sum().backward()
 
 
 def targets(res: dict, cuda: bool) -> dict[str, dict[str, Any]]:
     """The stated targets with the measured values (``met`` is None where not measured on GPU)."""
+
     def steps(method):
         return {r["seq_len"]: r for r in res["steps"] if r["method"] == method and not r.get("oom")}
 
     disa, sft, sft_hf = steps("disa"), steps("sft_chunked"), steps("sft_hf")
-    score = {r["seq_len"]: r for r in res["scoring"] if r["method"] == "chunked" and not r.get("oom")}
+    score = {
+        r["seq_len"]: r for r in res["scoring"] if r["method"] == "chunked" and not r.get("oom")
+    }
     # the chunked peak is one chunk's buffer: the ratio falls as tokens / chunk_size grows (both
     # peaks are linear in the sizes), and the target is stated for batches of >= 4 chunks
-    mem = [r["ratio_to_naive"] for r in res["memory"] if r["method"] == "chunked" and r.get("ratio_to_naive") is not None
-           and 4 * r["chunk_size"] <= r["completion_tokens"]]
+    mem = [
+        r["ratio_to_naive"]
+        for r in res["memory"]
+        if r["method"] == "chunked"
+        and r.get("ratio_to_naive") is not None
+        and 4 * r["chunk_size"] <= r["completion_tokens"]
+    ]
     flowrl = [r for r in res["online"] if r["algorithm"] == "flowrl"]
-    fused = [disa[r["seq_len"]]["seconds"] / r["seconds"] for r in res["steps"]
-             if r["method"].startswith("disa_") and not r.get("oom") and r["seq_len"] in disa]
+    fused = [
+        disa[r["seq_len"]]["seconds"] / r["seconds"]
+        for r in res["steps"]
+        if r["method"].startswith("disa_") and not r.get("oom") and r["seq_len"] in disa
+    ]
     values = {
         "disa_mfu": min((r["mfu"] for r in disa.values()), default=None),
-        "disa_vs_sft": min((disa[s]["tokens_per_s"] / sft[s]["tokens_per_s"] for s in disa if s in sft), default=None),
-        "disa_vs_sft_hf": min((disa[s]["tokens_per_s"] / sft_hf[s]["tokens_per_s"] for s in disa if s in sft_hf),
-                              default=None),
+        "disa_vs_sft": min(
+            (disa[s]["tokens_per_s"] / sft[s]["tokens_per_s"] for s in disa if s in sft),
+            default=None,
+        ),
+        "disa_vs_sft_hf": min(
+            (disa[s]["tokens_per_s"] / sft_hf[s]["tokens_per_s"] for s in disa if s in sft_hf),
+            default=None,
+        ),
         "logprob_memory_ratio": max(mem, default=None),
         "scoring_mfu": min((r["mfu"] for r in score.values()), default=None),
         "flowrl_over_disa": flowrl[0]["ratio_to_disa"] if flowrl else None,
@@ -584,91 +835,217 @@ def _fmt(v, spec=".3g") -> str:
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """A markdown table: ``cols`` = (key, header, format)."""
-    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = [
+        "| " + " | ".join(h for _, h, _ in cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
     for r in rows:
-        lines.append("| " + " | ".join("OOM" if r.get("oom") and k in ("seconds", "peak_mem_mib") else _fmt(r.get(k), f)
-                                       for k, _, f in cols) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                "OOM" if r.get("oom") and k in ("seconds", "peak_mem_mib") else _fmt(r.get(k), f)
+                for k, _, f in cols
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def report(res: dict) -> str:
     m = res["meta"]
-    out = [f"device: {m['device']} ({m['device_name']}, {m['cpu_cores']} cores), preset {m['preset']}: "
-           f"{m['params'] / 1e6:.3g}M parameters ({m['matmul_params'] / 1e6:.3g}M doing matrix work), vocab {m['vocab']}, "
-           f"prompt {m['prompt_len']} tokens, chunk_size {m['chunk_size']}; peak {m['peak_flops'] / 1e12:.3g} TFLOP/s "
-           f"({m['peak_flops_source']})", "",
-           "training step (one optimizer step; tokens = batch × seq_len):",
-           table(res["steps"], [("seq_len", "seq", "d"), ("batch", "batch", "d"), ("method", "method", ""),
-                                ("seconds", "s/step", ".4g"), ("tokens_per_s", "tokens/s", ".4g"),
-                                ("mfu", "MFU", ".2%"), ("peak_mem_mib", "peak MiB", ".1f")]), "",
-           "scoring (no grad):",
-           table(res["scoring"], [("seq_len", "seq", "d"), ("batch", "batch", "d"), ("method", "method", ""),
-                                  ("seconds", "s", ".4g"), ("tokens_per_s", "tokens/s", ".4g"), ("mfu", "MFU", ".2%"),
-                                  ("peak_mem_mib", "peak MiB", ".1f")]), "",
-           "log-prob peak memory, chunked vs naive:",
-           table(res["memory"], [("vocab", "vocab", "d"), ("completion_tokens", "tokens", "d"), ("grad", "grad", ""),
-                                 ("method", "method", ""), ("chunk_size", "chunk", "d"),
-                                 ("peak_mem_mib", "peak MiB", ".1f"), ("ratio_to_naive", "/ naive", ".3f")])]
+    out = [
+        f"device: {m['device']} ({m['device_name']}, {m['cpu_cores']} cores), preset {m['preset']}: "
+        f"{m['params'] / 1e6:.3g}M parameters ({m['matmul_params'] / 1e6:.3g}M doing matrix work), vocab {m['vocab']}, "
+        f"prompt {m['prompt_len']} tokens, chunk_size {m['chunk_size']}; peak {m['peak_flops'] / 1e12:.3g} TFLOP/s "
+        f"({m['peak_flops_source']})",
+        "",
+        "training step (one optimizer step; tokens = batch × seq_len):",
+        table(
+            res["steps"],
+            [
+                ("seq_len", "seq", "d"),
+                ("batch", "batch", "d"),
+                ("method", "method", ""),
+                ("seconds", "s/step", ".4g"),
+                ("tokens_per_s", "tokens/s", ".4g"),
+                ("mfu", "MFU", ".2%"),
+                ("peak_mem_mib", "peak MiB", ".1f"),
+            ],
+        ),
+        "",
+        "scoring (no grad):",
+        table(
+            res["scoring"],
+            [
+                ("seq_len", "seq", "d"),
+                ("batch", "batch", "d"),
+                ("method", "method", ""),
+                ("seconds", "s", ".4g"),
+                ("tokens_per_s", "tokens/s", ".4g"),
+                ("mfu", "MFU", ".2%"),
+                ("peak_mem_mib", "peak MiB", ".1f"),
+            ],
+        ),
+        "",
+        "log-prob peak memory, chunked vs naive:",
+        table(
+            res["memory"],
+            [
+                ("vocab", "vocab", "d"),
+                ("completion_tokens", "tokens", "d"),
+                ("grad", "grad", ""),
+                ("method", "method", ""),
+                ("chunk_size", "chunk", "d"),
+                ("peak_mem_mib", "peak MiB", ".1f"),
+                ("ratio_to_naive", "/ naive", ".3f"),
+            ],
+        ),
+    ]
     if res["online"]:
-        out += ["", "one online update vs one DISA update (same trajectories and lengths):",
-                table(res["online"], [("algorithm", "algorithm", ""), ("trajectories", "traj", "d"),
-                                      ("seq_len", "seq", "d"), ("generate_s", "generate s", ".4g"),
-                                      ("rescore_s", "old/ref s", ".4g"), ("update_s", "update s", ".4g"),
-                                      ("total_s", "total s", ".4g"), ("disa_update_s", "DISA s", ".4g"),
-                                      ("ratio_to_disa", "× DISA", ".3g"),
-                                      ("ratio_to_disa_amortised", "× DISA (rollout/2)", ".3g")]),
-                "", "generation:",
-                table(res["generation"], [("engine", "engine", ""), ("sequences", "sequences", "d"),
-                                          ("new_tokens", "new tokens", "d"), ("seconds", "s", ".4g"),
-                                          ("tokens_per_s", "tokens/s", ".4g")])]
-    out += ["", "targets:", table([{"k": k, **v} for k, v in res["targets"].items()],
-                                  [("what", "what", ""), ("target", "target", ""), ("value", "measured", ".3g"),
-                                   ("met", "met", "")])]
+        out += [
+            "",
+            "one online update vs one DISA update (same trajectories and lengths):",
+            table(
+                res["online"],
+                [
+                    ("algorithm", "algorithm", ""),
+                    ("trajectories", "traj", "d"),
+                    ("seq_len", "seq", "d"),
+                    ("generate_s", "generate s", ".4g"),
+                    ("rescore_s", "old/ref s", ".4g"),
+                    ("update_s", "update s", ".4g"),
+                    ("total_s", "total s", ".4g"),
+                    ("disa_update_s", "DISA s", ".4g"),
+                    ("ratio_to_disa", "× DISA", ".3g"),
+                    ("ratio_to_disa_amortised", "× DISA (rollout/2)", ".3g"),
+                ],
+            ),
+            "",
+            "generation:",
+            table(
+                res["generation"],
+                [
+                    ("engine", "engine", ""),
+                    ("sequences", "sequences", "d"),
+                    ("new_tokens", "new tokens", "d"),
+                    ("seconds", "s", ".4g"),
+                    ("tokens_per_s", "tokens/s", ".4g"),
+                ],
+            ),
+        ]
+    out += [
+        "",
+        "targets:",
+        table(
+            [{"k": k, **v} for k, v in res["targets"].items()],
+            [
+                ("what", "what", ""),
+                ("target", "target", ""),
+                ("value", "measured", ".3g"),
+                ("met", "met", ""),
+            ],
+        ),
+    ]
     return "\n".join(out)
 
 
 def _progress(res: dict, S: int) -> None:
     rows = [r for r in res["steps"] + res["scoring"] if r["seq_len"] == S and not r.get("oom")]
-    print(f"seq_len {S}: " + ", ".join(f"{r['method']} {r['tokens_per_s']:.3g} tok/s" for r in rows), flush=True)
+    print(
+        f"seq_len {S}: " + ", ".join(f"{r['method']} {r['tokens_per_s']:.3g} tok/s" for r in rows),
+        flush=True,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", choices=["embedded", "qwen-tiny", "qwen0.5b"], default=None,
-                   help="embedded: the embedded backbone's shape; qwen-tiny: Qwen2.5's vocabulary (151,936) on a "
-                        "2-layer, 64-wide body (CPU); qwen0.5b: Qwen2.5-0.5B's shape; random weights "
-                        "(default: qwen0.5b on cuda, embedded on cpu)")
-    p.add_argument("--seq-lens", default=None, help="comma-separated sequence lengths (prompt + completion)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: tokens-per-step / seq_len)")
-    p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per step when --batch is not given")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument(
+        "--preset",
+        choices=["embedded", "qwen-tiny", "qwen0.5b"],
+        default=None,
+        help="embedded: the embedded backbone's shape; qwen-tiny: Qwen2.5's vocabulary (151,936) on a "
+        "2-layer, 64-wide body (CPU); qwen0.5b: Qwen2.5-0.5B's shape; random weights "
+        "(default: qwen0.5b on cuda, embedded on cpu)",
+    )
+    p.add_argument(
+        "--seq-lens", default=None, help="comma-separated sequence lengths (prompt + completion)"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="sequences per step (default: tokens-per-step / seq_len)",
+    )
+    p.add_argument(
+        "--tokens-per-step",
+        type=int,
+        default=None,
+        help="tokens per step when --batch is not given",
+    )
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens of every sequence")
-    p.add_argument("--chunk-size", type=int, default=2048, help="scoring.chunk_size of token_logprobs")
-    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
-                   help="training precision (scoring then in bf16 or float32); default bf16-mixed on cuda, 32-true on cpu")
+    p.add_argument(
+        "--chunk-size", type=int, default=2048, help="scoring.chunk_size of token_logprobs"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["bf16-mixed", "32-true"],
+        default=None,
+        help="training precision (scoring then in bf16 or float32); default bf16-mixed on cuda, 32-true on cpu",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--group-size", type=int, default=8, help="completions per prompt of the online updates")
-    p.add_argument("--online-seq-len", type=int, default=None, help="sequence length of the online comparison")
+    p.add_argument(
+        "--group-size", type=int, default=8, help="completions per prompt of the online updates"
+    )
+    p.add_argument(
+        "--online-seq-len", type=int, default=None, help="sequence length of the online comparison"
+    )
     p.add_argument("--skip-online", action="store_true")
-    p.add_argument("--skip-naive", action="store_true", help="skip the naive training step (it may not fit)")
-    p.add_argument("--impls", default="liger,cce",
-                   help="fused log-prob backends timed beside chunked and naive (scoring.logprob_impl); each is "
-                        "skipped, with the reason printed, where it cannot run (CPU, extra not installed); '' for none")
-    p.add_argument("--mem-vocab", type=int, default=QWEN_VOCAB, help="vocabulary of the CPU memory comparison")
+    p.add_argument(
+        "--skip-naive", action="store_true", help="skip the naive training step (it may not fit)"
+    )
+    p.add_argument(
+        "--impls",
+        default="liger,cce",
+        help="fused log-prob backends timed beside chunked and naive (scoring.logprob_impl); each is "
+        "skipped, with the reason printed, where it cannot run (CPU, extra not installed); '' for none",
+    )
+    p.add_argument(
+        "--mem-vocab", type=int, default=QWEN_VOCAB, help="vocabulary of the CPU memory comparison"
+    )
     p.add_argument("--mem-batch", type=int, default=None)
     p.add_argument("--mem-seq-len", type=int, default=None)
-    p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU denominator (TFLOP/s)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test in seconds")
-    p.add_argument("--out", default=None, help="JSON output (default: outputs/benchmark/benchmark-PRESET-DEVICE.json)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="override the MFU denominator (TFLOP/s)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes, one repetition: a smoke test in seconds"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON output (default: outputs/benchmark/benchmark-PRESET-DEVICE.json)",
+    )
     a = p.parse_args(argv)
     a.preset = a.preset or ("qwen0.5b" if a.device == "cuda" else "embedded")
     a.impls = tuple(i.strip() for i in a.impls.split(",") if i.strip())
     a.precision = a.precision or ("bf16-mixed" if a.device == "cuda" else "32-true")
     gpu = a.preset == "qwen0.5b" and not a.quick
-    defaults = {"seq_lens": "1024,2048,4096" if gpu else "32,128,512", "tokens_per_step": 16384 if gpu else 4096,
-                "prompt_len": 64 if gpu else 8, "mem_batch": 4, "mem_seq_len": 4096 if gpu else 528}
+    defaults = {
+        "seq_lens": "1024,2048,4096" if gpu else "32,128,512",
+        "tokens_per_step": 16384 if gpu else 4096,
+        "prompt_len": 64 if gpu else 8,
+        "mem_batch": 4,
+        "mem_seq_len": 4096 if gpu else 528,
+    }
     if a.quick:
         defaults |= {"seq_lens": "16", "tokens_per_step": 64, "mem_batch": 4, "mem_seq_len": 72}
         a.mem_vocab = 4096 if a.mem_vocab == QWEN_VOCAB else a.mem_vocab

@@ -109,8 +109,16 @@ def compare(fresh: dict, shipped: dict, tolerance: float = QUALITY_TOLERANCE) ->
     for model, splits in shipped["p_correct"].items():
         for split, value in splits.items():
             new = fresh["p_correct"][model][split]
-            rows.append({"model": model, "split": split, "shipped": value, "fresh": new,
-                         "difference": new - value, "within": abs(new - value) <= tolerance})
+            rows.append(
+                {
+                    "model": model,
+                    "split": split,
+                    "shipped": value,
+                    "fresh": new,
+                    "difference": new - value,
+                    "within": abs(new - value) <= tolerance,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -118,9 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     from disa.models import SHIPPED
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="compare a fresh pre-training with the shipped models")
-    ap.add_argument("--out", type=Path, default=SHIPPED, help="where the checkpoints go (default: the package's)")
-    ap.add_argument("overrides", nargs="*", help="config overrides (another recipe; only with --out elsewhere)")
+    ap.add_argument(
+        "--check", action="store_true", help="compare a fresh pre-training with the shipped models"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=SHIPPED,
+        help="where the checkpoints go (default: the package's)",
+    )
+    ap.add_argument(
+        "overrides", nargs="*", help="config overrides (another recipe; only with --out elsewhere)"
+    )
     args = ap.parse_args(argv)
     cfg = compose_cfg(*args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,14 +148,19 @@ def main(argv: list[str] | None = None) -> int:
             print(table.to_string(index=False))
             return 0 if table.within.all() else 1
         if args.overrides and args.out == SHIPPED:
-            print("refusing to ship a recipe other than the configured default; pass --out", file=sys.stderr)
+            print(
+                "refusing to ship a recipe other than the configured default; pass --out",
+                file=sys.stderr,
+            )
             return 2
         if args.out.exists():
             shutil.rmtree(args.out)
         args.out.mkdir(parents=True)
         for part in ("ref", "proposal"):
             shutil.copytree(Path(tmp) / part, args.out / part)
-        (args.out / "recipe.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        (args.out / "recipe.json").write_text(
+            json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+        )
     print(f"wrote {args.out}")
     return 0
 

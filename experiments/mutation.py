@@ -42,7 +42,9 @@ EQUIVALENTS = REPO / "experiments" / "mutation_equivalents"
 
 @dataclass(frozen=True)
 class Module:
-    mutate: tuple[str, ...]  # source files (globs, relative to the repo) whose functions are mutated
+    mutate: tuple[
+        str, ...
+    ]  # source files (globs, relative to the repo) whose functions are mutated
     tests: tuple[str, ...]  # the pytest selection that must kill them
     covered_only: bool = False  # mutate only lines these tests execute (for mixed files); mutants
     # that no selected test reaches are then reported apart and left out of the score
@@ -93,7 +95,9 @@ def prepare(name: str, mod: Module) -> Path:
             link.symlink_to(REPO / d)
     base = (REPO / "pyproject.toml").read_text()
     if "[tool.mutmut]" in base:
-        raise SystemExit("pyproject.toml must not carry its own [tool.mutmut]: this script writes one per module")
+        raise SystemExit(
+            "pyproject.toml must not carry its own [tool.mutmut]: this script writes one per module"
+        )
     (work / "pyproject.toml").write_text(
         base
         + "\n[tool.mutmut]\n"
@@ -127,8 +131,13 @@ def load_equivalents() -> dict[str, dict]:
 
 
 def mutant_diff(work: Path, mutant: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=work,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "show", mutant],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout
 
 
@@ -145,17 +154,30 @@ def collect(work: Path) -> dict[str, str]:
 
 def run_module(name: str, mod: Module, equivalents: dict[str, dict], children: int) -> dict:
     work = prepare(name, mod)
-    env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                        "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     print(f"== {name}: mutating {', '.join(mod.mutate)} against {', '.join(mod.tests)}", flush=True)
+
     def mutmut_run(*names: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names],
-                              cwd=work, env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         with open(work / "mutmut.log", "a") as log:
             log.write(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr)[-3000:]
-            raise SystemExit(f"mutmut run failed for {name} (exit {proc.returncode}); log {work/'mutmut.log'}:\n{tail}")
+            raise SystemExit(
+                f"mutmut run failed for {name} (exit {proc.returncode}); log {work / 'mutmut.log'}:\n{tail}"
+            )
 
     (work / "mutmut.log").write_text("")
     mutmut_run()  # new mutants, and those of functions that changed since the last run
@@ -166,7 +188,7 @@ def run_module(name: str, mod: Module, equivalents: dict[str, dict], children: i
         mutmut_run(*again[i : i + 200])
     statuses = collect(work)
     if not statuses:
-        raise SystemExit(f"{name}: mutmut produced no mutants; log {work/'mutmut.log'}")
+        raise SystemExit(f"{name}: mutmut produced no mutants; log {work / 'mutmut.log'}")
     unreached = []
     if mod.covered_only:
         # Every mutated line of such a module ran under a selected test, so a mutant that no
@@ -180,7 +202,11 @@ def run_module(name: str, mod: Module, equivalents: dict[str, dict], children: i
     for k in survivors:
         diff = mutant_diff(work, k)
         eq = equivalents.get(k)
-        added = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+        added = [
+            ln[1:].strip()
+            for ln in diff.splitlines()
+            if ln.startswith("+") and not ln.startswith("+++")
+        ]
         if eq is not None and eq["changed"].strip() in added:
             equivalent.append(k)
         else:
@@ -191,50 +217,77 @@ def run_module(name: str, mod: Module, equivalents: dict[str, dict], children: i
     detected = sum(s in DETECTED for s in statuses.values())
     counted = total - len(equivalent)
     return {
-        "module": name, "mutants": total, "detected": detected, "equivalent": len(equivalent),
-        "survived": len(alive), "score": detected / counted if counted else float("nan"),
-        "survivors": alive, "stale_equivalents": stale, "unreached": unreached,
+        "module": name,
+        "mutants": total,
+        "detected": detected,
+        "equivalent": len(equivalent),
+        "survived": len(alive),
+        "score": detected / counted if counted else float("nan"),
+        "survivors": alive,
+        "stale_equivalents": stale,
+        "unreached": unreached,
     }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("modules", nargs="*", help=f"modules to run (default: all): {', '.join(MODULES)}")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "modules", nargs="*", help=f"modules to run (default: all): {', '.join(MODULES)}"
+    )
     ap.add_argument("--list", action="store_true", help="print what each module mutates and runs")
-    ap.add_argument("--children", type=int, default=2, help="mutants tested in parallel (default 2)")
-    ap.add_argument("--compact", action="store_true", help="one line per surviving mutant instead of its diff")
-    ap.add_argument("--min-score", type=float, default=0.95, help="exit 1 when a module scores below this")
+    ap.add_argument(
+        "--children", type=int, default=2, help="mutants tested in parallel (default 2)"
+    )
+    ap.add_argument(
+        "--compact", action="store_true", help="one line per surviving mutant instead of its diff"
+    )
+    ap.add_argument(
+        "--min-score", type=float, default=0.95, help="exit 1 when a module scores below this"
+    )
     args = ap.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         ap.error(f"unknown module(s) {unknown}; allowed: {list(MODULES)}")
     if args.list:
         for n, m in MODULES.items():
-            print(f"{n:11s} mutate {' '.join(m.mutate)}  tests {' '.join(m.tests)}"
-                  + ("  (covered lines only)" if m.covered_only else ""))
+            print(
+                f"{n:11s} mutate {' '.join(m.mutate)}  tests {' '.join(m.tests)}"
+                + ("  (covered lines only)" if m.covered_only else "")
+            )
         return 0
     equivalents = load_equivalents()
-    results = [run_module(n, MODULES[n], equivalents, args.children) for n in (args.modules or MODULES)]
+    results = [
+        run_module(n, MODULES[n], equivalents, args.children) for n in (args.modules or MODULES)
+    ]
     SCRATCH.mkdir(exist_ok=True)
     (SCRATCH / "results.json").write_text(json.dumps(results, indent=1))
     for r in results:
         for s in r["survivors"]:
             if args.compact:  # one line each: name, status, the removed and added lines
-                edit = [ln.strip() for ln in s["diff"].splitlines()
-                        if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+                edit = [
+                    ln.strip()
+                    for ln in s["diff"].splitlines()
+                    if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
+                ]
                 print(f"{s['mutant']} ({s['status']}): " + " => ".join(edit))
             else:
                 print(f"\n-- survived ({s['status']}): {s['mutant']}\n{s['diff']}")
         if r["unreached"]:
-            print(f"\n{r['module']}: {len(r['unreached'])} mutants on import-time lines no selected test "
-                  f"calls, left out of the score: {', '.join(r['unreached'])}")
+            print(
+                f"\n{r['module']}: {len(r['unreached'])} mutants on import-time lines no selected test "
+                f"calls, left out of the score: {', '.join(r['unreached'])}"
+            )
         for k in r["stale_equivalents"]:
             print(f"\n!! {k} is listed as equivalent, but its diff no longer matches the entry")
     print("\n| module | mutants | equivalent | killed | survived | score |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['module']} | {r['mutants']} | {r['equivalent']} | {r['detected']} | {r['survived']} "
-              f"| {100 * r['score']:.1f}% |")
+        print(
+            f"| {r['module']} | {r['mutants']} | {r['equivalent']} | {r['detected']} | {r['survived']} "
+            f"| {100 * r['score']:.1f}% |"
+        )
     return int(any(r["score"] < args.min_score for r in results))
 
 

@@ -44,13 +44,25 @@ def gaps(vllm_tok: list[list[float]], scored_tok: list[list[float]]) -> dict[str
         per_token.extend(np.abs(d).tolist())
         per_seq.append(abs(float(d.sum())))
     t, s = np.asarray(per_token), np.asarray(per_seq)
-    return {"sequences": len(per_seq), "tokens": len(per_token), "scorer_impossible": impossible,
-            "token_max": float(t.max()), "token_mean": float(t.mean()),
-            "seq_max": float(s.max()), "seq_mean": float(s.mean())}
+    return {
+        "sequences": len(per_seq),
+        "tokens": len(per_token),
+        "scorer_impossible": impossible,
+        "token_max": float(t.max()),
+        "token_mean": float(t.mean()),
+        "seq_max": float(s.max()),
+        "seq_mean": float(s.mean()),
+    }
 
 
-def measure(path: str, prompts: int, samples: int, max_new_tokens: int, settings: list[tuple[float, int, float]],
-            seed: int) -> list[dict]:
+def measure(
+    path: str,
+    prompts: int,
+    samples: int,
+    max_new_tokens: int,
+    settings: list[tuple[float, int, float]],
+    seed: int,
+) -> list[dict]:
     from disa.models import load_model
     from disa.sampling import SamplerSettings
     from disa.sampling.vllm import VLLMSampler
@@ -62,7 +74,9 @@ def measure(path: str, prompts: int, samples: int, max_new_tokens: int, settings
     sampler = VLLMSampler(batch_size=512, seed=seed, max_model_len=256)
     out = []
     for temperature, top_k, top_p in settings:
-        how = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+        how = SamplerSettings(
+            temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens
+        )
         groups = sampler.sample(model, tok, ids, samples, how, seed=seed)
         completions = [c for g in groups for c in g]
         engine = [lp for g in sampler.last_token_logprobs for lp in g]
@@ -70,8 +84,9 @@ def measure(path: str, prompts: int, samples: int, max_new_tokens: int, settings
         with torch.no_grad():
             scored = token_logprobs(model, batch, temperature=temperature, top_k=top_k, top_p=top_p)
         scored_tok = [scored[i, : len(c)].tolist() for i, c in enumerate(completions)]
-        out.append({"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                    **gaps(engine, scored_tok)})
+        out.append(
+            {"temperature": temperature, "top_k": top_k, "top_p": top_p, **gaps(engine, scored_tok)}
+        )
     sampler.close()
     return out
 
@@ -81,25 +96,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--settings", default="1.0,0,1.0;1.0,20,0.9;0.7,0,0.95",
-                    help="temperature,top_k,top_p; … (top_k 0 and top_p 1 disable)")
+    ap.add_argument(
+        "--settings",
+        default="1.0,0,1.0;1.0,20,0.9;0.7,0,0.95",
+        help="temperature,top_k,top_p; … (top_k 0 and top_p 1 disable)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    settings = [(float(t), int(k), float(p)) for t, k, p in (s.split(",") for s in args.settings.split(";"))]
-    rows = measure(smollm2_dir(), args.prompts, args.samples, args.max_new_tokens, settings, args.seed)
+    settings = [
+        (float(t), int(k), float(p)) for t, k, p in (s.split(",") for s in args.settings.split(";"))
+    ]
+    rows = measure(
+        smollm2_dir(), args.prompts, args.samples, args.max_new_tokens, settings, args.seed
+    )
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores; SmolLM2-135M float32, vLLM vs disa.scoring")
-    print(f"{'T':>4} {'top_k':>5} {'top_p':>5} {'seqs':>5} {'tokens':>6} {'tok max':>9} {'tok mean':>9} "
-          f"{'seq max':>9} {'seq mean':>9} {'p=0':>4}")
+    print(
+        f"{'T':>4} {'top_k':>5} {'top_p':>5} {'seqs':>5} {'tokens':>6} {'tok max':>9} {'tok mean':>9} "
+        f"{'seq max':>9} {'seq mean':>9} {'p=0':>4}"
+    )
     for r in rows:
-        print(f"{r['temperature']:>4} {r['top_k']:>5} {r['top_p']:>5} {r['sequences']:>5} {r['tokens']:>6} "
-              f"{r['token_max']:>9.2e} {r['token_mean']:>9.2e} {r['seq_max']:>9.2e} {r['seq_mean']:>9.2e} "
-              f"{r['scorer_impossible']:>4}")
+        print(
+            f"{r['temperature']:>4} {r['top_k']:>5} {r['top_p']:>5} {r['sequences']:>5} {r['tokens']:>6} "
+            f"{r['token_max']:>9.2e} {r['token_mean']:>9.2e} {r['seq_max']:>9.2e} {r['seq_mean']:>9.2e} "
+            f"{r['scorer_impossible']:>4}"
+        )
     if args.out:
         args.out.write_text(json.dumps({"machine": m, "rows": rows}, indent=2))
     return rows
 
 
-if __name__ == "__main__":  # the vLLM engine may start worker processes: keep the module import-safe
+if (
+    __name__ == "__main__"
+):  # the vLLM engine may start worker processes: keep the module import-safe
     main()

@@ -30,8 +30,12 @@ GROUP_BY = "algorithm.name"
 STEP = "trainer/global_step"
 
 
-def report_spec(project: str, group: str | None = None, entity: str | None = None,
-                pass_k: Sequence[int] = (1, 2, 4, 8, 16)) -> dict[str, Any]:
+def report_spec(
+    project: str,
+    group: str | None = None,
+    entity: str | None = None,
+    pass_k: Sequence[int] = (1, 2, 4, 8, 16),
+) -> dict[str, Any]:
     """The report's layout: title, run filter, grouping and panels (plain data)."""
     where = f"group {group!r}" if group else f"project {project!r}"
     return {
@@ -40,18 +44,38 @@ def report_spec(project: str, group: str | None = None, entity: str | None = Non
         "group": group,
         "title": f"Baselines: {group or project}",
         "description": f"DISA against FlowRL, GRPO, GSPO and LoRA-SFT: runs of {where}, grouped by "
-                       f"{GROUP_BY}, mean ± s.e. over seeds.",
+        f"{GROUP_BY}, mean ± s.e. over seeds.",
         "groupby": GROUP_BY,
         "panels": [
-            {"kind": "bar", "title": "Mean@k (policy vs π_ref)", "metrics": ["policy.mean_at_k", "ref.mean_at_k"]},
+            {
+                "kind": "bar",
+                "title": "Mean@k (policy vs π_ref)",
+                "metrics": ["policy.mean_at_k", "ref.mean_at_k"],
+            },
             {"kind": "bar", "title": "pass@k", "metrics": [f"policy.pass_at_{k}" for k in pass_k]},
-            {"kind": "bar", "title": "Diversity",
-             "metrics": ["policy.unique_correct", "policy.coverage", "policy.distinct_2"]},
-            {"kind": "bar", "title": "Distance to the target p*",
-             "metrics": ["policy.tv_target", "policy.kl_target", "policy.tv_rewarded", "policy.kl_rewarded"]},
+            {
+                "kind": "bar",
+                "title": "Diversity",
+                "metrics": ["policy.unique_correct", "policy.coverage", "policy.distinct_2"],
+            },
+            {
+                "kind": "bar",
+                "title": "Distance to the target p*",
+                "metrics": [
+                    "policy.tv_target",
+                    "policy.kl_target",
+                    "policy.tv_rewarded",
+                    "policy.kl_rewarded",
+                ],
+            },
             {"kind": "bar", "title": "Cost", "metrics": ["train.wall_s", "train.tokens_generated"]},
             {"kind": "line", "title": "Training loss", "x": STEP, "y": ["train/loss"]},
-            {"kind": "line", "title": "Reward during online training", "x": STEP, "y": ["train/reward_mean"]},
+            {
+                "kind": "line",
+                "title": "Reward during online training",
+                "x": STEP,
+                "y": ["train/reward_mean"],
+            },
             {"kind": "table", "title": "Sample completions", "table": "eval_samples"},
             {"kind": "compare", "title": "Run comparer"},
         ],
@@ -63,8 +87,10 @@ def _import_workspaces():
         import wandb_workspaces.reports.v2 as wr
         import wandb_workspaces.workspaces as ws
     except ImportError as e:
-        raise ImportError("experiments/wandb_report.py needs wandb-workspaces: pip install wandb-workspaces "
-                          "(or the `sweeps` extra)") from e
+        raise ImportError(
+            "experiments/wandb_report.py needs wandb-workspaces: pip install wandb-workspaces "
+            "(or the `sweeps` extra)"
+        ) from e
     return wr, ws
 
 
@@ -76,8 +102,11 @@ def build_panels(spec: dict[str, Any]) -> list:
     panels = []
     for p in spec["panels"]:
         if p["kind"] == "bar":
-            panels.append(wr.BarPlot(title=p["title"], metrics=[wr.SummaryMetric(m) for m in p["metrics"]],
-                                     **grouped))
+            panels.append(
+                wr.BarPlot(
+                    title=p["title"], metrics=[wr.SummaryMetric(m) for m in p["metrics"]], **grouped
+                )
+            )
         elif p["kind"] == "line":
             panels.append(wr.LinePlot(title=p["title"], x=p["x"], y=list(p["y"]), **grouped))
         elif p["kind"] == "table":
@@ -93,33 +122,64 @@ def build_report(spec: dict[str, Any]):
     """A ``wandb_workspaces`` Report (not saved): title, description, one panel grid over
     the group's runs."""
     wr, _ = _import_workspaces()
-    runset = wr.Runset(entity=spec["entity"], project=spec["project"], name=spec["group"] or spec["project"],
-                       filters=f"Group = '{spec['group']}'" if spec["group"] else "",
-                       groupby=[f"config.{spec['groupby']}"])
-    blocks = [wr.H1(spec["title"]), wr.P(spec["description"]),
-              wr.PanelGrid(runsets=[runset], panels=build_panels(spec))]
-    return wr.Report(project=spec["project"], entity=spec["entity"], title=spec["title"],
-                     description=spec["description"], blocks=blocks, width="fluid")
+    runset = wr.Runset(
+        entity=spec["entity"],
+        project=spec["project"],
+        name=spec["group"] or spec["project"],
+        filters=f"Group = '{spec['group']}'" if spec["group"] else "",
+        groupby=[f"config.{spec['groupby']}"],
+    )
+    blocks = [
+        wr.H1(spec["title"]),
+        wr.P(spec["description"]),
+        wr.PanelGrid(runsets=[runset], panels=build_panels(spec)),
+    ]
+    return wr.Report(
+        project=spec["project"],
+        entity=spec["entity"],
+        title=spec["title"],
+        description=spec["description"],
+        blocks=blocks,
+        width="fluid",
+    )
 
 
 def build_workspace(spec: dict[str, Any]):
     """A ``wandb_workspaces`` Workspace view (not saved) with the same panels."""
     _, ws = _import_workspaces()
-    settings = ws.RunsetSettings(filters=[ws.Metric("Group") == spec["group"]] if spec["group"] else "",
-                                 groupby=[ws.Config(spec["groupby"])])
-    return ws.Workspace(entity=spec["entity"], project=spec["project"], name=spec["title"],
-                        sections=[ws.Section(name="Baselines", panels=build_panels(spec), is_open=True)],
-                        runset_settings=settings)
+    settings = ws.RunsetSettings(
+        filters=[ws.Metric("Group") == spec["group"]] if spec["group"] else "",
+        groupby=[ws.Config(spec["groupby"])],
+    )
+    return ws.Workspace(
+        entity=spec["entity"],
+        project=spec["project"],
+        name=spec["title"],
+        sections=[ws.Section(name="Baselines", panels=build_panels(spec), is_open=True)],
+        runset_settings=settings,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "disa"), help="W&B project")
-    ap.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"), help="W&B entity (default: yours)")
-    ap.add_argument("--group", default=None, help="W&B group of the sweep (default: the whole project)")
-    ap.add_argument("--pass-k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="the k's of pass@k")
-    ap.add_argument("--workspace", action="store_true", help="save a workspace view instead of a report")
-    ap.add_argument("--dry-run", action="store_true", help="print the spec and build it, without saving")
+    ap.add_argument(
+        "--project", default=os.environ.get("WANDB_PROJECT", "disa"), help="W&B project"
+    )
+    ap.add_argument(
+        "--entity", default=os.environ.get("WANDB_ENTITY"), help="W&B entity (default: yours)"
+    )
+    ap.add_argument(
+        "--group", default=None, help="W&B group of the sweep (default: the whole project)"
+    )
+    ap.add_argument(
+        "--pass-k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="the k's of pass@k"
+    )
+    ap.add_argument(
+        "--workspace", action="store_true", help="save a workspace view instead of a report"
+    )
+    ap.add_argument(
+        "--dry-run", action="store_true", help="print the spec and build it, without saving"
+    )
     args = ap.parse_args(argv)
 
     spec = report_spec(args.project, args.group, args.entity, args.pass_k)
@@ -133,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(e))
     if args.dry_run:
         print(json.dumps(spec, indent=2, ensure_ascii=False))
-        print(f"# built a {type(obj).__name__} with {len(spec['panels'])} panels; not saved (--dry-run)")
+        print(
+            f"# built a {type(obj).__name__} with {len(spec['panels'])} panels; not saved (--dry-run)"
+        )
         return 0
     obj.save()
     print(obj.url)

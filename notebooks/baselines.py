@@ -40,18 +40,24 @@ print(f"{SWEEP_DIR}: {len(runs)} runs; varying: {analysis.varying(runs)}")
 # ## The comparison table (mean ± s.e. over seeds)
 
 # %%
-written = analysis.write_comparison(SWEEP_DIR)  # comparison.{csv,md,png} and paired.csv, as the sweep's callback does
+written = analysis.write_comparison(
+    SWEEP_DIR
+)  # comparison.{csv,md,png} and paired.csv, as the sweep's callback does
 analysis.comparison_table(runs)
 
 # %%
 display(Image(str(written["png"])))
+
 
 # %%
 def part_by(frame, columns):
     """(label, rows) for each combination of ``columns`` (one part when there are none)."""
     if not columns:
         return [("", frame)]
-    return [(dict(zip(columns, k if isinstance(k, tuple) else (k,))), g) for k, g in frame.groupby(columns)]
+    return [
+        (dict(zip(columns, k if isinstance(k, tuple) else (k,))), g)
+        for k, g in frame.groupby(columns)
+    ]
 
 
 # %% [markdown]
@@ -62,9 +68,13 @@ def part_by(frame, columns):
 # (`analysis.paired_differences`). `*` marks a difference whose CI excludes 0.
 
 # %%
-diffs = analysis.paired_comparisons(SWEEP_DIR, by="algorithm")  # None: the runs wrote no per-prompt metrics
-settings = [c for c in ([] if diffs is None else diffs.columns) if c not in analysis.report.PAIRED_COLUMNS]
-for key, part in ([] if diffs is None else part_by(diffs, settings)):
+diffs = analysis.paired_comparisons(
+    SWEEP_DIR, by="algorithm"
+)  # None: the runs wrote no per-prompt metrics
+settings = [
+    c for c in ([] if diffs is None else diffs.columns) if c not in analysis.report.PAIRED_COLUMNS
+]
+for key, part in [] if diffs is None else part_by(diffs, settings):
     for baseline, rows in part[part.arm != analysis.REF_ARM].groupby("baseline"):
         print(f"against {baseline} {key}:")
         display(analysis.paired_table(rows))
@@ -87,7 +97,9 @@ except FileNotFoundError:
 anchors = analysis.load_anchors(SWEEP_DIR) if runs.algorithm.eq("disa").any() else None
 if train_curves is not None and anchors is not None and "train/log_z_phi_error" in train_curves:
     flowrl = train_curves[train_curves.algorithm == "flowrl"]
-    path = analysis.plot_log_z_calibration(flowrl, anchors[anchors.algorithm == "disa"], out / "log_z_calibration.png")
+    path = analysis.plot_log_z_calibration(
+        flowrl, anchors[anchors.algorithm == "disa"], out / "log_z_calibration.png"
+    )
     display(Image(str(path)))
 else:
     print("no FlowRL log Z_φ calibration or DISA anchor in this sweep")

@@ -35,7 +35,9 @@ import numpy as np
 from disa import analysis
 
 # %% tags=["parameters"]
-RUN_DIR = str((analysis.sweep_dirs_from_env() or [analysis.latest_run("bias_variance_agg.parquet")])[0])
+RUN_DIR = str(
+    (analysis.sweep_dirs_from_env() or [analysis.latest_run("bias_variance_agg.parquet")])[0]
+)
 K_FIXED = 32  # K of the "against β" and "against λ" figures (the nearest K in the study)
 
 # %%
@@ -45,8 +47,10 @@ betas = sorted(agg.beta.unique())
 lams = sorted(agg.strength.unique())
 K_FIXED = min(agg.K.unique(), key=lambda k: abs(np.log(k) - np.log(K_FIXED)))
 colors = dict(zip(lams, plt.cm.viridis(np.linspace(0, 0.9, len(lams)))))
-print(f"{RUN_DIR}: {len(table)} estimates, {len(agg)} settings, "
-      f"K ∈ {sorted(agg.K.unique())}, β ∈ {betas}, λ ∈ {lams}")
+print(
+    f"{RUN_DIR}: {len(table)} estimates, {len(agg)} settings, "
+    f"K ∈ {sorted(agg.K.unique())}, β ∈ {betas}, λ ∈ {lams}"
+)
 
 
 # %%
@@ -56,8 +60,12 @@ def save(fig, name):
     print("saved", path)
 
 
-ROWS = [("bias", "−bias of log Ẑ"), ("var", "variance of log Ẑ"), ("mse", "MSE of log Ẑ"),
-        ("coverage", "coverage of ±2 s.e.")]
+ROWS = [
+    ("bias", "−bias of log Ẑ"),
+    ("var", "variance of log Ẑ"),
+    ("mse", "MSE of log Ẑ"),
+    ("coverage", "coverage of ±2 s.e."),
+]
 
 
 def negative(x):
@@ -89,13 +97,21 @@ def draw(ax, d, x, what, color, label):
 # ## Against K (one column per β, one colour per λ)
 
 # %%
-fig, axes = plt.subplots(len(ROWS), len(betas), figsize=(3.6 * len(betas), 2.8 * len(ROWS)),
-                         sharex=True, squeeze=False)
+fig, axes = plt.subplots(
+    len(ROWS), len(betas), figsize=(3.6 * len(betas), 2.8 * len(ROWS)), sharex=True, squeeze=False
+)
 for j, b in enumerate(betas):
     for i, (what, label) in enumerate(ROWS):
         ax = axes[i, j]
         for lam in lams:
-            draw(ax, agg[(agg.beta == b) & (agg.strength == lam)], "K", what, colors[lam], f"λ={lam:g}")
+            draw(
+                ax,
+                agg[(agg.beta == b) & (agg.strength == lam)],
+                "K",
+                what,
+                colors[lam],
+                f"λ={lam:g}",
+            )
         ax.set_xscale("log", base=2)
         if j == 0:
             ax.set_ylabel(label)
@@ -103,7 +119,9 @@ for j, b in enumerate(betas):
             ax.set_title(f"β = {b:g}")
         if i == len(ROWS) - 1:
             ax.set_xlabel("K")
-axes[0, -1].legend(fontsize=7, title="markers: empirical\n-- delta method, ·· exact (λ=0)", title_fontsize=7)
+axes[0, -1].legend(
+    fontsize=7, title="markers: empirical\n-- delta method, ·· exact (λ=0)", title_fontsize=7
+)
 fig.tight_layout()
 save(fig, "bias_variance_vs_K.png")
 plt.show()
@@ -149,15 +167,21 @@ agg["bias_measured"] = agg.pred_bias.abs() > 2 * agg.bias_se
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
 for lam in lams:
     d = agg[agg.strength == lam]
-    axes[0].scatter(d.expected_ess, d["var"] / d.pred_var, s=12, color=colors[lam], label=f"λ={lam:g}")
+    axes[0].scatter(
+        d.expected_ess, d["var"] / d.pred_var, s=12, color=colors[lam], label=f"λ={lam:g}"
+    )
     for measured, marker in ((True, "o"), (False, "x")):
         m = d[d.bias_measured == measured]
-        axes[1].scatter(m.expected_ess, m.bias / m.pred_bias, s=12, marker=marker, color=colors[lam])
+        axes[1].scatter(
+            m.expected_ess, m.bias / m.pred_bias, s=12, marker=marker, color=colors[lam]
+        )
     axes[2].scatter(d.no_reward, d.coverage, s=12, color=colors[lam])
 axes[0].set_yscale("log")
 axes[1].set_yscale("symlog", linthresh=0.1)
-for ax, title in zip(axes[:2], ["variance: empirical / predicted",
-                                "bias: empirical / predicted (x: |pred| < 2 s.e.)"]):
+for ax, title in zip(
+    axes[:2],
+    ["variance: empirical / predicted", "bias: empirical / predicted (x: |pred| < 2 s.e.)"],
+):
     ax.axhline(1, color="gray", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("expected ESS = K · ess")
@@ -174,6 +198,21 @@ plt.show()
 # ## The numbers at fixed K
 
 # %%
-cols = ["K", "beta", "strength", "mean_log_z", "bias", "pred_bias", "plugin_bias", "var", "pred_var",
-        "plugin_var", "mse", "coverage", "ess_frac", "ess_frac_strat", "no_reward"]
+cols = [
+    "K",
+    "beta",
+    "strength",
+    "mean_log_z",
+    "bias",
+    "pred_bias",
+    "plugin_bias",
+    "var",
+    "pred_var",
+    "plugin_var",
+    "mse",
+    "coverage",
+    "ess_frac",
+    "ess_frac_strat",
+    "no_reward",
+]
 at_k[cols].round(4)

@@ -21,8 +21,13 @@ HERE = Path(__file__).resolve().parent
 NOTEBOOKS = ("bias_variance", "baselines", "sensitivity", "k_convergence")
 
 
-def build(name: str, out_dir: str | Path = HERE, execute: bool = False, timeout: int = 600,
-          cwd: str | Path = HERE.parent) -> Path:
+def build(
+    name: str,
+    out_dir: str | Path = HERE,
+    execute: bool = False,
+    timeout: int = 600,
+    cwd: str | Path = HERE.parent,
+) -> Path:
     """Write ``<out_dir>/<name>.ipynb`` from ``notebooks/<name>.py`` (executed in ``cwd`` if
     ``execute``); return its path. A failing cell raises ``nbclient``'s CellExecutionError."""
     import jupytext
@@ -32,8 +37,9 @@ def build(name: str, out_dir: str | Path = HERE, execute: bool = False, timeout:
     if execute:
         from nbclient import NotebookClient
 
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(cwd)}}).execute()
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+        ).execute()
     out = Path(out_dir) / f"{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
@@ -42,7 +48,9 @@ def build(name: str, out_dir: str | Path = HERE, execute: bool = False, timeout:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="*", default=list(NOTEBOOKS), help=f"notebooks (default: {list(NOTEBOOKS)})")
+    ap.add_argument(
+        "names", nargs="*", default=list(NOTEBOOKS), help=f"notebooks (default: {list(NOTEBOOKS)})"
+    )
     ap.add_argument("--execute", action="store_true", help="run every cell (nbclient)")
     ap.add_argument("--out-dir", default=str(HERE), help="where the .ipynb files go")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per cell")

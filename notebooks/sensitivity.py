@@ -33,10 +33,21 @@ import pandas as pd
 from disa import analysis
 
 # %% tags=["parameters"]
-SWEEP_DIRS = [str(d) for d in analysis.sweep_dirs_from_env()
-              or analysis.latest_sweeps("sensitivity_beta", "sensitivity_proposal")]
-METRICS = ["policy.mean_at_k", "policy.pass_at_1", "policy.coverage", "policy.unique_correct",
-           "policy.tv_target", "policy.kl_target", "anchor.mean_abs_error", "anchor.mean_ess_frac"]
+SWEEP_DIRS = [
+    str(d)
+    for d in analysis.sweep_dirs_from_env()
+    or analysis.latest_sweeps("sensitivity_beta", "sensitivity_proposal")
+]
+METRICS = [
+    "policy.mean_at_k",
+    "policy.pass_at_1",
+    "policy.coverage",
+    "policy.unique_correct",
+    "policy.tv_target",
+    "policy.kl_target",
+    "anchor.mean_abs_error",
+    "anchor.mean_ess_frac",
+]
 
 # %%
 AXES = {"beta": "β", "proposal.strength": "λ (proposal strength)"}
@@ -58,16 +69,29 @@ def plot_against(runs: pd.DataFrame, axis: str, other: str | None) -> plt.Figure
     for ax, m in zip(axes.flat, metrics):
         for val, d in agg.groupby(other) if other else [(None, agg)]:
             label = None if other is None else f"{AXES.get(other, other).split()[0]}={val:g}"
-            ax.errorbar(d[axis], d[f"{m}.mean"], yerr=d[f"{m}.se"].fillna(0), fmt="o-", ms=4, capsize=2,
-                        label=label)
+            ax.errorbar(
+                d[axis],
+                d[f"{m}.mean"],
+                yerr=d[f"{m}.se"].fillna(0),
+                fmt="o-",
+                ms=4,
+                capsize=2,
+                label=label,
+            )
             ref = m.replace("policy.", "ref.")
             if ref != m and f"{ref}.mean" in d:
-                ax.plot(d[axis], d[f"{ref}.mean"], "--", color="gray", label="π_ref" if val is None else None)
+                ax.plot(
+                    d[axis],
+                    d[f"{ref}.mean"],
+                    "--",
+                    color="gray",
+                    label="π_ref" if val is None else None,
+                )
         ax.set_title(m, fontsize=9)
         ax.set_xlabel(AXES.get(axis, axis))
         if axis == "beta":
             ax.set_xscale("log", base=2)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()

@@ -23,10 +23,18 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, init_std: float = 0.1, special
 
     pad, bos, eos = special
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        initializer_range=init_std, tie_word_embeddings=False,
-        pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        initializer_range=init_std,
+        tie_word_embeddings=False,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
@@ -56,4 +64,6 @@ def char_tok():
 
 @pytest.fixture(scope="session")
 def tiny_model(char_tok):
-    return tiny_llama(len(char_tok), special=(char_tok.pad_token_id, char_tok.bos_token_id, char_tok.eos_token_id))
+    return tiny_llama(
+        len(char_tok), special=(char_tok.pad_token_id, char_tok.bos_token_id, char_tok.eos_token_id)
+    )

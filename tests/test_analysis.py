@@ -135,8 +135,12 @@ def test_comparison_table_formats_mean_and_se():
 # -- paired differences ----------------------------------------------------------------------
 def _arms(values: dict[str, list[list[float]]]) -> pd.DataFrame:
     """A per-prompt table from ``arm → [seed][prompt] values`` of one metric ``m``."""
-    rows = [{"arm": arm, "seed": s, "prompt_id": f"q{p}", "m": v}
-            for arm, grid in values.items() for s, row in enumerate(grid) for p, v in enumerate(row)]
+    rows = [
+        {"arm": arm, "seed": s, "prompt_id": f"q{p}", "m": v}
+        for arm, grid in values.items()
+        for s, row in enumerate(grid)
+        for p, v in enumerate(row)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -144,15 +148,22 @@ def _exact_bootstrap_means(d: np.ndarray) -> np.ndarray:
     """The mean of ``d [S, P]`` over every ordered resample of seeds and of prompts (S^S · P^P
     equally likely outcomes): the exact distribution the bootstrap draws from."""
     S, P = d.shape
-    return np.array([d[np.ix_(si, pi)].mean() for si in itertools.product(range(S), repeat=S)
-                     for pi in itertools.product(range(P), repeat=P)])
+    return np.array(
+        [
+            d[np.ix_(si, pi)].mean()
+            for si in itertools.product(range(S), repeat=S)
+            for pi in itertools.product(range(P), repeat=P)
+        ]
+    )
 
 
 def test_paired_differences_against_the_exact_bootstrap_distribution():
     base = [[0.1, 0.5, 0.2], [0.3, 0.0, 0.4]]
     other = [[0.3, 0.4, 0.9], [0.2, 0.6, 0.5]]
     d = np.array(other) - np.array(base)
-    out = analysis.paired_differences(_arms({"b": base, "a": other}), "b", ["m"], n_boot=40000, seed=1)
+    out = analysis.paired_differences(
+        _arms({"b": base, "a": other}), "b", ["m"], n_boot=40000, seed=1
+    )
     row = out.iloc[0]
     assert (row.arm, row.baseline, row.metric, row.seeds, row.prompts) == ("a", "b", "m", 2, 3)
     assert row["diff"] == pytest.approx(d.mean(), abs=1e-15)
@@ -169,15 +180,25 @@ def test_paired_differences_marks_what_excludes_zero_and_skips_missing_cells():
     base = [[0.0, 0.2, 0.4], [0.1, 0.3, 0.5]]
     shifted = [[x + 0.25 for x in r] for r in base]
     holes = [[0.0, float("nan"), 0.9], [0.1, 0.3, float("nan")]]
-    out = analysis.paired_differences(_arms({"base": base, "shift": shifted, "same": base, "holes": holes}),
-                                      "base", ["m"]).set_index("arm")
+    out = analysis.paired_differences(
+        _arms({"base": base, "shift": shifted, "same": base, "holes": holes}), "base", ["m"]
+    ).set_index("arm")
     assert out.loc["shift", "diff"] == pytest.approx(0.25)
     assert out.loc["shift", ["ci_low", "ci_high"]].tolist() == pytest.approx([0.25, 0.25])
     assert bool(out.loc["shift", "significant"])
-    assert out.loc["same", ["diff", "ci_low", "ci_high"]].tolist() == [0, 0, 0] and not out.loc["same", "significant"]
-    assert out.loc["holes", "diff"] == pytest.approx((0 + 0.5 + 0 + 0) / 4)  # the 4 cells both arms have
+    assert (
+        out.loc["same", ["diff", "ci_low", "ci_high"]].tolist() == [0, 0, 0]
+        and not out.loc["same", "significant"]
+    )
+    assert out.loc["holes", "diff"] == pytest.approx(
+        (0 + 0.5 + 0 + 0) / 4
+    )  # the 4 cells both arms have
     assert out.loc["holes", "ci_low"] >= 0 and out.loc["holes", "ci_high"] <= 0.5
-    assert sorted(out.index) == ["holes", "same", "shift"]  # the baseline is not compared with itself
+    assert sorted(out.index) == [
+        "holes",
+        "same",
+        "shift",
+    ]  # the baseline is not compared with itself
 
 
 def test_paired_differences_refuses_repeated_rows_and_unknown_baselines():
@@ -192,27 +213,49 @@ def test_paired_differences_refuses_repeated_rows_and_unknown_baselines():
 
 def test_with_arms_keeps_one_pi_ref_per_seed_and_prompt():
     def run(alg, seed, ref_value, pol_value):
-        return pd.DataFrame({"algorithm": alg, "seed": seed, "prompt_id": ["q0", "q1"],
-                             "model": ["ref", "ref"], "mean_at_k": ref_value}).pipe(
-            lambda d: pd.concat([d, d.assign(model="policy", mean_at_k=pol_value)]))
+        return pd.DataFrame(
+            {
+                "algorithm": alg,
+                "seed": seed,
+                "prompt_id": ["q0", "q1"],
+                "model": ["ref", "ref"],
+                "mean_at_k": ref_value,
+            }
+        ).pipe(lambda d: pd.concat([d, d.assign(model="policy", mean_at_k=pol_value)]))
 
-    table = pd.concat([run("disa", 0, 0.1, 0.3), run("grpo", 0, 0.1, 0.6), run("disa", 1, 0.2, 0.4)])
+    table = pd.concat(
+        [run("disa", 0, 0.1, 0.3), run("grpo", 0, 0.1, 0.6), run("disa", 1, 0.2, 0.4)]
+    )
     arms = analysis.with_arms(table)
     assert sorted(arms.arm.value_counts().items()) == [("disa", 4), ("grpo", 2), ("π_ref", 4)]
     vs_ref = analysis.paired_differences(arms, analysis.REF_ARM, ["mean_at_k"]).set_index("arm")
-    assert vs_ref.loc["disa", "diff"] == pytest.approx(0.2) and vs_ref.loc["grpo", "diff"] == pytest.approx(0.5)
-    table.loc[(table.algorithm == "grpo") & (table.model == "ref"), "mean_at_k"] = 0.9  # another π_ref
+    assert vs_ref.loc["disa", "diff"] == pytest.approx(0.2) and vs_ref.loc[
+        "grpo", "diff"
+    ] == pytest.approx(0.5)
+    table.loc[(table.algorithm == "grpo") & (table.model == "ref"), "mean_at_k"] = (
+        0.9  # another π_ref
+    )
     with pytest.raises(ValueError, match="π_ref's per-prompt metrics differ between runs"):
         analysis.with_arms(table)
 
 
 def test_paired_table_formats_differences_and_marks():
-    diffs = pd.DataFrame({"arm": ["a", "a", "b"], "metric": ["m", "n", "m"], "diff": [0.12, -0.01, 0.0],
-                          "ci_low": [0.08, -0.05, 0.0], "ci_high": [0.16, 0.02, 0.0],
-                          "significant": [True, False, False]})
+    diffs = pd.DataFrame(
+        {
+            "arm": ["a", "a", "b"],
+            "metric": ["m", "n", "m"],
+            "diff": [0.12, -0.01, 0.0],
+            "ci_low": [0.08, -0.05, 0.0],
+            "ci_high": [0.16, 0.02, 0.0],
+            "significant": [True, False, False],
+        }
+    )
     t = analysis.paired_table(diffs)
-    assert t.to_dict("list") == {"arm": ["a", "b"], "m": ["+0.120 [+0.080, +0.160]*", "+0.000 [+0.000, +0.000]"],
-                                 "n": ["-0.010 [-0.050, +0.020]", "–"]}
+    assert t.to_dict("list") == {
+        "arm": ["a", "b"],
+        "m": ["+0.120 [+0.080, +0.160]*", "+0.000 [+0.000, +0.000]"],
+        "n": ["-0.010 [-0.050, +0.020]", "–"],
+    }
 
 
 def _fake_eval_run(path, algorithm, seed, ref, policy, beta=2.0, online=False):
@@ -224,9 +267,12 @@ def _fake_eval_run(path, algorithm, seed, ref, policy, beta=2.0, online=False):
         summary["proposal.strength_effective"] = 0.5
     (path / "summary.json").write_text(json.dumps(summary))
     ids = ["q0", "q1", "q2"]
-    pd.concat([pd.DataFrame({"prompt_id": ids, "model": "ref", "p_correct_exact": ref}),
-               pd.DataFrame({"prompt_id": ids, "model": "policy", "p_correct_exact": policy})]
-              ).to_parquet(path / "eval_per_prompt.parquet")
+    pd.concat(
+        [
+            pd.DataFrame({"prompt_id": ids, "model": "ref", "p_correct_exact": ref}),
+            pd.DataFrame({"prompt_id": ids, "model": "policy", "p_correct_exact": policy}),
+        ]
+    ).to_parquet(path / "eval_per_prompt.parquet")
 
 
 def test_paired_comparisons_of_a_sweep_and_the_comparison_file(tmp_path):
@@ -236,8 +282,14 @@ def test_paired_comparisons_of_a_sweep_and_the_comparison_file(tmp_path):
         _fake_eval_run(tmp_path / f"g{seed}", "grpo", seed, ref, [0.9, 0.9, 0.9], online=True)
     diffs = analysis.paired_comparisons(tmp_path, metrics=("p_correct_exact",))
     got = {(r.arm, r.baseline): r.diff for r in diffs.itertuples()}
-    assert got == pytest.approx({("grpo", "disa"): 0.5, ("π_ref", "disa"): -0.2, ("disa", "π_ref"): 0.2,
-                                 ("grpo", "π_ref"): 0.7})
+    assert got == pytest.approx(
+        {
+            ("grpo", "disa"): 0.5,
+            ("π_ref", "disa"): -0.2,
+            ("disa", "π_ref"): 0.2,
+            ("grpo", "π_ref"): 0.7,
+        }
+    )
     assert diffs.significant.all() and set(diffs.seeds) == {2} and set(diffs.prompts) == {3}
     out = analysis.write_comparison(tmp_path)
     text = out["md"].read_text()
@@ -249,8 +301,14 @@ def test_paired_comparisons_of_a_sweep_and_the_comparison_file(tmp_path):
 def test_paired_comparisons_within_each_setting_a_sweep_varies(tmp_path):
     for beta, shift in ((1.0, 0.1), (4.0, 0.3)):
         for seed in (0, 1):
-            _fake_eval_run(tmp_path / f"{beta}_{seed}", "disa", seed, [0.1, 0.2, 0.3],
-                           [0.1 + shift, 0.2 + shift, 0.3 + shift], beta=beta)
+            _fake_eval_run(
+                tmp_path / f"{beta}_{seed}",
+                "disa",
+                seed,
+                [0.1, 0.2, 0.3],
+                [0.1 + shift, 0.2 + shift, 0.3 + shift],
+                beta=beta,
+            )
     diffs = analysis.paired_comparisons(tmp_path, metrics=("p_correct_exact",))
     assert diffs.set_index("beta")["diff"].to_dict() == pytest.approx({1.0: 0.1, 4.0: 0.3})
     for run in tmp_path.iterdir():  # runs from before per-prompt tables: no paired comparison
@@ -259,18 +317,35 @@ def test_paired_comparisons_within_each_setting_a_sweep_varies(tmp_path):
 
 
 def test_anchor_calibration_by_hand_and_the_figure(tmp_path):
-    anchors = pd.DataFrame({"seed": [0, 0, 0, 1, 1, 1], "log_z": [0.1, 0.5, 0.9, 0.1, 0.5, 0.9],
-                            "log_z_hat": [0.2, 0.4, 1.0, 0.1, 0.6, 0.8]})
+    anchors = pd.DataFrame(
+        {
+            "seed": [0, 0, 0, 1, 1, 1],
+            "log_z": [0.1, 0.5, 0.9, 0.1, 0.5, 0.9],
+            "log_z_hat": [0.2, 0.4, 1.0, 0.1, 0.6, 0.8],
+        }
+    )
     anchors["error"] = anchors.log_z_hat - anchors.log_z
     cal = analysis.anchor_calibration(anchors).set_index("seed")
-    assert cal.loc[0, "error"] == pytest.approx(0.1 / 3) and cal.loc[0, "abs_error"] == pytest.approx(0.1)
-    assert cal.loc[1, "error"] == pytest.approx(0.0, abs=1e-15) and cal.loc[1, "abs_error"] == pytest.approx(0.2 / 3)
+    assert cal.loc[0, "error"] == pytest.approx(0.1 / 3) and cal.loc[
+        0, "abs_error"
+    ] == pytest.approx(0.1)
+    assert cal.loc[1, "error"] == pytest.approx(0.0, abs=1e-15) and cal.loc[
+        1, "abs_error"
+    ] == pytest.approx(0.2 / 3)
     x, y = np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.4, 1.0])
-    r = ((x - x.mean()) * (y - y.mean())).sum() / math.sqrt(((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    r = ((x - x.mean()) * (y - y.mean())).sum() / math.sqrt(
+        ((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum()
+    )
     assert cal.loc[0, "corr"] == pytest.approx(r, rel=1e-12)
-    curves = pd.DataFrame({"step": [9, 19, 9, 19], "seed": [0, 0, 1, 1],
-                           "train/log_z_phi_error": [-0.5, -0.4, -0.6, -0.5],
-                           "train/log_z_phi_abs_error": [0.5, 0.4, 0.6, 0.5], "train/log_z_phi_corr": [0.1, 0.2, 0.0, 0.3]})
+    curves = pd.DataFrame(
+        {
+            "step": [9, 19, 9, 19],
+            "seed": [0, 0, 1, 1],
+            "train/log_z_phi_error": [-0.5, -0.4, -0.6, -0.5],
+            "train/log_z_phi_abs_error": [0.5, 0.4, 0.6, 0.5],
+            "train/log_z_phi_corr": [0.1, 0.2, 0.0, 0.3],
+        }
+    )
     path = analysis.plot_log_z_calibration(curves, anchors, tmp_path / "calibration.png")
     assert path.stat().st_size > 1000
 

@@ -422,19 +422,21 @@ def test_anchor_summary_keys():
 def _summary_table() -> pd.DataFrame:
     """A hand-made anchor table of 3 prompts whose columns make every reduction distinct
     (mean ≠ sum ≠ min ≠ max, signs mixed)."""
-    return pd.DataFrame({
-        "prompt_id": ["a", "b", "c"],
-        "log_z_hat": [0.5, -1.0, 2.0],
-        "ess_frac": [0.25, 0.5, 1.0],
-        "ess": [1.0, 2.0, 4.0],
-        "se": [0.3, 0.6, 1.2],
-        "bias": [-0.1, -0.2, -0.6],
-        "degenerate": [True, False, False],
-        "n_rewarded": [0, 1, 5],
-        "log_z": [0.1, -0.8, 3.1],
-        "error": [0.4, -0.2, -1.1],
-        "covered": [True, True, False],
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c"],
+            "log_z_hat": [0.5, -1.0, 2.0],
+            "ess_frac": [0.25, 0.5, 1.0],
+            "ess": [1.0, 2.0, 4.0],
+            "se": [0.3, 0.6, 1.2],
+            "bias": [-0.1, -0.2, -0.6],
+            "degenerate": [True, False, False],
+            "n_rewarded": [0, 1, 5],
+            "log_z": [0.1, -0.8, 3.1],
+            "error": [0.4, -0.2, -1.1],
+            "covered": [True, True, False],
+        }
+    )
 
 
 def test_anchor_summary_values_by_hand():
@@ -457,7 +459,9 @@ def test_anchor_summary_values_by_hand():
         assert s[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
     # without the exact log Z the error statistics are absent, not zero
     s = anchor.anchor_summary(_summary_table().drop(columns=["log_z", "error", "covered"]))
-    assert not any(k in s for k in ("anchor.mean_abs_error", "anchor.mean_error", "anchor.coverage_2se"))
+    assert not any(
+        k in s for k in ("anchor.mean_abs_error", "anchor.mean_error", "anchor.coverage_2se")
+    )
 
 
 def test_is_diagnostics_log_weights_spanning_more_than_exp_range():
@@ -475,7 +479,10 @@ def test_select_trajectories_refuses_a_prompt_with_fewer_samples():
     # p0 has 5 samples per component, p1 only 3 of π_ref's: K=8 at λ=0.5 needs 4 of each
     df = _scores()
     df = df[~((df.prompt_id == "p1") & (df.component == "ref") & (df.sample_idx >= 3))]
-    with pytest.raises(ValueError, match="needs 4 samples per prompt from the 'ref' component, but the rollout cache has 3"):
+    with pytest.raises(
+        ValueError,
+        match="needs 4 samples per prompt from the 'ref' component, but the rollout cache has 3",
+    ):
         anchor.select_trajectories(df, 8, 0.5)
     traj, _ = anchor.select_trajectories(df, 6, 0.5)  # 3 of each is enough for everyone
     assert traj.groupby("prompt_id").size().to_dict() == {"p0": 6, "p1": 6}
@@ -516,7 +523,9 @@ def test_estimators_compute_in_float64_from_float32_inputs():
     q_ref, q_prop = -rng.uniform(1, 30, 7), -rng.uniform(1, 30, 7)
     for lam in (0.0, 0.3, 1.0):
         got = anchor.mixture_log_density(*_f32(q_ref, q_prop), lam)
-        assert got.dtype == np.float64 and np.array_equal(got, anchor.mixture_log_density(*_f64(q_ref, q_prop), lam)), lam
+        assert got.dtype == np.float64 and np.array_equal(
+            got, anchor.mixture_log_density(*_f64(q_ref, q_prop), lam)
+        ), lam
     (b32,), (b64,) = _f32([0.7, 3.3]), _f64([0.7, 3.3])
     assert np.array_equal(theory.binary_ess_frac(0.2, b32), theory.binary_ess_frac(0.2, b64))
     (e32,), (e64,) = _f32([0.3, 0.7]), _f64([0.3, 0.7])
@@ -529,7 +538,10 @@ def test_check_finite_refuses_missing_values_in_an_object_column():
     df = _scores()
     df["reward"] = df.reward.astype(object)
     df.loc[(df.prompt_id == "p1") & (df.sample_idx == 0), "reward"] = None
-    with pytest.raises(ValueError, match=r"^non-finite reward for 2 trajectories \(prompt ids \['p1'\]\); refusing to anchor on them$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^non-finite reward for 2 trajectories \(prompt ids \['p1'\]\); refusing to anchor on them$",
+    ):
         anchor.build_anchor(df, beta=1.0, K=4, strength=0.5)
 
 
@@ -544,8 +556,16 @@ def test_check_finite_names_at_most_five_prompts():
 
 def test_is_diagnostics_ess_rounded_above_k_reports_zero_bias_and_se():
     # nearly equal weights whose ESS rounds to 1.0000000000000002·K in float64
-    log_w = np.array([-7.037352358069926e-10, -1.2654214710460525e-09, -6.232744625373522e-10,
-                      4.13259793472436e-11, -2.3250307746388344e-09, -2.1879166393254575e-10])
+    log_w = np.array(
+        [
+            -7.037352358069926e-10,
+            -1.2654214710460525e-09,
+            -6.232744625373522e-10,
+            4.13259793472436e-11,
+            -2.3250307746388344e-09,
+            -2.1879166393254575e-10,
+        ]
+    )
     d = anchor.is_diagnostics(log_w)
     assert d["ess_frac"] > 1.0  # the premise: rounding really did overshoot
     assert d["se"] == 0.0 and d["bias"] == 0.0
@@ -558,7 +578,10 @@ def test_is_diagnostics_equal_weights_bias_is_positive_zero():
 
 def test_select_trajectories_a_missing_component_refused_even_for_one_sample():
     # K=2 at λ=0.5 needs a single proposal sample; a cache without the component has none
-    with pytest.raises(ValueError, match="needs 1 samples per prompt from the 'proposal' component, but the rollout cache has 0$"):
+    with pytest.raises(
+        ValueError,
+        match="needs 1 samples per prompt from the 'proposal' component, but the rollout cache has 0$",
+    ):
         anchor.select_trajectories(_scores(with_proposal=False), 2, 0.5)
 
 
@@ -595,8 +618,9 @@ def test_build_anchor_exact_estimate_with_zero_se_is_covered():
     # |error| ≤ 2·se holds with equality, and an exact estimate must count as covered.
     items = [(0.0, -2.0, -2.0, None)] * 4
     scores = pd.DataFrame(_hand_rows("none", items, [])).drop(columns="logq_proposal")
-    table = anchor.build_anchor(scores, beta=2.0, K=4, strength=0.0,
-                                log_p_correct=pd.Series({"none": -np.inf}))
+    table = anchor.build_anchor(
+        scores, beta=2.0, K=4, strength=0.0, log_p_correct=pd.Series({"none": -np.inf})
+    )
     row = table.loc[0]
     assert row["error"] == 0.0 and row["se"] == 0.0 and bool(row["covered"])
 

@@ -13,8 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 #: unit → the units it may import. A unit is a module or package directly under disa/.
 ALLOWED: dict[str, set[str]] = {
     # foundations: pure math and infrastructure, importing nothing of the harness
-    "anchor": set(), "losses": set(), "cache": set(), "tokenization": set(), "scoring": set(),
-    "sandbox": set(), "tracking": set(), "executors": set(),
+    "anchor": set(),
+    "losses": set(),
+    "cache": set(),
+    "tokenization": set(),
+    "scoring": set(),
+    "sandbox": set(),
+    "tracking": set(),
+    "executors": set(),
     "settings": {"anchor", "losses"},
     # components
     "analysis": {"anchor"},
@@ -28,8 +34,22 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"executors", "losses", "models", "scoring", "tasks"},
     "training": {"cache", "losses", "models", "sampling", "scoring", "settings", "tokenization"},
     # the stage layer, and the job that runs it
-    "stages": {"anchor", "cache", "evaluation", "executors", "judge", "models", "oracle", "sampling", "scoring",
-               "settings", "studies", "tasks", "tokenization", "training"},
+    "stages": {
+        "anchor",
+        "cache",
+        "evaluation",
+        "executors",
+        "judge",
+        "models",
+        "oracle",
+        "sampling",
+        "scoring",
+        "settings",
+        "studies",
+        "tasks",
+        "tokenization",
+        "training",
+    },
     "job": {"cache", "config", "executors", "models", "settings", "stages", "tasks", "tracking"},
 }
 #: third-party packages that only some units may import: the trainer stays in training/
@@ -48,7 +68,9 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] if node.module != "disa" else [f"disa.{a.name}" for a in node.names]
+            names = (
+                [node.module] if node.module != "disa" else [f"disa.{a.name}" for a in node.names]
+            )
         else:
             continue
         for name in names:
@@ -58,7 +80,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def _sources() -> list[Path]:
-    return [p for p in sorted((REPO / "disa").rglob("*.py")) if p.name != "__init__.py" or p.parent.name != "disa"]
+    return [
+        p
+        for p in sorted((REPO / "disa").rglob("*.py"))
+        if p.name != "__init__.py" or p.parent.name != "disa"
+    ]
 
 
 def test_every_unit_imports_only_what_the_rules_allow():
@@ -67,20 +93,27 @@ def test_every_unit_imports_only_what_the_rules_allow():
     for path in _sources():
         unit = _unit(path)
         units.add(unit)
-        assert unit in ALLOWED, f"{path.relative_to(REPO)}: unit {unit!r} has no rule in ALLOWED (and docs/ARCHITECTURE.md)"
+        assert unit in ALLOWED, (
+            f"{path.relative_to(REPO)}: unit {unit!r} has no rule in ALLOWED (and docs/ARCHITECTURE.md)"
+        )
         for name in _imports(path):
             if name.startswith("disa."):
                 other = name.removeprefix("disa.")
                 if other in ALLOWED and other != unit and other not in ALLOWED[unit]:
                     wrong.append(f"{path.relative_to(REPO)} imports disa.{other}")
             elif name in ONLY_IN and unit not in ONLY_IN[name]:
-                wrong.append(f"{path.relative_to(REPO)} imports {name} (allowed only in {sorted(ONLY_IN[name])})")
+                wrong.append(
+                    f"{path.relative_to(REPO)} imports {name} (allowed only in {sorted(ONLY_IN[name])})"
+                )
     assert not wrong, "import rules broken:\n" + "\n".join(wrong)
-    assert units == set(ALLOWED), f"rules for units that no longer exist: {sorted(set(ALLOWED) - units)}"
+    assert units == set(ALLOWED), (
+        f"rules for units that no longer exist: {sorted(set(ALLOWED) - units)}"
+    )
 
 
 def test_the_rules_are_layers_without_cycles():
     """No unit can reach itself: nothing calls back up into the module above it."""
+
     def reach(unit: str, seen: tuple[str, ...]) -> None:
         for other in ALLOWED[unit]:
             assert other not in seen, f"cycle: {' → '.join((*seen, other))}"

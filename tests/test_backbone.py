@@ -23,17 +23,26 @@ def script(repo):
     return embedded_backbone
 
 
-def test_the_default_run_uses_the_shipped_checkpoints_without_pre_training(make_cfg, tmp_path, monkeypatch):
+def test_the_default_run_uses_the_shipped_checkpoints_without_pre_training(
+    make_cfg, tmp_path, monkeypatch
+):
     def refuse(*args, **kwargs):
-        raise AssertionError("the default backbone was pre-trained instead of read from the package")
+        raise AssertionError(
+            "the default backbone was pre-trained instead of read from the package"
+        )
 
     monkeypatch.setattr(models, "_pretrain", refuse)
     cfg = make_cfg()
     backbone = models.resolve_backbone(cfg, build_task(cfg), Cache(tmp_path))
     recipe = models.shipped_recipe()
-    for part, fp in (("ref", backbone.ref_fingerprint), ("proposal", backbone.proposal_fingerprint)):
+    for part, fp in (
+        ("ref", backbone.ref_fingerprint),
+        ("proposal", backbone.proposal_fingerprint),
+    ):
         # the same content fingerprint a model pre-trained here with identical bytes would get
-        assert fp == spec_key({k: v for k, v in recipe["sha256"].items() if k.startswith(part + "/")})
+        assert fp == spec_key(
+            {k: v for k, v in recipe["sha256"].items() if k.startswith(part + "/")}
+        )
         copied = sorted(p.name for p in (tmp_path / "backbone").glob(f"*/{part}/*"))
         assert copied == sorted(p.name for p in (models.SHIPPED / part).iterdir())
 
@@ -47,25 +56,33 @@ def test_shipped_and_pretrained_backbones_are_keyed_apart(make_cfg, tmp_path):
     assert key != spec_key(recipe)  # a model pre-trained here with this recipe has another artifact
     manifest = json.loads((tmp_path / "backbone" / key / "manifest.json").read_text())
     assert manifest["spec"]["source"] == "shipped" and manifest["spec"]["content"] == spec_key(
-        models.shipped_recipe()["sha256"])
+        models.shipped_recipe()["sha256"]
+    )
 
 
 def test_a_tampered_shipped_file_is_refused(tmp_path, monkeypatch):
     copy = tmp_path / "embedded"
     shutil.copytree(models.SHIPPED, copy)
     (copy / "ref" / "config.json").write_text((copy / "ref" / "config.json").read_text() + " ")
-    with pytest.raises(ValueError, match=r"ref/config.json is missing or differs from .*recipe.json"):
+    with pytest.raises(
+        ValueError, match=r"ref/config.json is missing or differs from .*recipe.json"
+    ):
         models.shipped_recipe(copy)
 
 
 def test_another_recipe_with_the_shipped_source_is_refused_by_name(make_cfg, tmp_path):
     cfg = make_cfg("backbone.pretrain.seed=1")
-    with pytest.raises(ValueError, match=r"pretrain.seed: 0 shipped, 1 configured.*backbone.source=pretrain"):
+    with pytest.raises(
+        ValueError, match=r"pretrain.seed: 0 shipped, 1 configured.*backbone.source=pretrain"
+    ):
         models.resolve_backbone(cfg, build_task(cfg), Cache(tmp_path))
     cfg = make_cfg("task.max_sum=20")
     with pytest.raises(ValueError, match=r"task.max_sum: 79 shipped, 20 configured"):
         models.resolve_backbone(cfg, build_task(cfg), Cache(tmp_path))
-    with pytest.raises(ValueError, match=r"backbone.source='hub' is invalid; allowed: one of \['shipped', 'pretrain'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"backbone.source='hub' is invalid; allowed: one of \['shipped', 'pretrain'\]",
+    ):
         models.resolve_backbone(make_cfg("backbone.source=hub"), build_task(cfg), Cache(tmp_path))
 
 
@@ -78,7 +95,10 @@ def test_the_shipped_models_have_the_recorded_quality(make_cfg, script):
         for split in ("train", "test"):
             assert measured[model][split] == pytest.approx(recorded[model][split], abs=1e-5)
     # the design point: π_ref right sometimes, the proposal well above it
-    assert 0.05 < recorded["ref"]["test"] < 0.3 and recorded["proposal"]["test"] > 2 * recorded["ref"]["test"]
+    assert (
+        0.05 < recorded["ref"]["test"] < 0.3
+        and recorded["proposal"]["test"] > 2 * recorded["ref"]["test"]
+    )
 
 
 def test_compare_accepts_within_the_tolerance_only(script):

@@ -237,19 +237,32 @@ def test_render_prompt():
 
 
 # -- Hugging Face datasets -------------------------------------------------------------------
-_GSM8K_ROWS = [{"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
-               {"question": "What is 4*4?", "answer": "4*4=16\n#### 16"},
-               {"question": "Half of 10?", "answer": "#### 5"}]
+_GSM8K_ROWS = [
+    {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
+    {"question": "What is 4*4?", "answer": "4*4=16\n#### 16"},
+    {"question": "Half of 10?", "answer": "#### 5"},
+]
 
 
 def test_dataset_saved_to_disk(tmp_path):
     """A ``save_to_disk`` directory (what a machine without network is given), both a
     ``DatasetDict`` (split chosen) and a single ``Dataset``; relative to the root."""
     datasets = pytest.importorskip("datasets")
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(_GSM8K_ROWS),
-                          "test": datasets.Dataset.from_list(_GSM8K_ROWS[:1])}).save_to_disk(tmp_path / "gsm8k")
-    spec = {"name": "gsm", "dataset": "gsm8k", "split": "train", "problem_field": "question",
-            "answer_field": "answer", "id_field": None, "answer_extraction": "gsm8k"}
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(_GSM8K_ROWS),
+            "test": datasets.Dataset.from_list(_GSM8K_ROWS[:1]),
+        }
+    ).save_to_disk(tmp_path / "gsm8k")
+    spec = {
+        "name": "gsm",
+        "dataset": "gsm8k",
+        "split": "train",
+        "problem_field": "question",
+        "answer_field": "answer",
+        "id_field": None,
+        "answer_extraction": "gsm8k",
+    }
     df = load_benchmark(spec, root=tmp_path)
     assert df.prompt_id.tolist() == ["gsm-0", "gsm-1", "gsm-2"]
     assert df.gold.tolist() == ["5", "16", "5"]
@@ -267,8 +280,14 @@ def test_dataset_directory_of_data_files(tmp_path):
     pytest.importorskip("datasets")
     (tmp_path / "bench").mkdir()
     pd.DataFrame(_GSM8K_ROWS).to_parquet(tmp_path / "bench" / "test.parquet")
-    spec = {"name": "gsm", "dataset": str(tmp_path / "bench"), "problem_field": "question",
-            "answer_field": "answer", "id_field": None, "answer_extraction": "gsm8k"}
+    spec = {
+        "name": "gsm",
+        "dataset": str(tmp_path / "bench"),
+        "problem_field": "question",
+        "answer_field": "answer",
+        "id_field": None,
+        "answer_extraction": "gsm8k",
+    }
     assert load_benchmark(spec).gold.tolist() == ["5", "16", "5"]
 
 
@@ -285,11 +304,22 @@ def test_dataset_hub_id_arguments_and_failure(monkeypatch):
         return datasets.Dataset.from_list(_GSM8K_ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    spec = {"name": "gsm", "dataset": "openai/gsm8k", "subset": "main", "split": "train", "revision": "abc123",
-            "problem_field": "question", "answer_field": "answer", "id_field": None, "answer_extraction": "gsm8k"}
+    spec = {
+        "name": "gsm",
+        "dataset": "openai/gsm8k",
+        "subset": "main",
+        "split": "train",
+        "revision": "abc123",
+        "problem_field": "question",
+        "answer_field": "answer",
+        "id_field": None,
+        "answer_extraction": "gsm8k",
+    }
     assert load_benchmark(spec, root="/nonexistent", limit=2).gold.tolist() == ["5", "16"]
     assert calls == [("openai/gsm8k", "main", "train", "abc123")]
-    with pytest.raises(RuntimeError, match=r"could not load dataset='org/missing'.*ConnectionError.*save_to_disk"):
+    with pytest.raises(
+        RuntimeError, match=r"could not load dataset='org/missing'.*ConnectionError.*save_to_disk"
+    ):
         load_benchmark({**spec, "dataset": "org/missing"})
 
 
@@ -297,9 +327,13 @@ def test_spec_needs_exactly_one_source():
     with pytest.raises(ValueError, match="exactly one of path .* and dataset"):
         BenchmarkSpec.from_dict({"name": "x", "problem_field": "q"})
     with pytest.raises(ValueError, match="exactly one of path .* and dataset"):
-        BenchmarkSpec.from_dict({"name": "x", "path": "a.jsonl", "dataset": "org/x", "problem_field": "q"})
+        BenchmarkSpec.from_dict(
+            {"name": "x", "path": "a.jsonl", "dataset": "org/x", "problem_field": "q"}
+        )
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['splt'\]"):
-        BenchmarkSpec.from_dict({"name": "x", "dataset": "org/x", "splt": "test", "problem_field": "q"})
+        BenchmarkSpec.from_dict(
+            {"name": "x", "dataset": "org/x", "splt": "test", "problem_field": "q"}
+        )
 
 
 def test_row_slices_give_disjoint_sources(tmp_path):
@@ -307,12 +341,21 @@ def test_row_slices_give_disjoint_sources(tmp_path):
     source row numbers, so a training slice and a held-out slice never share one."""
     rows = [{"q": f"What is {i}+1?", "a": f"#### {i + 1}"} for i in range(10)]
     (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = {"path": "g.jsonl", "problem_field": "q", "answer_field": "a", "id_field": None,
-            "answer_extraction": "gsm8k"}
+    base = {
+        "path": "g.jsonl",
+        "problem_field": "q",
+        "answer_field": "a",
+        "id_field": None,
+        "answer_extraction": "gsm8k",
+    }
     train = load_benchmark({"name": "g", **base, "stop": 6}, root=tmp_path)
     test = load_benchmark({"name": "g", **base, "start": 6}, root=tmp_path, limit=3)
     assert train.prompt_id.tolist() == [f"g-{i}" for i in range(6)]
-    assert test.prompt_id.tolist() == ["g-6", "g-7", "g-8"] and test.gold.tolist() == ["7", "8", "9"]
+    assert test.prompt_id.tolist() == ["g-6", "g-7", "g-8"] and test.gold.tolist() == [
+        "7",
+        "8",
+        "9",
+    ]
     with pytest.raises(ValueError, match=r"no records in .* rows \[20, None\)"):
         load_benchmark({"name": "g", **base, "start": 20}, root=tmp_path)
     with pytest.raises(ValueError, match=r"start=5, stop=5; allowed: integers 0 <= start < stop"):
@@ -321,16 +364,21 @@ def test_row_slices_give_disjoint_sources(tmp_path):
 
 # -- malformed golds ------------------------------------------------------------------------------
 def test_malformed_golds_stop_the_load_with_their_ids(tmp_path):
-    rows = [{"id": "ok", "problem": "p", "answer": r"\frac{1}{2}"},
-            {"id": "cut", "problem": "p", "answer": r"\frac{"},
-            {"id": "closing", "problem": "p", "answer": "1}"},
-            {"id": "left", "problem": "p", "answer": r"\left( 1, 2"},
-            {"id": "text", "problem": "p", "answer": "62.5%"}]  # not LaTeX, but complete: kept
+    rows = [
+        {"id": "ok", "problem": "p", "answer": r"\frac{1}{2}"},
+        {"id": "cut", "problem": "p", "answer": r"\frac{"},
+        {"id": "closing", "problem": "p", "answer": "1}"},
+        {"id": "left", "problem": "p", "answer": r"\left( 1, 2"},
+        {"id": "text", "problem": "p", "answer": "62.5%"},
+    ]  # not LaTeX, but complete: kept
     _write_jsonl(tmp_path / "m.jsonl", rows)
     with pytest.raises(ValueError) as e:
         load_benchmark(BenchmarkSpec("m", "m.jsonl", "problem", "answer", "id"), root=tmp_path)
     msg = str(e.value)
-    assert "3 item(s) whose gold answer is malformed LaTeX" in msg and "ids [cut, closing, left]" in msg
+    assert (
+        "3 item(s) whose gold answer is malformed LaTeX" in msg
+        and "ids [cut, closing, left]" in msg
+    )
     assert "cut: '\\\\frac{' (1 brace(s) never closed)" in msg
 
 

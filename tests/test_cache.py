@@ -24,7 +24,9 @@ def test_spec_key_stable_under_key_order():
     assert len(spec_key(a)) == 16 and int(spec_key(a), 16) >= 0
 
 
-@pytest.mark.parametrize("change", [{"beta": 2.5}, {"K": [2, 1]}, {"task": {"n": 3, "seed": 2}}, {"extra": None}])
+@pytest.mark.parametrize(
+    "change", [{"beta": 2.5}, {"K": [2, 1]}, {"task": {"n": 3, "seed": 2}}, {"extra": None}]
+)
 def test_spec_key_differs_for_different_specs(change):
     base = {"task": {"n": 3, "seed": 1}, "beta": 2.0, "K": [1, 2]}
     assert spec_key(base) != spec_key(base | change)
@@ -72,7 +74,9 @@ def test_truncated_file_is_detected(tmp_path):
         art.verify()
     with pytest.raises(CacheError, match="t.parquet"):
         art.read_table("t")
-    with pytest.raises(CacheError, match="t.parquet"):  # and a rebuild attempt does not reuse it silently
+    with pytest.raises(
+        CacheError, match="t.parquet"
+    ):  # and a rebuild attempt does not reuse it silently
         Cache(tmp_path).build("s", {"k": 1}, _counting_builder([]))
 
 
@@ -225,8 +229,12 @@ def test_concurrent_processes_build_once(tmp_path):
     ctx = mp.get_context("fork")
     log = tmp_path / "builds.log"
     barrier, results = ctx.Barrier(3), ctx.Queue()
-    procs = [ctx.Process(target=_concurrent_build, args=(str(tmp_path / "c"), str(log), barrier, results))
-             for _ in range(3)]
+    procs = [
+        ctx.Process(
+            target=_concurrent_build, args=(str(tmp_path / "c"), str(log), barrier, results)
+        )
+        for _ in range(3)
+    ]
     for p in procs:
         p.start()
     for p in procs:

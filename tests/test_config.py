@@ -22,9 +22,19 @@ def test_default_config_validates(make_cfg):
     assert cfg.beta > 0 and cfg.proposal.kind == "mixture" and cfg.backbone.kind == "embedded"
 
 
-@pytest.mark.parametrize("overrides", [["debug=fast"], ["proposal=ref"], ["proposal=model"],
-                                       ["proposal.strength=0"], ["proposal.strength=1"], ["beta=0.01"],
-                                       ["eval.pass_k=[1,16]"], ["sampler.top_p=1.0", "sampler.top_k=0"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["debug=fast"],
+        ["proposal=ref"],
+        ["proposal=model"],
+        ["proposal.strength=0"],
+        ["proposal.strength=1"],
+        ["beta=0.01"],
+        ["eval.pass_k=[1,16]"],
+        ["sampler.top_p=1.0", "sampler.top_k=0"],
+    ],
+)
 def test_valid_variants(make_cfg, overrides):
     validate(make_cfg(*overrides))
 
@@ -62,12 +72,16 @@ def test_invalid_setting_is_named_with_what_is_allowed(make_cfg, override, setti
 
 def test_hf_backbone_with_missing_path(make_cfg, tmp_path):
     msg = _errors(make_cfg("backbone=hf", "backbone.path=/nonexistent"))
-    assert re.search(r"backbone\.path='/nonexistent' does not exist; allowed: a local model directory", msg), msg
+    assert re.search(
+        r"backbone\.path='/nonexistent' does not exist; allowed: a local model directory", msg
+    ), msg
     # with proposal=ref no proposal model is needed, and an existing path is accepted
     msg = _errors(make_cfg("backbone=hf", "backbone.path=/nonexistent", "proposal=ref"))
     assert "proposal.model_path" not in msg
     validate(make_cfg("backbone=hf", f"backbone.path={tmp_path}", "proposal=ref"))
-    msg = _errors(make_cfg("backbone=hf", f"backbone.path={tmp_path}"))  # mixture needs a proposal model
+    msg = _errors(
+        make_cfg("backbone=hf", f"backbone.path={tmp_path}")
+    )  # mixture needs a proposal model
     assert "proposal.model_path" in msg and "backbone.path" not in msg
 
 
@@ -79,7 +93,9 @@ def test_unknown_group_option_lists_available(make_cfg):
 
 
 def test_several_errors_reported_at_once(make_cfg):
-    msg = _errors(make_cfg("beta=0", "proposal.strength=1.5", "sampler.top_p=0", "proposal.num_samples=0"))
+    msg = _errors(
+        make_cfg("beta=0", "proposal.strength=1.5", "sampler.top_p=0", "proposal.num_samples=0")
+    )
     for setting in ("beta", "proposal.strength", "sampler.top_p", "proposal.num_samples"):
         assert f"- {setting}=" in msg, msg
     assert msg.count("\n  - ") == 4

@@ -23,7 +23,9 @@ def _pass_at_k_brute(n: int, c: int, k: int) -> float:
 def test_pass_at_k_matches_all_subsets(n):
     for c in range(n + 1):
         for k in range(1, n + 1):
-            assert evaluation.pass_at_k(n, c, k) == pytest.approx(_pass_at_k_brute(n, c, k), abs=1e-12), (n, c, k)
+            assert evaluation.pass_at_k(n, c, k) == pytest.approx(
+                _pass_at_k_brute(n, c, k), abs=1e-12
+            ), (n, c, k)
 
 
 def test_pass_at_k_large_n_matches_exact_binomials():
@@ -41,11 +43,20 @@ def test_pass_at_k_rejects_invalid(n, c, k):
 def _samples() -> pd.DataFrame:
     rows = [
         # A: 3 correct of 4, two distinct correct texts
-        ("A", "1+2", 1.0), ("A", "2+1", 1.0), ("A", "1+2", 1.0), ("A", "x", 0.0),
+        ("A", "1+2", 1.0),
+        ("A", "2+1", 1.0),
+        ("A", "1+2", 1.0),
+        ("A", "x", 0.0),
         # B: unsolved, but a text repeated (must not count as "unique correct")
-        ("B", "9+9", 0.0), ("B", "9+9", 0.0), ("B", "7", 0.0), ("B", "", 0.0),
+        ("B", "9+9", 0.0),
+        ("B", "9+9", 0.0),
+        ("B", "7", 0.0),
+        ("B", "", 0.0),
         # C: 1 correct of 4
-        ("C", "0+3", 1.0), ("C", "3", 0.0), ("C", "33", 0.0), ("C", "1+1", 0.0),
+        ("C", "0+3", 1.0),
+        ("C", "3", 0.0),
+        ("C", "33", 0.0),
+        ("C", "1+1", 0.0),
     ]
     return pd.DataFrame(rows, columns=["prompt_id", "text", "reward"])
 
@@ -92,10 +103,20 @@ def test_distinct_n():
 def _rewarded_frames():
     # prompt p: rewarded set {a, b}; π_ref(a) = .1, π_ref(b) = .3; π(a) = π(b) = .2
     # prompt q: rewarded set {x, y, z}; π_ref = .2, .2, .1; π = .05, .6, .05
-    ref = pd.DataFrame({"prompt_id": ["p", "p", "q", "q", "q"], "answer": ["a", "b", "x", "y", "z"],
-                        "logp": np.log([0.1, 0.3, 0.2, 0.2, 0.1])})
-    pol = pd.DataFrame({"prompt_id": ["q", "p", "q", "p", "q"], "answer": ["z", "b", "y", "a", "x"],
-                        "logp": np.log([0.05, 0.2, 0.6, 0.2, 0.05])})
+    ref = pd.DataFrame(
+        {
+            "prompt_id": ["p", "p", "q", "q", "q"],
+            "answer": ["a", "b", "x", "y", "z"],
+            "logp": np.log([0.1, 0.3, 0.2, 0.2, 0.1]),
+        }
+    )
+    pol = pd.DataFrame(
+        {
+            "prompt_id": ["q", "p", "q", "p", "q"],
+            "answer": ["z", "b", "y", "a", "x"],
+            "logp": np.log([0.05, 0.2, 0.6, 0.2, 0.05]),
+        }
+    )
     return pol, ref
 
 
@@ -169,7 +190,9 @@ def test_target_distances_when_pi_ref_puts_all_its_mass_on_correct_answers():
 
 def test_target_distances_refuses_mismatched_sets():
     pol, ref = _rewarded_frames()
-    with pytest.raises(ValueError, match="^policy and reference rewarded-set tables do not cover the same answers$"):
+    with pytest.raises(
+        ValueError, match="^policy and reference rewarded-set tables do not cover the same answers$"
+    ):
         evaluation.target_distances(pol.iloc[1:], ref, 1.0)
     # the same row counts, but one answer twice and another missing: still refused
     dup = pol.copy()
@@ -190,7 +213,9 @@ def test_target_distances_compute_in_float64_from_float32_tables():
     want = evaluation.target_distances(pol, ref, beta)
     pol32, ref32 = pol.astype({"logp": np.float32}), ref.astype({"logp": np.float32})
     got = evaluation.target_distances(pol32, ref32, beta)
-    exact = evaluation.target_distances(pol32.astype({"logp": np.float64}), ref32.astype({"logp": np.float64}), beta)
+    exact = evaluation.target_distances(
+        pol32.astype({"logp": np.float64}), ref32.astype({"logp": np.float64}), beta
+    )
     for k in want:
         assert got[k] == pytest.approx(exact[k], rel=1e-13, abs=1e-15), k
     # log(1 − eˣ) of a float32 0 (all mass on the rewarded set) stays finite
@@ -219,7 +244,10 @@ def test_policy_metrics_per_benchmark_and_macro():
     for k in ("mean_at_k", "pass_at_1", "pass_at_4"):
         assert m[f"macro.{k}"] == pytest.approx((one[k] + two[k]) / 2, rel=1e-15), k
     assert m["tokens_generated"] == 26 and m["reward_missing"] == 0
-    assert not any(k.startswith("macro.") for k in evaluation.policy_metrics(s.drop(columns="benchmark"), [1], 1.0))
+    assert not any(
+        k.startswith("macro.")
+        for k in evaluation.policy_metrics(s.drop(columns="benchmark"), [1], 1.0)
+    )
     # one benchmark: its keys and the macro keys are there all the same
     m = evaluation.policy_metrics(s[s.benchmark == "one"], [1, 4], beta=1.0)
     assert m["one.mean_at_k"] == m["macro.mean_at_k"] == m["mean_at_k"] == pytest.approx(3 / 8)
@@ -229,11 +257,15 @@ def test_a_benchmark_with_no_graded_sample_is_counted_not_averaged_away():
     s = _policy_samples()
     s.loc[s.benchmark == "two", "reward"] = np.nan  # every sample of "two" failed grading
     m = evaluation.policy_metrics(s, [1], beta=1.0)
-    assert m["two.reward_missing"] == 4 and m["one.reward_missing"] == 0 and m["reward_missing"] == 4
+    assert (
+        m["two.reward_missing"] == 4 and m["one.reward_missing"] == 0 and m["reward_missing"] == 4
+    )
     assert "two.mean_at_k" not in m and "one.mean_at_k" in m
     assert not any(k.startswith("macro.") for k in m)  # not a macro over "one" alone
     s["reward"] = np.nan
-    with pytest.raises(ValueError, match=r"every evaluation sample \(12 of benchmarks \['one', 'two'\]\) failed"):
+    with pytest.raises(
+        ValueError, match=r"every evaluation sample \(12 of benchmarks \['one', 'two'\]\) failed"
+    ):
         evaluation.policy_metrics(s, [1], beta=1.0)
 
 
@@ -254,18 +286,32 @@ def test_policy_metrics_leaves_failed_grades_out_and_counts_them():
     assert m["mean_at_k"] == pytest.approx(graded.reward.mean()) and m["k"] == 3
     assert m["tokens_generated"] == int(s.n_tokens.sum())  # the failed samples were still generated
     s["reward"] = np.nan
-    with pytest.raises(ValueError, match=r"^every evaluation sample \(12 of benchmarks .*failed grading.*\(task.grader\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^every evaluation sample \(12 of benchmarks .*failed grading.*\(task.grader\)$",
+    ):
         evaluation.policy_metrics(s, [1], beta=1.0)
 
 
 def test_policy_metrics_exact_distances_over_the_evaluated_prompts_only():
     pol, ref = _rewarded_frames()
     extra = pd.DataFrame({"prompt_id": ["z"], "answer": ["q"], "logp": [math.log(0.5)]})
-    samples = pd.DataFrame({"prompt_id": ["p", "p", "q", "q"], "text": ["a", "c", "x", "y"],
-                            "reward": [1.0, 0.0, 1.0, 1.0], "n_tokens": [1, 1, 1, 1]})
+    samples = pd.DataFrame(
+        {
+            "prompt_id": ["p", "p", "q", "q"],
+            "text": ["a", "c", "x", "y"],
+            "reward": [1.0, 0.0, 1.0, 1.0],
+            "n_tokens": [1, 1, 1, 1],
+        }
+    )
     beta = math.log(2.0)
-    m = evaluation.policy_metrics(samples, [1], beta, rewarded=pd.concat([pol, extra.assign(logp=-3.0)]),
-                                  ref_rewarded=pd.concat([ref, extra]))
+    m = evaluation.policy_metrics(
+        samples,
+        [1],
+        beta,
+        rewarded=pd.concat([pol, extra.assign(logp=-3.0)]),
+        ref_rewarded=pd.concat([ref, extra]),
+    )
     want = evaluation.target_distances(pol, ref, beta)
     for k, v in want.items():
         assert m[k] == pytest.approx(v, rel=1e-13), k
@@ -299,7 +345,9 @@ def test_per_prompt_metrics_average_to_the_reported_ones():
     pol, ref = _rewarded_frames()
     beta = math.log(2.0)
     exact = evaluation.target_distances_per_prompt(pol, ref, beta)
-    assert exact.p_correct_exact.tolist() == pytest.approx([0.4, 0.7], rel=1e-12)  # by hand (see above)
+    assert exact.p_correct_exact.tolist() == pytest.approx(
+        [0.4, 0.7], rel=1e-12
+    )  # by hand (see above)
     summary = evaluation.target_distances(pol, ref, beta)
     for key, value in summary.items():
         assert exact[key].mean() == pytest.approx(value, rel=1e-12), key
@@ -308,10 +356,20 @@ def test_per_prompt_metrics_average_to_the_reported_ones():
 def test_per_prompt_metrics_joins_sample_and_exact_metrics_over_the_evaluated_prompts():
     pol, ref = _rewarded_frames()
     prompts = sorted(set(ref.prompt_id))
-    samples = pd.DataFrame({"prompt_id": [prompts[0]] * 2, "text": ["a", "zz"], "reward": [1.0, np.nan],
-                            "n_tokens": [1, 2]})
+    samples = pd.DataFrame(
+        {
+            "prompt_id": [prompts[0]] * 2,
+            "text": ["a", "zz"],
+            "reward": [1.0, np.nan],
+            "n_tokens": [1, 2],
+        }
+    )
     table = evaluation.per_prompt_metrics(samples, [1], 0.7, pol, ref)
-    assert table.prompt_id.tolist() == [prompts[0]]  # the exact metrics of the evaluated prompts only
+    assert table.prompt_id.tolist() == [
+        prompts[0]
+    ]  # the exact metrics of the evaluated prompts only
     assert table.mean_at_k.tolist() == [1.0]  # the failed grade is left out, as in policy_metrics
-    only = evaluation.target_distances_per_prompt(pol[pol.prompt_id == prompts[0]], ref[ref.prompt_id == prompts[0]], 0.7)
+    only = evaluation.target_distances_per_prompt(
+        pol[pol.prompt_id == prompts[0]], ref[ref.prompt_id == prompts[0]], 0.7
+    )
     assert table.tv_target.tolist() == pytest.approx(only.tv_target.tolist(), rel=1e-15)

@@ -38,29 +38,53 @@ REPO = Path(__file__).resolve().parents[1]
 #: settings of every run here: the tiny debug models, one prompt per sampling shard (so a
 #: killed sampling job has shards to lose), 9 training prompts × K=8 per mixture component,
 #: and 20 training steps with a checkpoint every 5 (so a killed training job has one)
-BASE = ("debug=fast", "sampler.prompts_per_shard=1", "trainer.max_steps=20", "checkpoint.every_n_steps=5")
+BASE = (
+    "debug=fast",
+    "sampler.prompts_per_shard=1",
+    "trainer.max_steps=20",
+    "checkpoint.every_n_steps=5",
+)
 N_TRAIN_PROMPTS, K = 9, 8
 ROW = ["prompt_id", "component", "sample_idx"]  # identifies a trajectory
 
 
 # -- helpers -----------------------------------------------------------------------------------
 def _cmd(cache: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(REPO / "run.py"), *BASE, f"cache_dir={cache}", f"hydra.run.dir={run_dir}",
-            *overrides]
+    return [
+        sys.executable,
+        str(REPO / "run.py"),
+        *BASE,
+        f"cache_dir={cache}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
 
 
 def _env() -> dict[str, str]:
     # one intra-op thread: the models are tiny, and two busy jobs on two cores with two
     # OpenMP threads each slow down by orders of magnitude
-    return {**os.environ, "WANDB_MODE": "offline", "TQDM_DISABLE": "1", "HYDRA_FULL_ERROR": "1",
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "TQDM_DISABLE": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
-def run_py(cache: Path, run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_py(
+    cache: Path, run_dir: Path, *overrides: str, check: bool = True
+) -> subprocess.CompletedProcess:
     """``python run.py`` in a subprocess (as in tests/test_pipeline.py)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(_cmd(cache, run_dir, *overrides), cwd=run_dir.parent, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _cmd(cache, run_dir, *overrides),
+        cwd=run_dir.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -68,8 +92,14 @@ def run_py(cache: Path, run_dir: Path, *overrides: str, check: bool = True) -> s
 
 def start_py(cache: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(_cmd(cache, run_dir, *overrides), cwd=run_dir.parent, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        _cmd(cache, run_dir, *overrides),
+        cwd=run_dir.parent,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
@@ -77,7 +107,9 @@ def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) ->
     t0 = time.monotonic()
     while not ready():
         if proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc={proc.returncode}) before {what}:\n{proc.communicate()[0][-4000:]}")
+            raise AssertionError(
+                f"the job ended (rc={proc.returncode}) before {what}:\n{proc.communicate()[0][-4000:]}"
+            )
         if time.monotonic() - t0 > timeout:
             proc.kill()
             raise AssertionError(f"timed out waiting until {what}")
@@ -98,7 +130,9 @@ def manifest(art_dir: Path) -> dict:
 def builds(art_dir: Path) -> list[dict]:
     """The artifact's build journal: one ``start`` per build attempt, one ``finish`` per build."""
     journal = art_dir / ".builds.jsonl"
-    return [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+    return (
+        [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+    )
 
 
 def rollouts(cache: Path, key: str) -> pd.DataFrame:
@@ -108,7 +142,9 @@ def rollouts(cache: Path, key: str) -> pd.DataFrame:
     return art.read_shards()
 
 
-def fresh_cache(seed: Path, dst: Path, stages: tuple[str, ...] = ("backbone",), skip_model: str | None = None) -> Path:
+def fresh_cache(
+    seed: Path, dst: Path, stages: tuple[str, ...] = ("backbone",), skip_model: str | None = None
+) -> Path:
     """A new cache holding copies of the seed cache's ``stages`` (less the artifacts whose
     spec names the model ``skip_model``)."""
     for stage in stages:
@@ -207,7 +243,11 @@ def test_corrupted_artifact_file_stops_the_run(seed, ref, tmp_path, target, how)
     cache = tmp_path / "cache"
     shutil.copytree(seed / "cache", cache)
     victim = {
-        "sample shard": cache / "sample" / ref["artifact.sample.proposal"] / "shards" / "part-00004.parquet",
+        "sample shard": cache
+        / "sample"
+        / ref["artifact.sample.proposal"]
+        / "shards"
+        / "part-00004.parquet",
         "score table": cache / "score" / ref["artifact.score"] / "scores.parquet",
         "anchor table": cache / "anchor" / ref["artifact.anchor"] / "anchor.parquet",
     }[target]
@@ -224,7 +264,9 @@ def test_corrupted_artifact_file_stops_the_run(seed, ref, tmp_path, target, how)
     assert sorted(p for p in cache.rglob("*") if p.is_file()) == before
 
 
-def test_corrupted_shard_of_an_interrupted_build_is_not_resumed_from(seed, ref, tmp_path, monkeypatch):
+def test_corrupted_shard_of_an_interrupted_build_is_not_resumed_from(
+    seed, ref, tmp_path, monkeypatch
+):
     """Disk full at shard 3 (5.), then shard 1 damaged: the resume refuses it by name."""
     from disa import cache as cache_mod
 
@@ -243,20 +285,26 @@ def test_corrupted_shard_of_an_interrupted_build_is_not_resumed_from(seed, ref, 
     (art,) = (cache / "sample").iterdir()  # π_ref's rollouts, interrupted at shard 3
     assert f"could not write {art / 'shards' / 'part-00003.parquet'}" in str(err.value)
     assert "No space left on device" in str(err.value)
-    assert sorted(p.name for p in (art / "shards").glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
+    assert sorted(p.name for p in (art / "shards").glob("*.parquet")) == [
+        f"part-0000{i}.parquet" for i in range(3)
+    ]
     assert not (art / "manifest.json").exists() and not list(art.rglob("*.tmp"))
 
     _damage(art / "shards" / "part-00001.parquet", "bitflip")
     with pytest.raises(CacheError) as err:
         run_inproc(cache, tmp_path / "run", "stage=sample")
-    assert f"shard {art / 'shards' / 'part-00001.parquet'} does not match the checksum" in str(err.value)
+    assert f"shard {art / 'shards' / 'part-00001.parquet'} does not match the checksum" in str(
+        err.value
+    )
     assert not (art / "manifest.json").exists()  # not sealed into a "complete" artifact
 
     (art / "shards" / "part-00001.parquet").unlink()  # what the message says to do
     got = run_inproc(cache, tmp_path / "run", "stage=sample")
     for comp in ("ref", "proposal"):
-        pd.testing.assert_frame_equal(rollouts(cache, got[f"artifact.sample.{comp}"]),
-                                      rollouts(seed / "cache", ref[f"artifact.sample.{comp}"]))
+        pd.testing.assert_frame_equal(
+            rollouts(cache, got[f"artifact.sample.{comp}"]),
+            rollouts(seed / "cache", ref[f"artifact.sample.{comp}"]),
+        )
 
 
 # == 3. a changed model, tokenizer, sampler setting or task version gives new cache keys =====
@@ -267,7 +315,13 @@ def _hf_copy(seed: Path, dst: Path) -> Path:
     return dst
 
 
-HF = ("backbone=hf", "backbone.dtype=float32", "proposal=ref", "stage=sample", "sampler.prompts_per_shard=16")
+HF = (
+    "backbone=hf",
+    "backbone.dtype=float32",
+    "proposal=ref",
+    "stage=sample",
+    "sampler.prompts_per_shard=16",
+)
 
 
 def test_changed_tokenizer_gives_new_rollout_key(seed, tmp_path):
@@ -298,7 +352,9 @@ def test_model_fingerprint_is_content_not_location(seed, tmp_path):
     moved = _hf_copy(seed, tmp_path / "elsewhere" / "same-model")
     # download metadata under a hidden directory is not the model
     (moved / ".cache" / "huggingface" / "download").mkdir(parents=True)
-    (moved / ".cache" / "huggingface" / "download" / "model.safetensors.metadata").write_text("etag 1234")
+    (moved / ".cache" / "huggingface" / "download" / "model.safetensors.metadata").write_text(
+        "etag 1234"
+    )
     assert fingerprint(moved) == fingerprint(model)
 
     changed = _hf_copy(seed, tmp_path / "changed")
@@ -327,7 +383,12 @@ def test_changed_sampler_setting_gives_new_rollout_keys(seed, ref, tmp_path):
     assert not hot["reused.sample"]
     for comp in ("ref", "proposal"):
         assert hot[f"artifact.sample.{comp}"] != ref[f"artifact.sample.{comp}"]
-        assert manifest(cache / "sample" / hot[f"artifact.sample.{comp}"])["spec"]["sampler"]["temperature"] == 0.7
+        assert (
+            manifest(cache / "sample" / hot[f"artifact.sample.{comp}"])["spec"]["sampler"][
+                "temperature"
+            ]
+            == 0.7
+        )
 
 
 def test_changed_task_version_gives_new_rollout_keys(seed, ref, tmp_path):
@@ -344,11 +405,16 @@ def test_changed_task_version_gives_new_rollout_keys(seed, ref, tmp_path):
     cfg = compose(f"cache_dir={cache.root}", "stage=sample")
     task = build_task(cfg)
     backbone = resolve_backbone(cfg, task, cache)
-    same = stages.Context(Settings.from_config(cfg), cfg, cache, task, backbone, tmp_path / "run", torch.device("cpu"))
+    same = stages.Context(
+        Settings.from_config(cfg), cfg, cache, task, backbone, tmp_path / "run", torch.device("cpu")
+    )
     assert {c: a.key for c, a in sample.run(same).items()} == {
-        c: ref[f"artifact.sample.{c}"] for c in ("ref", "proposal")} and same.reused["sample"]  # control
+        c: ref[f"artifact.sample.{c}"] for c in ("ref", "proposal")
+    } and same.reused["sample"]  # control
     v2 = dataclasses.replace(task, version=task.version + 1)
-    ctx = stages.Context(Settings.from_config(cfg), cfg, cache, v2, backbone, tmp_path / "run", torch.device("cpu"))
+    ctx = stages.Context(
+        Settings.from_config(cfg), cfg, cache, v2, backbone, tmp_path / "run", torch.device("cpu")
+    )
     arts = sample.run(ctx)
     assert ctx.reused["sample"] is False
     for comp, art in arts.items():
@@ -366,7 +432,9 @@ def test_concurrent_jobs_build_each_artifact_once(seed, ref, tmp_path):
     a, b = summary(tmp_path / "job0"), summary(tmp_path / "job1")
 
     built_by: dict[int, int] = {}
-    for art in (p for stage in cache.iterdir() if stage.name != "backbone" for p in stage.iterdir()):
+    for art in (
+        p for stage in cache.iterdir() if stage.name != "backbone" for p in stage.iterdir()
+    ):
         attempts = builds(art)
         # one build, by one of the two jobs; the manifest names the process that built it
         assert [x["event"] for x in attempts] == ["start", "finish"], (art, attempts)
@@ -412,7 +480,9 @@ def test_disk_full_keeps_previous_artifacts_and_files(seed, ref, tmp_path, monke
 
     # (b) the manifest cannot be written: the artifact is not complete, so it is never used
     monkeypatch.setattr(cache_mod.os, "replace", disk_full({"manifest.json"}))
-    with pytest.raises(CacheError, match=re.escape(f"could not write {new_anchor / 'manifest.json'}")):
+    with pytest.raises(
+        CacheError, match=re.escape(f"could not write {new_anchor / 'manifest.json'}")
+    ):
         run_inproc(cache, run_dir, "stage=anchor", "beta=3")
     assert not (new_anchor / "manifest.json").exists()
 
@@ -434,16 +504,33 @@ def test_disk_full_keeps_previous_artifacts_and_files(seed, ref, tmp_path, monke
 # == 6. non-finite rewards or log-probs are refused by prompt; degenerate prompts are flagged ==
 def _scores(n_prompts: int = 3, k: int = 4) -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    rows = [{"prompt_id": f"p{i}", "component": "ref", "sample_idx": j, "reward": float(j == 0),
-             "logp_ref": -3.0 + rng.normal(), "logq_ref": 0.0} for i in range(n_prompts) for j in range(k)]
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "component": "ref",
+            "sample_idx": j,
+            "reward": float(j == 0),
+            "logp_ref": -3.0 + rng.normal(),
+            "logq_ref": 0.0,
+        }
+        for i in range(n_prompts)
+        for j in range(k)
+    ]
     df = pd.DataFrame(rows)
     df["logq_ref"] = df.logp_ref
     return df
 
 
-@pytest.mark.parametrize(("column", "value"), [("reward", np.nan), ("reward", np.inf),
-                                               ("logp_ref", np.nan), ("logp_ref", -np.inf),
-                                               ("logq_ref", np.nan)])
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("reward", np.nan),
+        ("reward", np.inf),
+        ("logp_ref", np.nan),
+        ("logp_ref", -np.inf),
+        ("logq_ref", np.nan),
+    ],
+)
 def test_non_finite_value_is_refused_naming_the_prompt(column, value):
     from disa.anchor import build_anchor
 
@@ -497,7 +584,11 @@ def test_degenerate_prompts_counted_in_run_summary(seed, ref, tmp_path):
     got = run_inproc(cache, tmp_path / "run", "stage=anchor", "proposal.min_ess=4")
     table = pd.read_parquet(tmp_path / "run" / "anchor.parquet")
     assert table.degenerate.tolist() == (table.ess < 4).tolist()
-    assert got["anchor.degenerate_prompts"] == int((table.ess < 4).sum()) > ref["anchor.degenerate_prompts"]
+    assert (
+        got["anchor.degenerate_prompts"]
+        == int((table.ess < 4).sum())
+        > ref["anchor.degenerate_prompts"]
+    )
 
 
 # == 7. training killed mid-way resumes from its last checkpoint, to the same result ==========
@@ -510,7 +601,9 @@ def _policy_weights(train_dir: Path) -> dict[str, torch.Tensor]:
 def test_killed_training_resumes_to_the_same_result(seed, ref, tmp_path):
     # everything but training is copied; the policy's evaluation is keyed by the trained
     # weights, so it is reused only because the resumed weights come out bit-identical
-    cache = fresh_cache(seed, tmp_path / "cache", ("backbone", "sample", "score", "oracle", "anchor", "evaluate"))
+    cache = fresh_cache(
+        seed, tmp_path / "cache", ("backbone", "sample", "score", "oracle", "anchor", "evaluate")
+    )
     proc = start_py(cache, tmp_path / "killed")
     last = lambda: next(iter((cache / "train").glob("*/checkpoints/last.ckpt")), None)  # noqa: E731
     kill_when(proc, lambda: last() is not None, "a checkpoint was written")
@@ -528,7 +621,10 @@ def test_killed_training_resumes_to_the_same_result(seed, ref, tmp_path):
     # from the same weights and optimizer state, so it ends bit-identical to the uninterrupted one.
     assert got["train.loss"] == ref["train.loss"]
     assert got["policy.mean_at_k"] == ref["policy.mean_at_k"]
-    w_ref, w_got = _policy_weights(seed / "cache" / "train" / ref["artifact.train"]), _policy_weights(train_dir)
+    w_ref, w_got = (
+        _policy_weights(seed / "cache" / "train" / ref["artifact.train"]),
+        _policy_weights(train_dir),
+    )
     assert w_ref.keys() == w_got.keys()
     max_diff = max(float((w_ref[k] - w_got[k]).abs().max()) for k in w_ref)
     assert max_diff == 0.0, f"max |Δw| = {max_diff} after resuming from step {step_at_kill}"
@@ -540,8 +636,14 @@ def test_training_on_a_full_filesystem_fails_cleanly_and_resumes_exactly(seed, r
     truncated checkpoint and no temp file, seals nothing; given room, the next job resumes
     from the last whole checkpoint to the uninterrupted run's result."""
     inputs = ("backbone", "sample", "score", "oracle", "anchor", "evaluate")
-    used = sum(f.stat().st_size for st in inputs for f in (seed / "cache" / st).rglob("*") if f.is_file())
-    ckpt = (seed / "cache" / "train" / ref["artifact.train"] / "checkpoints" / "last.ckpt").stat().st_size
+    used = sum(
+        f.stat().st_size for st in inputs for f in (seed / "cache" / st).rglob("*") if f.is_file()
+    )
+    ckpt = (
+        (seed / "cache" / "train" / ref["artifact.train"] / "checkpoints" / "last.ckpt")
+        .stat()
+        .st_size
+    )
     # room for the inputs, a step checkpoint and last.ckpt, not for the next step's checkpoint
     with tmpfs(tmp_path / "cache", f"{(used + int(2.5 * ckpt)) // 1024}k") as cache:
         fresh_cache(seed, cache, inputs)
@@ -553,14 +655,21 @@ def test_training_on_a_full_filesystem_fails_cleanly_and_resumes_exactly(seed, r
         assert not (train_dir / "manifest.json").exists()  # nothing sealed
         assert not list(cache.rglob("*.tmp"))  # the failed write's temp file is gone
         for ckpt in train_dir.glob("checkpoints/*.ckpt"):
-            torch.load(ckpt, map_location="cpu", weights_only=False)  # every checkpoint left is whole
+            torch.load(
+                ckpt, map_location="cpu", weights_only=False
+            )  # every checkpoint left is whole
         subprocess.run(["mount", "-o", "remount,size=256m", str(cache)], check=True)
         run_py(cache, tmp_path / "resumed")
         got = summary(tmp_path / "resumed")
         assert got["train.resumed"] is True and got["train.steps"] == 20
-        assert got["train.loss"] == ref["train.loss"] and got["policy.mean_at_k"] == ref["policy.mean_at_k"]
+        assert (
+            got["train.loss"] == ref["train.loss"]
+            and got["policy.mean_at_k"] == ref["policy.mean_at_k"]
+        )
         for manifest_path in cache.rglob("manifest.json"):  # every sealed file verifies
-            art = Cache(cache).artifact(manifest_path.parent.parent.name, manifest(manifest_path.parent)["spec"])
+            art = Cache(cache).artifact(
+                manifest_path.parent.parent.name, manifest(manifest_path.parent)["spec"]
+            )
             art.verify()
 
 
@@ -606,16 +715,28 @@ def test_misspelt_setting_is_refused():
         compose("sampler.temprature=0.5")
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("sampler.prompts_per_shard=0", "sampler.prompts_per_shard=0 is invalid; allowed: an integer >= 1"),
-    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0 is invalid; allowed: an integer >= 1"),
-    ("trainer.max_steps=-5", "trainer.max_steps=-5 is invalid; allowed: an integer >= 1"),
-    ("sampler.temperature=-1", "sampler.temperature=-1 is invalid; allowed: a number in [1e-3, 1e3]"),
-    ("proposal.min_ess=0.5", "proposal.min_ess=0.5 is invalid; allowed: a number >= 1"),
-    ("beta=nan", "beta=nan is invalid; allowed: a number in (0, 1e4]"),
-    ("proposal.strength=nan", "proposal.strength=nan is invalid; allowed: a number in [0, 1]"),
-    ("task.test_fraction=1.5", "task.test_fraction=1.5; allowed: a number in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "sampler.prompts_per_shard=0",
+            "sampler.prompts_per_shard=0 is invalid; allowed: an integer >= 1",
+        ),
+        (
+            "checkpoint.every_n_steps=0",
+            "checkpoint.every_n_steps=0 is invalid; allowed: an integer >= 1",
+        ),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 is invalid; allowed: an integer >= 1"),
+        (
+            "sampler.temperature=-1",
+            "sampler.temperature=-1 is invalid; allowed: a number in [1e-3, 1e3]",
+        ),
+        ("proposal.min_ess=0.5", "proposal.min_ess=0.5 is invalid; allowed: a number >= 1"),
+        ("beta=nan", "beta=nan is invalid; allowed: a number in (0, 1e4]"),
+        ("proposal.strength=nan", "proposal.strength=nan is invalid; allowed: a number in [0, 1]"),
+        ("task.test_fraction=1.5", "task.test_fraction=1.5; allowed: a number in (0, 1)"),
+    ],
+)
 def test_out_of_range_value_is_refused_before_any_work(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:
         run_inproc(tmp_path / "cache", tmp_path / "run", override)
@@ -646,7 +767,9 @@ def test_missing_model_path_is_refused_before_any_work(tmp_path, no_model_loads)
     missing = tmp_path / "models" / "no-such-model"
     with pytest.raises(ConfigError) as err:
         run_inproc(tmp_path / "cache", tmp_path / "run", "backbone=hf", f"backbone.path={missing}")
-    assert f"backbone.path='{missing}' does not exist; allowed: a local model directory" in str(err.value)
+    assert f"backbone.path='{missing}' does not exist; allowed: a local model directory" in str(
+        err.value
+    )
     assert not (tmp_path / "cache").exists()
 
 
@@ -678,6 +801,10 @@ def test_resume_with_another_shard_size_does_not_mix_layouts(seed, ref, tmp_path
 def test_changed_dtype_gives_new_rollout_key(seed, tmp_path):
     model = _hf_copy(seed, tmp_path / "model")
     hf = [o for o in HF if not o.startswith("backbone.dtype")]
-    a = run_inproc(tmp_path / "cache", tmp_path / "a", *hf, f"backbone.path={model}", "backbone.dtype=float32")
-    b = run_inproc(tmp_path / "cache", tmp_path / "b", *hf, f"backbone.path={model}", "backbone.dtype=bfloat16")
+    a = run_inproc(
+        tmp_path / "cache", tmp_path / "a", *hf, f"backbone.path={model}", "backbone.dtype=float32"
+    )
+    b = run_inproc(
+        tmp_path / "cache", tmp_path / "b", *hf, f"backbone.path={model}", "backbone.dtype=bfloat16"
+    )
     assert b["artifact.sample.ref"] != a["artifact.sample.ref"]

@@ -287,7 +287,9 @@ def test_evalplus_helpers():
     assert cr.evalplus_time_limits([0.0, 0.5, 2.0]) == [4.0, 4.0, 8.0]  # max(4 s, 4 × t)
     assert cr.evalplus_time_limits([0.1], factor=2.0, floor_s=0.1) == [pytest.approx(0.2)]
     assert cr._poly([1, -3, 2], 1.0) == 0.0 and cr._poly([1, 0, 1], 2.0) == 5.0
-    assert cr._find_zero_ok([-6, 11, -6, 1], 1.00001, 1e-4) and not cr._find_zero_ok([-6, 11, -6, 1], 1.001, 1e-4)
+    assert cr._find_zero_ok([-6, 11, -6, 1], 1.00001, 1e-4) and not cr._find_zero_ok(
+        [-6, 11, -6, 1], 1.001, 1e-4
+    )
     assert cr._find_zero_ok([1, 1], "x", 1.0) is False
 
 

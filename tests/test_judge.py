@@ -80,7 +80,12 @@ def test_distinct_scaling():
 
 # -- a local OpenAI-compatible server ------------------------------------------------------
 class _Server:
-    def __init__(self, status: int = 200, reply: str = "Strategies differ.\nScore: 4", first: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        status: int = 200,
+        reply: str = "Strategies differ.\nScore: 4",
+        first: tuple[int, ...] = (),
+    ):
         self.status, self.reply = status, reply
         self.first = list(first)  # statuses of the first requests (429 carries Retry-After: 1)
         self.requests: list[dict] = []
@@ -195,7 +200,10 @@ def test_rate_limit_waits_as_the_server_asks():
     s = _Server(first=(429,))
     try:
         start = time.monotonic()
-        assert parse_judgement(OpenAICompatibleJudge(s.url, "m", retries=2, timeout=5).complete("x")) == 4
+        assert (
+            parse_judgement(OpenAICompatibleJudge(s.url, "m", retries=2, timeout=5).complete("x"))
+            == 4
+        )
         waited = time.monotonic() - start
     finally:
         s.close()

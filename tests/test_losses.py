@@ -31,18 +31,23 @@ def run_loss(name, logp, mask, batch, loss_args):
     spec, args = get_loss(name), dict(loss_args)
     return spec(logp, mask, batch, spec.make_options(args, beta=args.pop("beta", None)))
 
+
 GARBAGE = 1e6
 F64 = torch.float64
 
 
-def padded(rows: list[list[float]], T: int, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(
+    rows: list[list[float]], T: int, grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, T]`` float64 tensor with ``rows`` left-aligned and GARBAGE after them, and its mask."""
     values = [[*r, *[GARBAGE] * (T - len(r))] for r in rows]
     mask = [[True] * len(r) + [False] * (T - len(r)) for r in rows]
     return torch.tensor(values, dtype=F64, requires_grad=grad), torch.tensor(mask)
 
 
-def random_rows(lengths: list[int], seed: int, lo: float = -3.0, hi: float = 0.0) -> list[list[float]]:
+def random_rows(
+    lengths: list[int], seed: int, lo: float = -3.0, hi: float = 0.0
+) -> list[list[float]]:
     rng = random.Random(seed)
     return [[rng.uniform(lo, hi) for _ in range(n)] for n in lengths]
 
@@ -64,7 +69,9 @@ def ref_aggregate(rows: list[list[float]], mode: str, norm_len: int) -> float:
     return sum(sum(r) / norm_len for r in rows) / len(rows)
 
 
-def ref_group_normalize(rewards: list[float], groups: list[int], scale: str, eps: float = 1e-6) -> list[float]:
+def ref_group_normalize(
+    rewards: list[float], groups: list[int], scale: str, eps: float = 1e-6
+) -> list[float]:
     def std(xs: list[float]) -> float:
         if len(xs) < 2:
             return 0.0
@@ -75,8 +82,11 @@ def ref_group_normalize(rewards: list[float], groups: list[int], scale: str, eps
     for r, g in zip(rewards, groups):
         members = [x for x, h in zip(rewards, groups) if h == g]
         centred = r - sum(members) / len(members)
-        out.append(centred / ({"group": std(members), "batch": std(rewards)}.get(scale, 0.0) + eps)
-                   if scale != "none" else centred)
+        out.append(
+            centred / ({"group": std(members), "batch": std(rewards)}.get(scale, 0.0) + eps)
+            if scale != "none"
+            else centred
+        )
     return out
 
 
@@ -91,7 +101,9 @@ def test_aggregate_modes_ignore_padding(mode, norm_len):
     out = aggregate(values, mask, mode, norm_len=norm_len)
     expected = ref_aggregate(rows, mode, norm_len=norm_len)
     assert out.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
-    assert aggregate(values, mask.float(), mode, norm_len=norm_len).item() == pytest.approx(expected, rel=1e-12)
+    assert aggregate(values, mask.float(), mode, norm_len=norm_len).item() == pytest.approx(
+        expected, rel=1e-12
+    )
     out.backward()
     assert torch.all(values.grad[~mask] == 0) and torch.isfinite(values.grad).all()
 
@@ -102,7 +114,11 @@ def test_dr_grpo_normaliser_is_a_constant_not_the_padded_width():
     v, m = torch.tensor([[1.0, 2.0]], dtype=F64), torch.tensor([[1, 1]])
     wide_v, wide_m = torch.nn.functional.pad(v, (0, 2)), torch.nn.functional.pad(m, (0, 2))
     mode = "seq-mean-token-sum-norm"
-    assert aggregate(v, m, mode, norm_len=8).item() == aggregate(wide_v, wide_m, mode, norm_len=8).item() == 3 / 8
+    assert (
+        aggregate(v, m, mode, norm_len=8).item()
+        == aggregate(wide_v, wide_m, mode, norm_len=8).item()
+        == 3 / 8
+    )
     with pytest.raises(ValueError, match="needs norm_len .*sampler.max_new_tokens"):
         aggregate(v, m, mode)
     assert aggregate(v, m, "token-mean").item() == 1.5  # the other modes need no constant
@@ -116,13 +132,20 @@ def test_grpo_sum_norm_loss_does_not_depend_on_padding(extra):
     logp, mask = padded(rows, T=4, grad=True)
     old, _ = padded(random_rows([4, 1, 3], seed=22), T=4)
     batch = {"logp_old_tok": old, "advantages": t([0.9, -0.4, 0.3])}
-    options = get_loss("grpo").make_options({"loss_agg_mode": "seq-mean-token-sum-norm"}, max_new_tokens=8)
+    options = get_loss("grpo").make_options(
+        {"loss_agg_mode": "seq-mean-token-sum-norm"}, max_new_tokens=8
+    )
     assert options.norm_len == 8
     base, _ = get_loss("grpo")(logp, mask, batch, options)
     base.backward()
     wide = torch.nn.functional.pad(logp.detach(), (0, extra), value=-3.0).requires_grad_(True)
-    wide_batch = {"logp_old_tok": torch.nn.functional.pad(old, (0, extra), value=-1.0), "advantages": batch["advantages"]}
-    padded_loss, _ = get_loss("grpo")(wide, torch.nn.functional.pad(mask, (0, extra)), wide_batch, options)
+    wide_batch = {
+        "logp_old_tok": torch.nn.functional.pad(old, (0, extra), value=-1.0),
+        "advantages": batch["advantages"],
+    }
+    padded_loss, _ = get_loss("grpo")(
+        wide, torch.nn.functional.pad(mask, (0, extra)), wide_batch, options
+    )
     padded_loss.backward()
     assert padded_loss.item() == base.item()
     assert torch.equal(wide.grad[:, :4], logp.grad) and torch.all(wide.grad[:, 4:] == 0)
@@ -134,9 +157,13 @@ def test_norm_len_defaults_to_max_new_tokens_unless_set():
     assert grpo.make_options({"norm_len": 5}, max_new_tokens=12).norm_len == 5  # set: kept
     assert grpo.make_options({"norm_len": None}, max_new_tokens=12).norm_len == 12
     assert sft.make_options({}, max_new_tokens=7).norm_len == 7
-    assert get_loss("disa").make_options({}, beta=1.0, max_new_tokens=7) == get_loss("disa").make_options({}, beta=1.0)
+    assert get_loss("disa").make_options({}, beta=1.0, max_new_tokens=7) == get_loss(
+        "disa"
+    ).make_options({}, beta=1.0)
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match=r"loss_args.norm_len=.*allowed: an integer >= 1, or null"):
+        with pytest.raises(
+            ValueError, match=r"loss_args.norm_len=.*allowed: an integer >= 1, or null"
+        ):
             grpo.make_options({"norm_len": bad})
 
 
@@ -223,8 +250,13 @@ def test_disa_value_and_gradients(length_normalize):
     logp, mask = padded(rows, T=5, grad=True)
     log_z_hat, logp_ref = t([0.3, -1.2, 2.0, 0.7], grad=True), t([-4.0, -0.5, -9.0, 0.0], grad=True)
     reward, beta = [1.0, 0.0, 1.0, 0.0], 2.5
-    loss, metrics = run_loss("disa", logp, mask, {"log_z_hat": log_z_hat, "logp_ref_seq": logp_ref, "reward": t(reward)},
-                                     {"beta": beta, "length_normalize": length_normalize})
+    loss, metrics = run_loss(
+        "disa",
+        logp,
+        mask,
+        {"log_z_hat": log_z_hat, "logp_ref_seq": logp_ref, "reward": t(reward)},
+        {"beta": beta, "length_normalize": length_normalize},
+    )
     deltas = []
     for i, r in enumerate(rows):
         log_ratio = sum(r) - logp_ref[i].item()
@@ -251,7 +283,9 @@ def test_disa_needs_beta_and_reads_omegaconf():
     batch = {"log_z_hat": t([0.5]), "logp_ref_seq": t([-2.5]), "reward": t([1.0])}
     with pytest.raises(ValueError, match="beta"):
         run_loss("disa", logp, mask, batch, {})
-    loss, _ = run_loss("disa", logp, mask, batch, OmegaConf.create({"beta": 1.0, "length_normalize": False}))
+    loss, _ = run_loss(
+        "disa", logp, mask, batch, OmegaConf.create({"beta": 1.0, "length_normalize": False})
+    )
     assert loss.item() == pytest.approx(1.0)  # the docstring example: δ = −1
 
 
@@ -272,7 +306,9 @@ def test_grpo_clipping_both_sides():
     per_token = {0: -1.2, 1: -0.5, 2: 1.5, 3: 0.8}
     clipped = {0: True, 1: False, 2: False, 3: True}
     n = sum(lengths)
-    assert loss.item() == pytest.approx(sum(per_token[i] * lengths[i] for i in range(4)) / n, rel=1e-12)
+    assert loss.item() == pytest.approx(
+        sum(per_token[i] * lengths[i] for i in range(4)) / n, rel=1e-12
+    )
     assert metrics["clip_frac"] == pytest.approx((lengths[0] + lengths[3]) / n)
     assert "kl" not in metrics
     check_metrics(metrics)
@@ -305,7 +341,13 @@ def test_grpo_kl_and_agg_modes(mode):
     adv = [0.7, -1.3, 0.2, 1.0]
     kl_coef, eps = 0.05, 0.2
     cfg = {"kl_coef": kl_coef, "loss_agg_mode": mode, "norm_len": 6}
-    loss, metrics = run_loss("grpo", logp, mask, {"logp_old_tok": logp_old, "advantages": t(adv), "logp_ref_tok": logp_ref}, cfg)
+    loss, metrics = run_loss(
+        "grpo",
+        logp,
+        mask,
+        {"logp_old_tok": logp_old, "advantages": t(adv), "logp_ref_tok": logp_ref},
+        cfg,
+    )
     per_token, k3s = [], []
     for lp, old, ref, a in zip(logp_rows, old_rows, ref_rows, adv):
         row = []
@@ -325,7 +367,13 @@ def test_grpo_kl_and_agg_modes(mode):
 def test_grpo_kl_needs_reference():
     logp, mask = padded([[-1.0]], T=1, grad=True)
     with pytest.raises(KeyError, match="logp_ref_tok"):
-        run_loss("grpo", logp, mask, {"logp_old_tok": t([[-1.0]]), "advantages": t([1.0])}, {"kl_coef": 0.1})
+        run_loss(
+            "grpo",
+            logp,
+            mask,
+            {"logp_old_tok": t([[-1.0]]), "advantages": t([1.0])},
+            {"kl_coef": 0.1},
+        )
 
 
 # -- GSPO ----------------------------------------------------------------------------------
@@ -337,9 +385,13 @@ def test_gspo_sequence_ratio_and_narrow_clip():
     token_lr = [[1e-4, 1e-4], [1e-3], [-1e-3, -1e-3, -1e-3], [5e-4, -1e-4]]
     adv = [1.0, 1.0, -1.0, -0.5]
     old_rows = random_rows([len(r) for r in token_lr], seed=8)
-    logp, mask = padded([[o + d for o, d in zip(old, lr)] for old, lr in zip(old_rows, token_lr)], T=3, grad=True)
+    logp, mask = padded(
+        [[o + d for o, d in zip(old, lr)] for old, lr in zip(old_rows, token_lr)], T=3, grad=True
+    )
     logp_old, _ = padded(old_rows, T=3)
-    loss, metrics = run_loss("gspo", logp, mask, {"logp_old_tok": logp_old, "advantages": t(adv)}, {})
+    loss, metrics = run_loss(
+        "gspo", logp, mask, {"logp_old_tok": logp_old, "advantages": t(adv)}, {}
+    )
     lo, hi, B = 1 - 3e-4, 1 + 4e-4, len(adv)
     s = [math.exp(sum(lr) / len(lr)) for lr in token_lr]
     per_seq = [-min(si * a, min(max(si, lo), hi) * a) for si, a in zip(s, adv)]
@@ -363,21 +415,36 @@ def test_flowrl_value_weights_and_gradients():
     lengths = [3, 1, 2, 4, 2, 1]
     rows = random_rows(lengths, seed=9)
     logp, mask = padded(rows, T=4, grad=True)
-    log_w = [math.log(2.0), math.log(0.5), math.log(1.1), 0.0, math.log(0.9), 30.0]  # Σ(logp − logp_old)
+    log_w = [
+        math.log(2.0),
+        math.log(0.5),
+        math.log(1.1),
+        0.0,
+        math.log(0.9),
+        30.0,
+    ]  # Σ(logp − logp_old)
     logp_old = t([sum(r) - lw for r, lw in zip(rows, log_w)], grad=True)
     logp_ref = t([-5.0, -1.0, -2.5, -7.0, -3.0, -0.2], grad=True)
     log_z = t([0.4, -0.1, 0.9, 0.0, 0.2, -0.6], grad=True)
     reward = [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # group 1 all equal → r̂ = 0 there
     groups = [0, 0, 0, 1, 1, 1]
-    batch = {"log_z": log_z, "logp_ref_seq": logp_ref, "logp_old_seq": logp_old, "reward": t(reward),
-             "group_ids": torch.tensor(groups)}
+    batch = {
+        "log_z": log_z,
+        "logp_ref_seq": logp_ref,
+        "logp_old_seq": logp_old,
+        "reward": t(reward),
+        "group_ids": torch.tensor(groups),
+    }
     loss, metrics = run_loss("flowrl", logp, mask, batch, {"beta": 99.0})  # β is DISA's, not β_f
     beta_f, B = 15.0, len(rows)
     m, s = 2 / 3, math.sqrt(1 / 3)
     r_hat = [(reward[i] - m) / (s + 1e-6) for i in range(3)] + [0.0, 0.0, 0.0]
     w = [min(max(math.exp(lw), 0.8), 1.2) for lw in log_w]
     assert w == pytest.approx([1.2, 0.8, 1.1, 1.0, 0.9, 1.2])
-    deltas = [log_z[i].item() + (sum(r) - logp_ref[i].item()) / len(r) - beta_f * r_hat[i] for i, r in enumerate(rows)]
+    deltas = [
+        log_z[i].item() + (sum(r) - logp_ref[i].item()) / len(r) - beta_f * r_hat[i]
+        for i, r in enumerate(rows)
+    ]
     assert loss.item() == pytest.approx(sum(wi * d * d for wi, d in zip(w, deltas)) / B, rel=1e-12)
     assert metrics["clip_frac"] == pytest.approx(3 / 6)
     assert metrics["weight_mean"] == pytest.approx(sum(w) / B)
@@ -385,7 +452,9 @@ def test_flowrl_value_weights_and_gradients():
 
     loss.backward()
     assert logp_ref.grad is None and logp_old.grad is None
-    assert log_z.grad.tolist() == pytest.approx([2 * wi * d / B for wi, d in zip(w, deltas)], rel=1e-12)
+    assert log_z.grad.tolist() == pytest.approx(
+        [2 * wi * d / B for wi, d in zip(w, deltas)], rel=1e-12
+    )
     for i, r in enumerate(rows):  # w is detached: only δ carries the gradient, 1/|o| per token
         for j in range(4):
             expected = 2 * w[i] * deltas[i] / (B * len(r)) if j < len(r) else 0.0
@@ -394,9 +463,16 @@ def test_flowrl_value_weights_and_gradients():
 
 def test_flowrl_separate_clip_bounds():
     logp, mask = padded([[0.0], [0.0]], T=1, grad=True)
-    batch = {"log_z": t([1.0, 1.0]), "logp_ref_seq": t([0.0, 0.0]), "logp_old_seq": t([-math.log(3.0), math.log(3.0)]),
-             "reward": t([0.0, 0.0]), "group_ids": torch.tensor([0, 1])}
-    _, metrics = run_loss("flowrl", logp, mask, batch, {"clip_eps": 0.2, "clip_eps_low": 0.5, "clip_eps_high": 1.0})
+    batch = {
+        "log_z": t([1.0, 1.0]),
+        "logp_ref_seq": t([0.0, 0.0]),
+        "logp_old_seq": t([-math.log(3.0), math.log(3.0)]),
+        "reward": t([0.0, 0.0]),
+        "group_ids": torch.tensor([0, 1]),
+    }
+    _, metrics = run_loss(
+        "flowrl", logp, mask, batch, {"clip_eps": 0.2, "clip_eps_low": 0.5, "clip_eps_high": 1.0}
+    )
     assert metrics["weight_mean"] == pytest.approx((2.0 + 0.5) / 2)  # w = 3 → 2, w = 1/3 → 0.5
 
 
@@ -406,8 +482,13 @@ def test_flowrl_on_policy_weights_at_a_zero_clip_range_are_not_clipped():
     rows = random_rows([2, 3], seed=11)
     logp, mask = padded(rows, T=3, grad=True)
     on_policy = t([sum(r) for r in rows])
-    batch = {"log_z": t([0.0, 0.0]), "logp_ref_seq": t([-1.0, -1.0]), "logp_old_seq": on_policy,
-             "reward": t([1.0, 0.0]), "group_ids": torch.tensor([0, 0])}
+    batch = {
+        "log_z": t([0.0, 0.0]),
+        "logp_ref_seq": t([-1.0, -1.0]),
+        "logp_old_seq": on_policy,
+        "reward": t([1.0, 0.0]),
+        "group_ids": torch.tensor([0, 0]),
+    }
     _, metrics = run_loss("flowrl", logp, mask, batch, {"clip_eps": 0.0})
     assert metrics["clip_frac"] == 0.0 and metrics["weight_mean"] == 1.0
     batch["logp_old_seq"] = on_policy + t([0.5, -0.5])  # one weight below 1, one above
@@ -427,7 +508,9 @@ def test_sft_ignores_unrewarded(mode):
     logp, mask = padded(rows, T=4, grad=True)
     loss, metrics = run_loss("sft", logp, mask, {"reward": t(reward)}, cfg)
     used = [rows[0], rows[2]]
-    assert loss.item() == pytest.approx(ref_aggregate([[-x for x in r] for r in used], mode, norm_len=5), rel=1e-12)
+    assert loss.item() == pytest.approx(
+        ref_aggregate([[-x for x in r] for r in used], mode, norm_len=5), rel=1e-12
+    )
     assert metrics["n_used"] == 2.0
     check_metrics(metrics)
     loss.backward()
@@ -451,7 +534,9 @@ def test_sft_no_target_is_graph_connected_zero():
 # -- the contract ------------------------------------------------------------------------------
 
 
-def test_every_loss_declares_fields_of_the_schema_and_every_algorithm_config_builds_its_options(repo):
+def test_every_loss_declares_fields_of_the_schema_and_every_algorithm_config_builds_its_options(
+    repo,
+):
     from omegaconf import OmegaConf
 
     for path in sorted((repo / "conf" / "algorithm").glob("*.yaml")):
@@ -459,17 +544,30 @@ def test_every_loss_declares_fields_of_the_schema_and_every_algorithm_config_bui
         spec = get_loss(alg.loss)
         options = spec.make_options(OmegaConf.to_container(alg.loss_args), beta=2.0)
         assert spec.needs(options) <= set(BATCH_FIELDS), path.name
-    assert get_loss("disa").make_options({}, beta=3.0).beta == 3.0  # β reaches only the losses that take it
+    assert (
+        get_loss("disa").make_options({}, beta=3.0).beta == 3.0
+    )  # β reaches only the losses that take it
 
 
 def test_a_batch_without_a_needed_field_or_with_the_wrong_shape_is_refused():
     logp, mask = padded([[-1.0, -2.0], [-1.0]], T=2, grad=True)
     batch = {"log_z_hat": t([0.5, 0.1]), "logp_ref_seq": t([-2.5, -1.0]), "reward": t([1.0, 0.0])}
-    with pytest.raises(KeyError, match=r"the loss needs batch fields \['log_z_hat'\]; got \['logp_ref_seq', 'reward'\]"):
-        run_loss("disa", logp, mask, {k: v for k, v in batch.items() if k != "log_z_hat"}, {"beta": 1.0})
+    with pytest.raises(
+        KeyError,
+        match=r"the loss needs batch fields \['log_z_hat'\]; got \['logp_ref_seq', 'reward'\]",
+    ):
+        run_loss(
+            "disa", logp, mask, {k: v for k, v in batch.items() if k != "log_z_hat"}, {"beta": 1.0}
+        )
     # the per-token reference where the per-sequence one belongs: named, with the schema's shape
     with pytest.raises(ValueError, match=r"logp_ref_seq.*\[B\]"):
-        run_loss("disa", logp, mask, batch | {"logp_ref_seq": t([[-2.5, 0.0], [-1.0, 0.0]])}, {"beta": 1.0})
+        run_loss(
+            "disa",
+            logp,
+            mask,
+            batch | {"logp_ref_seq": t([[-2.5, 0.0], [-1.0, 0.0]])},
+            {"beta": 1.0},
+        )
 
 
 def test_options_refuse_unknown_keys_and_a_beta_of_their_own():
@@ -486,15 +584,23 @@ def test_options_messages_name_the_key_and_the_allowed_ones():
     # unless the user gave it
     with pytest.raises(ValueError) as e:
         get_loss("disa").make_options({"temperature": 1.0}, beta=1.0)
-    assert str(e.value) == ("algorithm.loss_args has ['temperature'], which the 'disa' loss does not take; "
-                            "allowed: ['length_normalize']")
+    assert str(e.value) == (
+        "algorithm.loss_args has ['temperature'], which the 'disa' loss does not take; "
+        "allowed: ['length_normalize']"
+    )
     with pytest.raises(ValueError) as e:
         get_loss("disa").make_options({"beta": 2.0}, beta=1.0)
-    assert str(e.value) == ("algorithm.loss_args has ['beta'], which the 'disa' loss does not take; "
-                            "allowed: ['length_normalize'] (β is the top-level `beta`)")
-    with pytest.raises(ValueError, match=r"^the disa loss needs β \(the top-level `beta` setting\)$"):
+    assert str(e.value) == (
+        "algorithm.loss_args has ['beta'], which the 'disa' loss does not take; "
+        "allowed: ['length_normalize'] (β is the top-level `beta`)"
+    )
+    with pytest.raises(
+        ValueError, match=r"^the disa loss needs β \(the top-level `beta` setting\)$"
+    ):
         get_loss("disa").make_options({})
-    with pytest.raises(ValueError, match=r"^algorithm.loss_args.kl_coef=-0.1; allowed: a number >= 0$"):
+    with pytest.raises(
+        ValueError, match=r"^algorithm.loss_args.kl_coef=-0.1; allowed: a number >= 0$"
+    ):
         get_loss("grpo").make_options({"kl_coef": -0.1})
 
 
@@ -507,14 +613,20 @@ def test_a_registered_loss_is_found_and_checked_like_the_built_ins():
     class Opts:
         scale: float = 2.0
 
-    @register_loss("test_scaled_sum", Opts, needs=lambda o: {"reward"} | ({"advantages"} if o.scale < 0 else set()))
+    @register_loss(
+        "test_scaled_sum",
+        Opts,
+        needs=lambda o: {"reward"} | ({"advantages"} if o.scale < 0 else set()),
+    )
     def scaled_sum(logp, mask, batch, options):
         return options.scale * sequence_logprob(logp, mask).sum(), {}
 
     try:
         spec = get_loss("test_scaled_sum")
         assert (spec.name, spec.fn, spec.options) == ("test_scaled_sum", scaled_sum, Opts)
-        assert spec.needs(Opts()) == frozenset({"reward"}) and spec.needs(Opts(-1.0)) == frozenset({"reward", "advantages"})
+        assert spec.needs(Opts()) == frozenset({"reward"}) and spec.needs(Opts(-1.0)) == frozenset(
+            {"reward", "advantages"}
+        )
         logp, mask = padded([[-1.0, -2.0], [-0.5]], T=2)
         loss, _ = spec(logp, mask, {"reward": t([1.0, 0.0])}, spec.make_options({"scale": 3.0}))
         assert loss.item() == pytest.approx(3.0 * -3.5)
@@ -530,9 +642,16 @@ def test_losses_compute_in_float32_at_least_and_in_the_policy_dtype(name):
     # fields follow the policy's compute dtype rather than widening the loss
     rows = random_rows([2, 3], seed=12)
     B = len(rows)
-    batch = {"reward": t([1.0, 0.0]), "log_z_hat": t([0.3, 0.1]), "log_z": t([0.2, -0.1]),
-             "logp_ref_seq": t([-2.0, -3.0]), "logp_old_seq": t([sum(r) for r in rows]),
-             "logp_old_tok": padded(rows, T=3)[0], "advantages": t([0.5, -0.5]), "group_ids": torch.tensor([0, 0])}
+    batch = {
+        "reward": t([1.0, 0.0]),
+        "log_z_hat": t([0.3, 0.1]),
+        "log_z": t([0.2, -0.1]),
+        "logp_ref_seq": t([-2.0, -3.0]),
+        "logp_old_seq": t([sum(r) for r in rows]),
+        "logp_old_tok": padded(rows, T=3)[0],
+        "advantages": t([0.5, -0.5]),
+        "group_ids": torch.tensor([0, 0]),
+    }
     logp, mask = padded(rows, T=3)
     args = {"beta": 1.0} if name == "disa" else {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -542,7 +661,13 @@ def test_losses_compute_in_float32_at_least_and_in_the_policy_dtype(name):
         assert loss.dtype == torch.float32, (name, dtype)
         assert torch.isfinite(loss)
     want, _ = run_loss(name, logp, mask, batch, args)  # float64 throughout
-    got, _ = run_loss(name, logp.float(), mask, {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}, args)
+    got, _ = run_loss(
+        name,
+        logp.float(),
+        mask,
+        {k: v.float() if v.is_floating_point() else v for k, v in batch.items()},
+        args,
+    )
     assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6) and B == 2
 
 
@@ -551,7 +676,9 @@ def test_group_normalize_integer_rewards_equal_float_rewards():
     for scale in ("group", "batch", "none"):
         got = group_normalize(torch.tensor(rewards), groups, scale)
         assert got.is_floating_point(), scale
-        assert got.tolist() == pytest.approx(group_normalize(torch.tensor(rewards, dtype=torch.float32), groups, scale).tolist()), scale
+        assert got.tolist() == pytest.approx(
+            group_normalize(torch.tensor(rewards, dtype=torch.float32), groups, scale).tolist()
+        ), scale
 
 
 def test_which_losses_read_the_reference():
@@ -559,5 +686,7 @@ def test_which_losses_read_the_reference():
     assert not grpo.reads_reference(grpo.make_options({"kl_coef": 0.0}))
     assert grpo.reads_reference(grpo.make_options({"kl_coef": 0.05}))
     assert get_loss("flowrl").reads_reference(get_loss("flowrl").make_options({}))
-    assert get_loss("disa").reads_reference(get_loss("disa").make_options({}, beta=1.0))  # offline: from the cache
+    assert get_loss("disa").reads_reference(
+        get_loss("disa").make_options({}, beta=1.0)
+    )  # offline: from the cache
     assert not get_loss("gspo").reads_reference(get_loss("gspo").make_options({}))

@@ -173,8 +173,14 @@ def _agreement(repo, limit):
 def _check_agreement(res):
     for name, r in res.items():
         assert "skipped" not in r, (name, r)
-        assert r["self_boxed"]["agree"] == r["items"], (name, r["self_boxed"])  # every gold is its own answer
-        assert r["wrong_numeric"]["agree"] == r["wrong_numeric"]["n"], (name, r["wrong_numeric"])  # gold + 1 is wrong
+        assert r["self_boxed"]["agree"] == r["items"], (
+            name,
+            r["self_boxed"],
+        )  # every gold is its own answer
+        assert r["wrong_numeric"]["agree"] == r["wrong_numeric"]["n"], (
+            name,
+            r["wrong_numeric"],
+        )  # gold + 1 is wrong
 
 
 def test_benchmark_golds_grade_themselves(mv, repo):
@@ -202,15 +208,25 @@ def _parity(repo, limit):
     sys.path.insert(0, str(repo / "experiments"))
     import grading_report
 
-    anchored = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
-                ExprExtractionConfig(try_extract_without_anchor=False)]
+    anchored = [
+        LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
+        ExprExtractionConfig(try_extract_without_anchor=False),
+    ]
 
     def by(gold, pred):
-        return 1.0 if pred and verify(parse(mr._as_latex(gold), parsing_timeout=None), pred, timeout_seconds=None) else 0.0
+        return (
+            1.0
+            if pred
+            and verify(parse(mr._as_latex(gold), parsing_timeout=None), pred, timeout_seconds=None)
+            else 0.0
+        )
 
     boxed_diff, marker_diff, n_boxed, n_marker = [], [], 0, 0
     for name in ("aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k"):
-        golds = [str(g) for g in load_benchmark(MATH_BENCHMARKS[name], root=_bench_root(), limit=limit).gold]
+        golds = [
+            str(g)
+            for g in load_benchmark(MATH_BENCHMARKS[name], root=_bench_root(), limit=limit).gold
+        ]
         n_idx, n_wrong, o_idx, o_wrong = grading_report.wrong_answers(golds)
         pairs = [(g, g) for g in golds] + [(golds[i], w) for i, w in zip(n_idx, n_wrong)]
         pairs += [(golds[i], w) for i, w in zip(o_idx, o_wrong)]
@@ -223,8 +239,9 @@ def _parity(repo, limit):
         for gold in golds:
             completion = f"Reasoning...\nAnswer: {gold}"
             n_marker += 1
-            if mr.grade_one(gold, completion) != by(gold, parse(completion, extraction_config=anchored,
-                                                                 parsing_timeout=None)):
+            if mr.grade_one(gold, completion) != by(
+                gold, parse(completion, extraction_config=anchored, parsing_timeout=None)
+            ):
                 marker_diff.append((name, gold))
     return boxed_diff, marker_diff, n_boxed, n_marker
 

@@ -15,10 +15,18 @@ pytest.importorskip("nbclient")
 REPO = Path(__file__).resolve().parents[1]
 #: notebook → (the run or sweep it reads, the PNGs it must write there)
 NOTEBOOKS = {
-    "bias_variance": (study_run, ["bias_variance_vs_K.png", "bias_variance_vs_beta_lambda.png",
-                                  "bias_variance_theory_fit.png"]),
-    "baselines": (tiny_baselines, ["comparison.png", "pass_at_k.png", "training_curves.png",
-                                   "log_z_calibration.png"]),
+    "bias_variance": (
+        study_run,
+        [
+            "bias_variance_vs_K.png",
+            "bias_variance_vs_beta_lambda.png",
+            "bias_variance_theory_fit.png",
+        ],
+    ),
+    "baselines": (
+        tiny_baselines,
+        ["comparison.png", "pass_at_k.png", "training_curves.png", "log_z_calibration.png"],
+    ),
     "sensitivity": (tiny_sweep, ["sensitivity_beta.png"]),
     "k_convergence": (tiny_k_sweep, ["k_convergence.png"]),
 }
@@ -39,7 +47,9 @@ def test_sources_have_a_parameters_cell():
     for name in NOTEBOOKS:
         nb = jupytext.read(REPO / "notebooks" / f"{name}.py")
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(tagged) == 1 and "analysis.sweep_dirs_from_env()" in tagged[0].source  # $DISA_SWEEP_DIR
+        assert (
+            len(tagged) == 1 and "analysis.sweep_dirs_from_env()" in tagged[0].source
+        )  # $DISA_SWEEP_DIR
 
 
 @pytest.mark.slow  # builds a sweep and executes every notebook on it: minutes of CPU
@@ -49,13 +59,25 @@ def test_notebook_executes(tmp_path_factory, monkeypatch, name):
     target = make(tmp_path_factory)
     monkeypatch.setenv("DISA_SWEEP_DIR", str(target))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    out = _build_module().build(name, tmp_path_factory.mktemp("nb"), execute=True, timeout=300, cwd=REPO)
+    out = _build_module().build(
+        name, tmp_path_factory.mktemp("nb"), execute=True, timeout=300, cwd=REPO
+    )
     import nbformat
 
     nb = nbformat.read(out, as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "error"
+    ]
     assert errors == []
-    assert any(o.output_type == "display_data" and "image/png" in o.get("data", {})
-               for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))  # figures shown
+    assert any(
+        o.output_type == "display_data" and "image/png" in o.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    )  # figures shown
     for png in pngs:
         assert (target / png).stat().st_size > 1000, png

@@ -14,10 +14,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_py(tmp_path: Path, name: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_py(
+    tmp_path: Path, name: str, *overrides: str, check: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "TQDM_DISABLE": "1", "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, str(REPO / "run.py"), "debug=fast", f"cache_dir={tmp_path / 'cache'}",
-           f"hydra.run.dir={tmp_path / name}", *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "debug=fast",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / name}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -37,10 +45,25 @@ def first_run(tmp_path_factory):
 
 def test_summary_has_documented_keys(first_run):
     s = summary(first_run, "a")
-    for key in ["algorithm", "beta", "proposal.strength", "proposal.strength_effective", "anchor.mean_abs_error",
-                "anchor.coverage_2se", "anchor.mean_ess_frac", "ref.mean_at_k", "policy.mean_at_k",
-                "ref.pass_at_1", "policy.pass_at_4", "ref.coverage", "policy.tv_target", "policy.kl_rewarded",
-                "train.steps", "time.sample_s", "time.total_s"]:
+    for key in [
+        "algorithm",
+        "beta",
+        "proposal.strength",
+        "proposal.strength_effective",
+        "anchor.mean_abs_error",
+        "anchor.coverage_2se",
+        "anchor.mean_ess_frac",
+        "ref.mean_at_k",
+        "policy.mean_at_k",
+        "ref.pass_at_1",
+        "policy.pass_at_4",
+        "ref.coverage",
+        "policy.tv_target",
+        "policy.kl_rewarded",
+        "train.steps",
+        "time.sample_s",
+        "time.total_s",
+    ]:
         assert key in s, key
     assert s["train.steps"] == 5
     assert 0 <= s["anchor.coverage_2se"] <= 1
@@ -50,7 +73,16 @@ def test_summary_has_documented_keys(first_run):
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert (run / "policy" / "config.json").exists()
     anchor = pd.read_parquet(run / "anchor.parquet")
-    assert {"log_z_hat", "ess", "ess_frac", "max_weight", "bias", "se", "n_rewarded", "log_z"} <= set(anchor.columns)
+    assert {
+        "log_z_hat",
+        "ess",
+        "ess_frac",
+        "max_weight",
+        "bias",
+        "se",
+        "n_rewarded",
+        "log_z",
+    } <= set(anchor.columns)
     # the sumpairs task (debug=fast) has min_sum=0 ... max_sum=11 with 25% held out
     assert len(anchor) == 9
 
@@ -98,7 +130,9 @@ def test_unknown_group_option_lists_choices(tmp_path):
 def test_renamed_settings_keep_working_on_the_command_line(first_run):
     """An old spelling (this release renamed ``train.*`` and ``sampler.score_batch_size``) runs,
     warns with the new spelling and means the same setting: the stage's artifact is reused."""
-    proc = run_py(first_run, "old", "stage=score", "sampler.score_batch_size=512", "train.chunk_size=2048")
+    proc = run_py(
+        first_run, "old", "stage=score", "sampler.score_batch_size=512", "train.chunk_size=2048"
+    )
     assert "sampler.score_batch_size is now scoring.batch_size" in proc.stderr
     assert "train.chunk_size is now scoring.chunk_size" in proc.stderr
     assert summary(first_run, "old")["artifact.score"] == summary(first_run, "a")["artifact.score"]

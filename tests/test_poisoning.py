@@ -25,12 +25,19 @@ from disa.training.checkpoints import (
 
 
 def _ckpt(value: float) -> dict:
-    return {"state_dict": {"policy.w": torch.full((3,), value), "policy.step": torch.tensor(2)}, "global_step": 2}
+    return {
+        "state_dict": {"policy.w": torch.full((3,), value), "policy.step": torch.tensor(2)},
+        "global_step": 2,
+    }
 
 
 def test_non_finite_tensors_are_found_by_path():
-    state = {"a": torch.ones(2), "b": [torch.tensor([1.0, float("inf")])], "c": {"d": torch.tensor([float("nan")])},
-             "n": torch.tensor([3])}
+    state = {
+        "a": torch.ones(2),
+        "b": [torch.tensor([1.0, float("inf")])],
+        "c": {"d": torch.tensor([float("nan")])},
+        "n": torch.tensor([3]),
+    }
     assert sorted(non_finite_tensors(state)) == ["b.0", "c.d"]
     assert non_finite_tensors({"a": torch.ones(2)}) == []
 
@@ -46,7 +53,9 @@ def test_atomic_checkpoint_refuses_nan_and_keeps_the_last_finite_one(tmp_path):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_a_write_that_fails_midway_leaves_the_old_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+def test_a_write_that_fails_midway_leaves_the_old_checkpoint_and_no_temp_file(
+    tmp_path, monkeypatch
+):
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint(_ckpt(1.0), path)
     before = path.read_bytes()
@@ -110,8 +119,14 @@ def test_a_nan_loss_stops_training_before_the_step_and_no_checkpoint_holds_it(tm
 
     model = _Toy(poison_at=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
-    trainer = L.Trainer(max_steps=4, callbacks=[ckpt, FiniteGuard()], plugins=[AtomicCheckpointIO()],
-                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=4,
+        callbacks=[ckpt, FiniteGuard()],
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(PoisonedCheckpointError, match="non-finite gradient at optimizer step 2"):
         trainer.fit(model, _loader())
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -141,8 +156,13 @@ _SIGNALLED = textwrap.dedent("""
 @pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_during_training_exits_non_zero(sig, code):
     script = _SIGNALLED.format(tests=str(Path(__file__).parent), sig=sig)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert "FIT RETURNED" not in proc.stdout
 
@@ -179,8 +199,12 @@ def test_checkpoint_on_another_filesystem_survives_a_kill_mid_write(tmp_path):
         art = Cache(root).artifact("train", {"test": 1})
         path = art.path / "checkpoints" / "last.ckpt"
         AtomicCheckpointIO().save_checkpoint(_ckpt(1.0), path)
-        writer = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
-                                  cwd=Path(__file__).parents[1])
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_WRITER, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[1],
+        )
         assert writer.stdout.readline().strip() == "writing"
         writer.kill()
         writer.wait()

@@ -26,9 +26,18 @@ def _errors(cfg) -> str:
 
 @pytest.fixture()
 def code_cfg(make_cfg, tmp_path):
-    (tmp_path / "train.jsonl").write_text(json.dumps({"problem": "echo", "tests": [{"input": "1", "output": "1"}]}))
-    return lambda *o: make_cfg("task=code", "backbone=hf", f"backbone.path={tmp_path}", "proposal=ref",
-                               f"task.root={tmp_path}", "task.train.path=train.jsonl", *o)
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"problem": "echo", "tests": [{"input": "1", "output": "1"}]})
+    )
+    return lambda *o: make_cfg(
+        "task=code",
+        "backbone=hf",
+        f"backbone.path={tmp_path}",
+        "proposal=ref",
+        f"task.root={tmp_path}",
+        "task.train.path=train.jsonl",
+        *o,
+    )
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -52,15 +61,25 @@ def test_cuda_device_without_cuda_is_refused(make_cfg):
 
 def test_task_backbone_pair_that_cannot_work_is_refused(make_cfg):
     msg = _errors(make_cfg("task=math"))
-    assert "task=math with backbone=embedded is not supported" in msg and "backbone=smollm2-135m" in msg, msg
+    assert (
+        "task=math with backbone=embedded is not supported" in msg
+        and "backbone=smollm2-135m" in msg
+    ), msg
 
 
-@pytest.mark.parametrize(("override", "setting", "allowed"), [
-    ("sampler.temperature=1e-300", "sampler.temperature", "[1e-3, 1e3]"),
-    ("eval.sampler.temperature=1e9", "eval.sampler.temperature", "[1e-3, 1e3]"),
-    ("algorithm.optimizer.lr=1e308", "algorithm.optimizer.lr", "(0, 1]"),
-    ("algorithm=grpo algorithm.loss_args.kl_coef=1e300", "algorithm.loss_args.kl_coef", "<= 1e4"),
-])
+@pytest.mark.parametrize(
+    ("override", "setting", "allowed"),
+    [
+        ("sampler.temperature=1e-300", "sampler.temperature", "[1e-3, 1e3]"),
+        ("eval.sampler.temperature=1e9", "eval.sampler.temperature", "[1e-3, 1e3]"),
+        ("algorithm.optimizer.lr=1e308", "algorithm.optimizer.lr", "(0, 1]"),
+        (
+            "algorithm=grpo algorithm.loss_args.kl_coef=1e300",
+            "algorithm.loss_args.kl_coef",
+            "<= 1e4",
+        ),
+    ],
+)
 def test_numbers_past_float_overflow_are_refused(make_cfg, override, setting, allowed):
     msg = _errors(make_cfg(*override.split()))
     line = next(ln for ln in msg.splitlines() if f"- {setting}=" in ln)
@@ -72,17 +91,27 @@ def test_grader_settings_are_checked(code_cfg, monkeypatch):
 
     monkeypatch.setattr(sandbox, "missing_guards", lambda required=sandbox.GUARDS: [])
     validate(code_cfg())
-    msg = _errors(code_cfg("+task.grader.timeout=1", "task.grader.memory_mb=1", "task.grader.timeout_s=-1"))
+    msg = _errors(
+        code_cfg("+task.grader.timeout=1", "task.grader.memory_mb=1", "task.grader.timeout_s=-1")
+    )
     assert "task.grader.timeout is not a grader setting" in msg and "'timeout_s'" in msg, msg
-    assert "task.grader.memory_mb=1 is invalid" in msg and "task.grader.timeout_s=-1 is invalid" in msg, msg
+    assert (
+        "task.grader.memory_mb=1 is invalid" in msg and "task.grader.timeout_s=-1 is invalid" in msg
+    ), msg
 
 
 def test_require_isolation_refuses_a_machine_without_the_guards(code_cfg, monkeypatch):
     from disa import sandbox
 
-    monkeypatch.setattr(sandbox, "missing_guards", lambda required=sandbox.GUARDS: ["memory_limited"])
+    monkeypatch.setattr(
+        sandbox, "missing_guards", lambda required=sandbox.GUARDS: ["memory_limited"]
+    )
     msg = _errors(code_cfg())
-    assert "require_isolation=true" in msg and "['memory_limited']" in msg and "require_isolation=false" in msg
+    assert (
+        "require_isolation=true" in msg
+        and "['memory_limited']" in msg
+        and "require_isolation=false" in msg
+    )
     validate(code_cfg("task.grader.require_isolation=false"))
 
 
@@ -211,9 +240,14 @@ def test_tilde_in_cache_dir_reaches_wandb_as_an_absolute_path(tmp_path, monkeypa
 def test_a_stage_whose_inputs_were_never_cached_is_refused_before_any_work(make_cfg, tmp_path):
     from disa.job import run
 
-    for stage, missing in (("train", ["sample", "score", "anchor"]), ("evaluate", ["sample", "score", "anchor", "train"]),
-                           ("anchor", ["sample", "score"])):
-        cfg = make_cfg("debug=fast", f"stage={stage}", f"cache_dir={tmp_path / 'cache'}", "logger=none")
+    for stage, missing in (
+        ("train", ["sample", "score", "anchor"]),
+        ("evaluate", ["sample", "score", "anchor", "train"]),
+        ("anchor", ["sample", "score"]),
+    ):
+        cfg = make_cfg(
+            "debug=fast", f"stage={stage}", f"cache_dir={tmp_path / 'cache'}", "logger=none"
+        )
         with pytest.raises(CacheError, match="reuses cached") as e:
             run(cfg, tmp_path / stage)
         assert f"stage={stage} reuses cached {missing} artifacts" in str(e.value)

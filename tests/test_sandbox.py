@@ -101,7 +101,9 @@ def test_infinite_loop_killed_with_its_process_group():
 
 
 def test_background_child_killed_after_normal_exit():
-    src = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\nprint('done')\n"
+    src = (
+        "import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\nprint('done')\n"
+    )
     mark, env = _marked()
     r = run_program(src, env=env)
     assert r.status == "ok" and r.stdout.strip() == "done"
@@ -181,7 +183,12 @@ def test_network_isolation_reported():
 def test_without_namespaces(monkeypatch):
     monkeypatch.setattr(sandbox, "_NAMESPACES", [False])
     r = run_program("print(1)")
-    assert r.ok and r.network_isolated is False and r.tree_contained is False and r.disk_limited is False
+    assert (
+        r.ok
+        and r.network_isolated is False
+        and r.tree_contained is False
+        and r.disk_limited is False
+    )
     with pytest.raises(SandboxUnavailable, match="network_isolated"):
         run_program("print(1)", require_network_isolation=True)
     with pytest.raises(SandboxUnavailable, match="tree_contained"):
@@ -200,9 +207,13 @@ def test_extract_code():
 
 
 def test_output_comparison():
-    assert outputs_equal("  1  2 \n3\n\n", "1 2\n3") and outputs_equal("  1  2 \n3\n\n", "1 2\n3", "lines")
+    assert outputs_equal("  1  2 \n3\n\n", "1 2\n3") and outputs_equal(
+        "  1  2 \n3\n\n", "1 2\n3", "lines"
+    )
     assert outputs_equal("yes\nNo", "YES\nNO") and not outputs_equal("yes\nNo", "YES\nNO", "lines")
-    assert outputs_equal("0.3333333", "0.333333333") and not outputs_equal("0.3333333", "0.333333333", "lines")
+    assert outputs_equal("0.3333333", "0.333333333") and not outputs_equal(
+        "0.3333333", "0.333333333", "lines"
+    )
     assert values_equal((1, 2), [1, 2]) and not values_equal(0.30000000000000004, 0.3)
 
 
@@ -256,27 +267,37 @@ def test_grade_functional():
 
 # -- hostile programs ------------------------------------------------------------------------
 needs_landlock = pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="no Landlock in this kernel")
-needs_signal_scope = pytest.mark.skipif(sandbox.landlock_abi() < 6, reason="Landlock ABI < 6: no signal scoping")
+needs_signal_scope = pytest.mark.skipif(
+    sandbox.landlock_abi() < 6, reason="Landlock ABI < 6: no signal scoping"
+)
 
 
 @needs_landlock
 def test_writes_outside_the_working_directory_refused(tmp_path):
     target = tmp_path / "escaped"
-    for src in (f"open({str(target)!r}, 'w').write('x')", f"import os\nos.mkdir({str(target)!r})",
-                f"import os\nos.symlink('/etc', {str(target)!r})"):
+    for src in (
+        f"open({str(target)!r}, 'w').write('x')",
+        f"import os\nos.mkdir({str(target)!r})",
+        f"import os\nos.symlink('/etc', {str(target)!r})",
+    ):
         r = run_program(src)
         assert r.status == "error" and "PermissionError" in r.stderr and r.writes_confined, src
         assert not target.exists()
     # inside its working directory a program still creates, renames and removes files
-    r = run_program("import os\nopen('f', 'w').write('x')\nos.mkdir('d')\nos.rename('f', 'd/g')\n"
-                    "print(open('d/g').read())\nos.remove('d/g')\nos.rmdir('d')\nopen(os.devnull, 'w').write('ok')")
+    r = run_program(
+        "import os\nopen('f', 'w').write('x')\nos.mkdir('d')\nos.rename('f', 'd/g')\n"
+        "print(open('d/g').read())\nos.remove('d/g')\nos.rmdir('d')\nopen(os.devnull, 'w').write('ok')"
+    )
     assert r.ok and r.stdout.strip() == "x", r.stderr
 
 
 @needs_signal_scope
 def test_program_cannot_signal_the_harness():
-    for src in ("os.kill(os.getppid(), signal.SIGKILL)", f"os.kill({os.getpid()}, signal.SIGTERM)",
-                f"os.killpg({os.getpgid(0)}, signal.SIGKILL)"):
+    for src in (
+        "os.kill(os.getppid(), signal.SIGKILL)",
+        f"os.kill({os.getpid()}, signal.SIGTERM)",
+        f"os.killpg({os.getpgid(0)}, signal.SIGKILL)",
+    ):
         r = run_program("import os, signal\n" + src + "\nprint('sent')")
         assert r.status == "error" and r.signals_confined, src
         # outside its pid namespace the harness is out of sight, or out of reach
@@ -290,8 +311,10 @@ _FORK_LOOP = (
     "    n += 1\nprint(n, flush=True)\n"
 )
 needs_process_limit = pytest.mark.skipif(
-    sandbox.pids_cgroup_base() is None and not (network_isolation_available() and os.geteuid() != 0),
-    reason="neither a pids cgroup nor RLIMIT_NPROC in a user namespace is available")
+    sandbox.pids_cgroup_base() is None
+    and not (network_isolation_available() and os.geteuid() != 0),
+    reason="neither a pids cgroup nor RLIMIT_NPROC in a user namespace is available",
+)
 
 
 @needs_process_limit
@@ -300,8 +323,10 @@ def test_process_count_limited_and_nothing_left_behind():
     gone afterwards, including a child that left the process group with ``setsid``."""
     r = run_program(_FORK_LOOP, max_processes=8, timeout_s=10)
     assert r.ok and r.stdout.strip() == "7" and r.processes_limited
-    escapee = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    print('escaped', flush=True)\n"
-               "    time.sleep(60)\ntime.sleep(1)\n")
+    escapee = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    print('escaped', flush=True)\n"
+        "    time.sleep(60)\ntime.sleep(1)\n"
+    )
     mark, env = _marked()
     r = run_program(escapee, timeout_s=5, env=env)
     assert "escaped" in r.stdout
@@ -309,7 +334,11 @@ def test_process_count_limited_and_nothing_left_behind():
         # the pid namespace (or the cgroup) catches what the process group does not
         assert _all_gone(mark), "a setsid child outlived its sandbox"
         if sandbox.pids_cgroup_base() is not None:
-            assert not [p for p in os.listdir(sandbox.pids_cgroup_base()) if p.startswith(f"disa-sandbox-{os.getpid()}-")]
+            assert not [
+                p
+                for p in os.listdir(sandbox.pids_cgroup_base())
+                if p.startswith(f"disa-sandbox-{os.getpid()}-")
+            ]
     else:
         for pid in _live_marked(mark):
             os.kill(pid, signal.SIGKILL)
@@ -319,8 +348,11 @@ def test_process_count_limited_and_nothing_left_behind():
 def test_fork_bomb_contained():
     mark, env = _marked()
     t0 = time.monotonic()
-    r = run_program("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-                    timeout_s=2, env=env)
+    r = run_program(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        timeout_s=2,
+        env=env,
+    )
     assert r.status == "timeout" and r.processes_limited
     assert time.monotonic() - t0 < 15
     assert _all_gone(mark), _live_marked(mark)
@@ -425,9 +457,15 @@ def test_every_humaneval_canonical_solution_passes(he_tasks):
     and plus inputs (expected outputs come from the canonical solution, run in the sandbox)."""
     tasks = list(he_tasks.values())
     grades = grade_many(tasks, [t["canonical_solution"] for t in tasks], workers=2)
-    failed = [(t["task_id"], g.statuses[:3], g.detail[:200]) for t, g in zip(tasks, grades) if not g.all_passed]
+    failed = [
+        (t["task_id"], g.statuses[:3], g.detail[:200])
+        for t, g in zip(tasks, grades)
+        if not g.all_passed
+    ]
     assert not failed
-    assert sum(g.total for g in grades) == sum(len(t["base_input"]) + len(t["plus_input"]) for t in tasks)
+    assert sum(g.total for g in grades) == sum(
+        len(t["base_input"]) + len(t["plus_input"]) for t in tasks
+    )
 
 
 @pytest.mark.skipif(sandbox.pids_cgroup_base() is None, reason="no pids cgroup can be created here")

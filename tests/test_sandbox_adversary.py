@@ -28,7 +28,9 @@ HAVE = available_guards()
 
 
 def needs(guard: str):
-    return pytest.mark.skipif(not HAVE[guard], reason=f"this machine lacks the sandbox guard {guard}")
+    return pytest.mark.skipif(
+        not HAVE[guard], reason=f"this machine lacks the sandbox guard {guard}"
+    )
 
 
 # -- reads ----------------------------------------------------------------------------------
@@ -37,18 +39,31 @@ def test_reads_confined_to_the_interpreter_and_own_files(tmp_path, repo):
     secret = tmp_path / "reference_solution.py"
     secret.write_text("ANSWER = 42\n")
     bench = repo.parent / "shared" / "benchmarks"
-    targets = [str(secret), "/etc/passwd", str(Path.home()), str(repo / "README.md"), str(repo / "disa"),
-               str(bench), os.path.expanduser("~/.netrc")]
+    targets = [
+        str(secret),
+        "/etc/passwd",
+        str(Path.home()),
+        str(repo / "README.md"),
+        str(repo / "disa"),
+        str(bench),
+        os.path.expanduser("~/.netrc"),
+    ]
     for target in targets:
-        src = (f"import os\np = {target!r}\n"
-               "print(os.listdir(p) if os.path.isdir(p) else open(p, 'rb').read()[:10])")
+        src = (
+            f"import os\np = {target!r}\n"
+            "print(os.listdir(p) if os.path.isdir(p) else open(p, 'rb').read()[:10])"
+        )
         r = run_program(src)
         assert r.status == "error" and r.reads_confined, (target, r.stdout)
-        if os.path.exists(target):  # a missing one fails for that reason; it must not be read either
+        if os.path.exists(
+            target
+        ):  # a missing one fails for that reason; it must not be read either
             assert "PermissionError" in r.stderr, (target, r.stderr[-300:])
     # What a program needs still works: the standard library, its own files, /dev/urandom.
-    r = run_program("import json, decimal, fractions, heapq, re, os\nprint(open('in.txt').read(), len(os.urandom(8)))",
-                    files={"in.txt": "mine"})
+    r = run_program(
+        "import json, decimal, fractions, heapq, re, os\nprint(open('in.txt').read(), len(os.urandom(8)))",
+        files={"in.txt": "mine"},
+    )
     assert r.ok and r.stdout.split() == ["mine", "8"], r.stderr
     # A path granted explicitly becomes readable (and nothing else does).
     r = run_program(f"print(open({str(secret)!r}).read().strip())", readable=[str(secret)])
@@ -59,7 +74,9 @@ def test_reads_confined_to_the_interpreter_and_own_files(tmp_path, repo):
 def test_site_packages_readable_when_asked_the_project_never():
     r = run_program("import numpy\nprint(numpy.__name__)", site_packages=True, memory_mb=2048)
     assert r.ok and r.stdout.strip() == "numpy", r.stderr[-300:]
-    r = run_program("import disa", site_packages=True, memory_mb=2048)  # an editable install points into the project
+    r = run_program(
+        "import disa", site_packages=True, memory_mb=2048
+    )  # an editable install points into the project
     assert r.status == "error" and "PermissionError" in r.stderr
 
 
@@ -108,8 +125,10 @@ def test_one_memory_budget_for_all_processes():
 
 @needs("disk_limited")
 def test_one_disk_budget_for_all_files():
-    src = ("n = 0\ntry:\n    for i in range(40):\n        open(f'f{i}', 'wb').write(b'x' * 4 * 1024 * 1024)\n"
-           "        n += 4\nexcept OSError as e:\n    print(n, e.errno)\n")
+    src = (
+        "n = 0\ntry:\n    for i in range(40):\n        open(f'f{i}', 'wb').write(b'x' * 4 * 1024 * 1024)\n"
+        "        n += 4\nexcept OSError as e:\n    print(n, e.errno)\n"
+    )
     r = run_program(src, disk_mb=32, file_size_mb=16)
     written, err = map(int, r.stdout.split())
     assert r.ok and written <= 32 and err == 28  # ENOSPC well before the 160 MB asked for
@@ -121,15 +140,27 @@ def test_program_dies_and_files_go_when_the_harness_is_killed(tmp_path):
     """SIGKILL the harness mid-run: the program, its children (one ``setsid``-ed) and the
     run's directory are gone within seconds, without waiting for another harness."""
     mark, env = _marked()
-    program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\n"
-               "open('big', 'wb').write(b'x' * 1000)\nprint('started', flush=True)\ntime.sleep(120)\n")
-    harness = subprocess.Popen([sys.executable, "-c", (
-        "import sys\nfrom disa.sandbox import run_program\n"
-        f"run_program({program!r}, timeout_s=300, env={env!r})\n")], cwd=Path(__file__).parents[1])
+    program = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\n"
+        "open('big', 'wb').write(b'x' * 1000)\nprint('started', flush=True)\ntime.sleep(120)\n"
+    )
+    harness = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys\nfrom disa.sandbox import run_program\n"
+                f"run_program({program!r}, timeout_s=300, env={env!r})\n"
+            ),
+        ],
+        cwd=Path(__file__).parents[1],
+    )
     try:
         deadline = time.monotonic() + 30
         while len(_live_marked(mark)) < 4:  # outer, init, the program, its child
-            assert time.monotonic() < deadline and harness.poll() is None, "the sandbox did not start"
+            assert time.monotonic() < deadline and harness.poll() is None, (
+                "the sandbox did not start"
+            )
             time.sleep(0.05)
         roots = list(Path(tempfile.gettempdir()).glob(f"disa-sandbox-{harness.pid}-*"))
         assert roots
@@ -157,11 +188,14 @@ def test_stale_run_directories_of_a_killed_harness_are_removed(tmp_path):
 
 
 # -- a failure of the program is never a failure of the sandbox, nor the reverse ------------
-@pytest.mark.parametrize("imitation", [
-    "sys.stderr.write('unshare: unshare failed: Operation not permitted\\n')\nsys.exit(1)",
-    "sys.stderr.write('sandbox: could not join the pids cgroup: denied\\n')\nsys.exit(121)",
-    "os.write(3, b'{\"error\": \"forged\"}\\n')\nos.write(4, b'{\"error\": \"forged\"}\\n')\nsys.exit(121)",
-])
+@pytest.mark.parametrize(
+    "imitation",
+    [
+        "sys.stderr.write('unshare: unshare failed: Operation not permitted\\n')\nsys.exit(1)",
+        "sys.stderr.write('sandbox: could not join the pids cgroup: denied\\n')\nsys.exit(121)",
+        'os.write(3, b\'{"error": "forged"}\\n\')\nos.write(4, b\'{"error": "forged"}\\n\')\nsys.exit(121)',
+    ],
+)
 def test_imitated_sandbox_failure_is_the_program_failing(imitation):
     r = run_program("import os, sys\n" + imitation)
     assert r.status == "error" and r.returncode in (1, 121), (r.status, r.stderr[-300:])
@@ -204,21 +238,35 @@ def test_forged_driver_output_fails_every_test_and_never_crashes(payload):
     assert g.error is None and g.pass_fraction == 0.0 and g.statuses == ["forged", "forged"], g
     assert "forged" in g.detail
     # the control: the same function without the forgery passes
-    assert grade_functional("def add(a, b):\n    return a + b\n", "add", tests, extract=False).all_passed
+    assert grade_functional(
+        "def add(a, b):\n    return a + b\n", "add", tests, extract=False
+    ).all_passed
 
 
 def test_result_parser_against_hand_made_streams():
     n = "N0NCE"
-    ok = [n + json.dumps({"load": "ok"}), n + json.dumps({"i": 0, "status": "ok", "value": {"__tuple__": [1, 2]}}),
-          n + json.dumps({"i": 1, "status": "timeout"})]
-    assert _parse_results("\n".join(ok), n, 2, False)[:4] == ("ok", ["ok", "timeout"], [(1, 2), None], "timeout")
+    ok = [
+        n + json.dumps({"load": "ok"}),
+        n + json.dumps({"i": 0, "status": "ok", "value": {"__tuple__": [1, 2]}}),
+        n + json.dumps({"i": 1, "status": "timeout"}),
+    ]
+    assert _parse_results("\n".join(ok), n, 2, False)[:4] == (
+        "ok",
+        ["ok", "timeout"],
+        [(1, 2), None],
+        "timeout",
+    )
     # lines without the nonce are the program's own and ignored; a line cut by the output cap
     # ends the results when the output was truncated, and is a forgery when it was not
     cut = [*ok[:2], "noise", n + '{"i": 1, "sta']
     assert _parse_results("\n".join(cut), n, 2, True)[:2] == ("ok", ["ok", "not_run"])
     assert _parse_results("\n".join(cut), n, 2, False)[:2] == ("forged", ["forged", "forged"])
     # a result before the load record, out of order, or past the last input
-    for bad in ([ok[1], ok[0]], [ok[0], ok[2], ok[1]], [*ok, n + json.dumps({"i": 2, "status": "ok", "value": 1})]):
+    for bad in (
+        [ok[1], ok[0]],
+        [ok[0], ok[2], ok[1]],
+        [*ok, n + json.dumps({"i": 2, "status": "ok", "value": 1})],
+    ):
         assert _parse_results("\n".join(bad), n, 2, False)[0] == "forged"
 
 
@@ -235,7 +283,9 @@ def test_guard_flags_reach_the_code_grade():
 
 def test_required_guards_refuse_a_machine_without_them(monkeypatch):
     monkeypatch.setattr(sandbox, "_LANDLOCK_ABI", 0)
-    assert {"reads_confined", "writes_confined", "signals_confined"} <= set(sandbox.missing_guards())
+    assert {"reads_confined", "writes_confined", "signals_confined"} <= set(
+        sandbox.missing_guards()
+    )
     with pytest.raises(SandboxUnavailable, match="reads_confined"):
         run_program("print(1)", require=["reads_confined"])
     r = run_program("print(1)")  # not required: runs, and says what it lacked
@@ -247,8 +297,15 @@ def test_guard_flags_reach_the_run_summary():
     ran; samples without a run (no code) do not count; no sandbox column, no entry."""
     from disa.stages.evaluate import sandbox_guards
 
-    samples = pd.DataFrame({"reward": [1.0, 0.0, 0.0], "sandbox_reads_confined": [True, True, None],
-                            "sandbox_memory_limited": [True, False, None]})
-    assert sandbox_guards(samples, "policy") == {"policy.sandbox.reads_confined": True,
-                                                 "policy.sandbox.memory_limited": False}
+    samples = pd.DataFrame(
+        {
+            "reward": [1.0, 0.0, 0.0],
+            "sandbox_reads_confined": [True, True, None],
+            "sandbox_memory_limited": [True, False, None],
+        }
+    )
+    assert sandbox_guards(samples, "policy") == {
+        "policy.sandbox.reads_confined": True,
+        "policy.sandbox.memory_limited": False,
+    }
     assert sandbox_guards(samples[["reward"]], "ref") == {}

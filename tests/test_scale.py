@@ -37,15 +37,25 @@ def _env() -> dict[str, str]:
 
 
 # -- trainer presets -------------------------------------------------------------------------
-@pytest.mark.parametrize(("preset", "strategy"), [("ddp", "ddp"), ("ddp_sim", "ddp"), ("fsdp", "FSDPStrategy"),
-                                                  ("deepspeed", "DeepSpeedStrategy")])
+@pytest.mark.parametrize(
+    ("preset", "strategy"),
+    [
+        ("ddp", "ddp"),
+        ("ddp_sim", "ddp"),
+        ("fsdp", "FSDPStrategy"),
+        ("deepspeed", "DeepSpeedStrategy"),
+    ],
+)
 def test_trainer_presets_compose(make_cfg, preset, strategy):
     cfg = make_cfg(f"trainer={preset}")
     s = cfg.trainer.strategy
     assert strategy in (s if isinstance(s, str) else s._target_)
     assert cfg.trainer.use_distributed_sampler is False  # the data module's batch stream is kept
     if preset == "deepspeed" and not HAS_DEEPSPEED:
-        with pytest.raises(ConfigError, match=r"trainer=deepspeed needs the 'deepspeed' extra: pip install 'disa\[deepspeed\]'"):
+        with pytest.raises(
+            ConfigError,
+            match=r"trainer=deepspeed needs the 'deepspeed' extra: pip install 'disa\[deepspeed\]'",
+        ):
             validate(cfg)
         return
     validate(cfg)
@@ -56,7 +66,9 @@ def test_trainer_presets_compose(make_cfg, preset, strategy):
 def test_ddp_sim_trainer_has_world_size_two(make_cfg):
     from lightning.pytorch.strategies import DDPStrategy
 
-    trainer = instantiate(make_cfg("trainer=ddp_sim").trainer, logger=False, enable_checkpointing=False)
+    trainer = instantiate(
+        make_cfg("trainer=ddp_sim").trainer, logger=False, enable_checkpointing=False
+    )
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 2
     assert trainer.strategy.root_device.type == "cpu"
 
@@ -66,16 +78,37 @@ def test_fsdp_wraps_decoder_layers(make_cfg):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
     strategy = instantiate(make_cfg("trainer=fsdp").trainer.strategy)
-    policy = strategy._fsdp_kwargs.get("auto_wrap_policy") if hasattr(strategy, "_fsdp_kwargs") else strategy.kwargs["auto_wrap_policy"]
+    policy = (
+        strategy._fsdp_kwargs.get("auto_wrap_policy")
+        if hasattr(strategy, "_fsdp_kwargs")
+        else strategy.kwargs["auto_wrap_policy"]
+    )
     assert isinstance(policy, ModuleWrapPolicy) and Qwen2DecoderLayer in policy._module_classes
 
 
 def test_multi_process_strategy_refused_in_local_sweep(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "-m", "debug=fast", "trainer=ddp_sim", "seed=0,1",
-                           f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run.py"),
+            "-m",
+            "debug=fast",
+            "trainer=ddp_sim",
+            "seed=0,1",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
-    assert "in a local -m sweep" in proc.stderr and "Lightning re-runs the whole command line" in proc.stderr
+    assert (
+        "in a local -m sweep" in proc.stderr
+        and "Lightning re-runs the whole command line" in proc.stderr
+    )
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 
@@ -85,7 +118,9 @@ def test_vllm_absent_is_a_clear_config_error(make_cfg):
     with pytest.raises(ConfigError) as e:
         validate(make_cfg("sampler=vllm"))
     lines = [ln for ln in str(e.value).splitlines() if ln.strip().startswith("- ")]
-    assert len(lines) == 1 and VLLM_HINT in lines[0], str(e.value)  # the vllm settings themselves are valid
+    assert len(lines) == 1 and VLLM_HINT in lines[0], str(
+        e.value
+    )  # the vllm settings themselves are valid
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
@@ -99,9 +134,20 @@ def test_vllm_absent_at_build_time(make_cfg):
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
 def test_vllm_absent_from_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "sampler=vllm", f"cache_dir={tmp_path / 'cache'}",
-                           f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run.py"),
+            "sampler=vllm",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and VLLM_HINT in proc.stderr
     assert not (tmp_path / "cache").exists()
 
@@ -109,24 +155,44 @@ def test_vllm_absent_from_the_command_line(tmp_path):
 def test_vllm_settings_and_multi_process_online_refused(make_cfg):
     msg = ""
     try:
-        validate(make_cfg("sampler=vllm", "algorithm=grpo", "trainer=ddp_sim", "sampler.gpu_memory_utilization=1.5",
-                          "sampler.tensor_parallel_size=0"))
+        validate(
+            make_cfg(
+                "sampler=vllm",
+                "algorithm=grpo",
+                "trainer=ddp_sim",
+                "sampler.gpu_memory_utilization=1.5",
+                "sampler.tensor_parallel_size=0",
+            )
+        )
     except ConfigError as e:
         msg = str(e)
     # online algorithms sample through vLLM in one training process (the weights are synced into it)
     assert "algorithm=grpo (online) and trainer.strategy='ddp'" in msg
-    assert "sampler.gpu_memory_utilization=1.5 is invalid" in msg and "sampler.tensor_parallel_size=0 is invalid" in msg
+    assert (
+        "sampler.gpu_memory_utilization=1.5 is invalid" in msg
+        and "sampler.tensor_parallel_size=0 is invalid" in msg
+    )
 
 
 def test_vllm_completion_normalisation_and_agreement():
     from disa.sampling.vllm import _completion, logprob_agreement
 
     def out(ids, reason, lps):
-        return SimpleNamespace(token_ids=ids, finish_reason=reason,
-                               logprobs=None if lps is None else [{t: SimpleNamespace(logprob=v)} for t, v in zip(ids, lps)])
+        return SimpleNamespace(
+            token_ids=ids,
+            finish_reason=reason,
+            logprobs=None
+            if lps is None
+            else [{t: SimpleNamespace(logprob=v)} for t, v in zip(ids, lps)],
+        )
 
-    assert _completion(out([5, 6, 2, 7], "stop", [-1.0, -2.0, -0.5, -9.0]), eos=2) == ([5, 6, 2], -3.5)
-    ids, lp = _completion(out([5, 6], "stop", [-1.0, -2.0]), eos=2)  # stopped on EOS, token left out
+    assert _completion(out([5, 6, 2, 7], "stop", [-1.0, -2.0, -0.5, -9.0]), eos=2) == (
+        [5, 6, 2],
+        -3.5,
+    )
+    ids, lp = _completion(
+        out([5, 6], "stop", [-1.0, -2.0]), eos=2
+    )  # stopped on EOS, token left out
     assert ids == [5, 6, 2] and lp != lp  # nan: no log-prob for the appended EOS
     assert _completion(out([5, 6], "length", None), eos=2)[0] == [5, 6]
     agree = logprob_agreement([-3.0, float("nan"), -1.0], [-3.1, -2.0, -1.0], [2, 1, 1])
@@ -181,7 +247,9 @@ def test_gradient_checkpointing_on_the_embedded_model(char_tok):
 
     loss0, g0, n0 = run()
     # as disa.training.run.fit does for checkpoint.activations=true
-    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)(
+        {"use_reentrant": False}
+    )
     loss1, g1, n1 = run()
     assert (n0, n1) == (1, 2)
     torch.testing.assert_close(loss0, loss1)
@@ -190,7 +258,9 @@ def test_gradient_checkpointing_on_the_embedded_model(char_tok):
 
 
 # -- the chunked projection -------------------------------------------------------------------
-@pytest.mark.parametrize(("temperature", "top_k", "chunk"), [(1.0, 0, 4), (0.7, 0, 3), (1.3, 5, 2), (1.0, 0, 100)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "chunk"), [(1.0, 0, 4), (0.7, 0, 3), (1.3, 5, 2), (1.0, 0, 100)]
+)
 def test_chunked_logprobs_gradients_match_autograd(temperature, top_k, chunk):
     g = torch.Generator().manual_seed(0)
     N, H, V = 11, 8, 17
@@ -251,9 +321,13 @@ def test_chunked_peak_memory_below_naive():
     args = benchmark.parse_args(["--quick", "--mem-vocab", "2048"])
     rows = benchmark.memory_comparison(args, torch.device("cpu"), benchmark.contextlib.nullcontext)
     for grad in (False, True):
-        naive = next(r for r in rows if r["grad"] == grad and r["method"] == "naive")["peak_mem_mib"]
-        chunked = sorted((r for r in rows if r["grad"] == grad and r["method"] == "chunked"),
-                         key=lambda r: r["chunk_size"])
+        naive = next(r for r in rows if r["grad"] == grad and r["method"] == "naive")[
+            "peak_mem_mib"
+        ]
+        chunked = sorted(
+            (r for r in rows if r["grad"] == grad and r["method"] == "chunked"),
+            key=lambda r: r["chunk_size"],
+        )
         assert all(r["peak_mem_mib"] <= naive for r in chunked)
         assert chunked[0]["peak_mem_mib"] < chunked[1]["peak_mem_mib"]  # smaller chunks, lower peak
         assert chunked[0]["peak_mem_mib"] < 0.5 * naive
@@ -282,9 +356,21 @@ def test_ddp_sim_one_run_dir_one_summary(tmp_path):
     """``trainer=ddp_sim``: Lightning re-runs run.py for rank 1 in rank 0's run directory; rank 1
     trains and stops, rank 0 alone evaluates and writes summary.json."""
     env = {**_env(), "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "debug=fast", "trainer=ddp_sim",
-                           f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run.py"),
+            "debug=fast",
+            "trainer=ddp_sim",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert "MEMBER: 2/2" in log and "Starting with 2 processes" in log  # world size 2
@@ -302,13 +388,29 @@ def test_local_sweep_with_ddp_spawn(tmp_path):
     """A local ``-m`` sweep with a 2-process trainer (``trainer.strategy=ddp_spawn``): one run
     directory and summary per job, offline and online algorithms, with the step and token
     counts of the spawned training processes (not the main process's idle trainer)."""
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "-m", "debug=fast", "trainer=ddp_sim",
-                           "trainer.strategy=ddp_spawn", "algorithm=disa,grpo", "logger=csv",
-                           f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          cwd=tmp_path, env={**_env(), "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run.py"),
+            "-m",
+            "debug=fast",
+            "trainer=ddp_sim",
+            "trainer.strategy=ddp_spawn",
+            "algorithm=disa,grpo",
+            "logger=csv",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        env={**_env(), "HYDRA_FULL_ERROR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
+    summaries = [
+        json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))
+    ]
     assert [s["algorithm"] for s in summaries] == ["disa", "grpo"]
     assert all(s["train.steps"] == 5 for s in summaries)
     assert summaries[0]["train.tokens_generated"] == 0 < summaries[1]["train.tokens_generated"]
@@ -333,12 +435,18 @@ class _StepRecorder(L.Callback):
         self.out = out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        grads = {
+            n: p.grad.detach().clone()
+            for n, p in pl_module.named_parameters()
+            if p.grad is not None
+        }
         torch.save(grads, self.out / f"grads-{trainer.global_rank}.pt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.save({"loss": outputs["loss"].detach(), "n": len(batch["reward"])},
-                   self.out / f"loss-{trainer.global_rank}.pt")
+        torch.save(
+            {"loss": outputs["loss"].detach(), "n": len(batch["reward"])},
+            self.out / f"loss-{trainer.global_rank}.pt",
+        )
 
 
 def _one_disa_step(out, char_tok, frame, devices: int, batch_size: int) -> None:
@@ -348,12 +456,26 @@ def _one_disa_step(out, char_tok, frame, devices: int, batch_size: int) -> None:
 
     policy = tiny_llama(len(char_tok), seed=3).train()
     disa = get_loss("disa")
-    module = PolicyModule(policy, disa, disa.make_options({}, beta=2.0), functools.partial(torch.optim.SGD, lr=0.1),
-                          chunk_size=5)
+    module = PolicyModule(
+        policy,
+        disa,
+        disa.make_options({}, beta=2.0),
+        functools.partial(torch.optim.SGD, lr=0.1),
+        chunk_size=5,
+    )
     data = TrajectoryDataModule(frame, batch_size, char_tok.pad_token_id, seed=11)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                        max_steps=1, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[_StepRecorder(out)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=1,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_StepRecorder(out)],
+    )
     trainer.fit(module, datamodule=data)
 
 
@@ -366,14 +488,21 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, char_
 
     rng = np.random.default_rng(0)
     n = 24
-    frame = pd.DataFrame({
-        "prompt_ids": [[char_tok.bos_token_id, *rng.integers(4, 10, size=rng.integers(1, 4)).tolist()] for _ in range(n)],
-        "completion_ids": [[*rng.integers(4, 10, size=rng.integers(1, 6)).tolist(), char_tok.eos_token_id]
-                           for _ in range(n)],
-        "reward": rng.integers(0, 2, size=n).astype(float),
-        "logp_ref": rng.normal(-8, 2, size=n),
-        "log_z_hat": rng.normal(0, 1, size=n),
-    })
+    frame = pd.DataFrame(
+        {
+            "prompt_ids": [
+                [char_tok.bos_token_id, *rng.integers(4, 10, size=rng.integers(1, 4)).tolist()]
+                for _ in range(n)
+            ],
+            "completion_ids": [
+                [*rng.integers(4, 10, size=rng.integers(1, 6)).tolist(), char_tok.eos_token_id]
+                for _ in range(n)
+            ],
+            "reward": rng.integers(0, 2, size=n).astype(float),
+            "logp_ref": rng.normal(-8, 2, size=n),
+            "log_z_hat": rng.normal(0, 1, size=n),
+        }
+    )
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir(), ddp.mkdir()
     _one_disa_step(single, char_tok, frame, devices=1, batch_size=8)
@@ -383,7 +512,9 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, char_
     assert [r["n"] for r in ranks] == [4, 4]  # each rank trained on its half
     whole = torch.load(single / "loss-0.pt")
     assert whole["n"] == 8
-    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        (ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole["loss"], rtol=1e-5, atol=1e-6
+    )
     g1, g2 = torch.load(single / "grads-0.pt"), torch.load(ddp / "grads-0.pt")
     assert g1.keys() == g2.keys() and len(g1) > 0
     for name in g1:
@@ -403,8 +534,11 @@ def test_unsharded_policy_holds_the_gathered_weights(tmp_path, char_tok, lora):
     from disa.training.run import _with_lora, unsharded_policy
 
     tiny_llama(len(char_tok), seed=1).save_pretrained(tmp_path / "ref")
-    alg = OmegaConf.create({"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
-                           if lora else {})
+    alg = OmegaConf.create(
+        {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+        if lora
+        else {}
+    )
     trained = tiny_llama(len(char_tok), seed=1)
     if lora:
         trained = _with_lora(trained, alg.lora)
@@ -450,18 +584,31 @@ def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypa
     class ReportingSampler(HFSampler):
         def sample(self, model, tok, prompt_ids, n, settings, seed):
             groups = super().sample(model, tok, prompt_ids, n, settings, seed)
-            lp = sequence_logprobs(model, [p for p in prompt_ids for _ in range(n)], [c for g in groups for c in g],
-                                   tok.pad_token_id, temperature=settings.temperature, top_k=settings.top_k,
-                                   top_p=settings.top_p).tolist()
+            lp = sequence_logprobs(
+                model,
+                [p for p in prompt_ids for _ in range(n)],
+                [c for g in groups for c in g],
+                tok.pad_token_id,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+            ).tolist()
             shift = 0.25 if "proposal" in str(model.name_or_path) else 0.0
-            self.last_logprobs = [[x + shift for x in lp[i * n:(i + 1) * n]] for i in range(len(prompt_ids))]
+            self.last_logprobs = [
+                [x + shift for x in lp[i * n : (i + 1) * n]] for i in range(len(prompt_ids))
+            ]
             return groups
 
-    monkeypatch.setattr(sample_stage, "build_sampler", lambda cfg: ReportingSampler(int(cfg.sampler.batch_size)))
+    monkeypatch.setattr(
+        sample_stage, "build_sampler", lambda cfg: ReportingSampler(int(cfg.sampler.batch_size))
+    )
     from disa.job import run
 
     def stage(name: str) -> dict:
-        return run(make_cfg("debug=fast", f"cache_dir={tmp_path / 'cache'}", f"stage={name}"), tmp_path / name)
+        return run(
+            make_cfg("debug=fast", f"cache_dir={tmp_path / 'cache'}", f"stage={name}"),
+            tmp_path / name,
+        )
 
     stage("sample")
     summary = stage("score")
@@ -473,7 +620,16 @@ def test_sampler_logprobs_kept_and_checked_against_the_scorer(tmp_path, monkeypa
     # with a tolerance the same (reused) scores are refused, naming the component that is off
     from disa.sampling.vllm import LogprobMismatch
 
-    with pytest.raises(LogprobMismatch, match=r"beyond sampler.logprob_tolerance=0.001 nats per token") as e:
-        run(make_cfg("debug=fast", f"cache_dir={tmp_path / 'cache'}", "stage=score", "sampler.logprob_tolerance=0.001"),
-            tmp_path / "refused")
+    with pytest.raises(
+        LogprobMismatch, match=r"beyond sampler.logprob_tolerance=0.001 nats per token"
+    ) as e:
+        run(
+            make_cfg(
+                "debug=fast",
+                f"cache_dir={tmp_path / 'cache'}",
+                "stage=score",
+                "sampler.logprob_tolerance=0.001",
+            ),
+            tmp_path / "refused",
+        )
     assert "component 'proposal'" in str(e.value) and "component 'ref'" not in str(e.value)

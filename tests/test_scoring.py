@@ -49,11 +49,15 @@ def _naive_token_logprobs(model, prompt, completion, temperature=1.0, top_k=0, t
 def test_pack_layout(char_tok):
     b = pack(PROMPTS, COMPLETIONS, pad_id=0)
     P, T = 6, 7
-    assert b.input_ids.shape == (5, P + T) and b.completion_mask.shape == (5, T) and b.prompt_len == P
+    assert (
+        b.input_ids.shape == (5, P + T) and b.completion_mask.shape == (5, T) and b.prompt_len == P
+    )
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
         assert b.input_ids[i, P - len(p) : P].tolist() == p
         assert b.input_ids[i, P : P + len(c)].tolist() == c
-        assert b.attention_mask[i].tolist() == [0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (T - len(c))
+        assert b.attention_mask[i].tolist() == [0] * (P - len(p)) + [1] * (len(p) + len(c)) + [
+            0
+        ] * (T - len(c))
         assert b.completion_mask[i].tolist() == [1] * len(c) + [0] * (T - len(c))
         assert b.position_ids[i, P - len(p) : P + len(c)].tolist() == list(range(len(p) + len(c)))
 
@@ -69,10 +73,17 @@ def test_token_logprobs_matches_naive(tiny_model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 0, 1.0), (1.0, 4, 1.0), (1.3, 5, 0.8)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.7, 0, 1.0), (1.0, 4, 1.0), (1.3, 5, 0.8)]
+)
 def test_token_logprobs_processed_matches_naive(tiny_model, temperature, top_k, top_p):
-    lp = token_logprobs(tiny_model, pack(PROMPTS, COMPLETIONS, pad_id=0),
-                        temperature=temperature, top_k=top_k, top_p=top_p)
+    lp = token_logprobs(
+        tiny_model,
+        pack(PROMPTS, COMPLETIONS, pad_id=0),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
         want = _naive_token_logprobs(tiny_model, p, c, temperature, top_k, top_p)
         finite = torch.isfinite(want)
@@ -82,13 +93,19 @@ def test_token_logprobs_processed_matches_naive(tiny_model, temperature, top_k, 
 
 def test_chunking_same_values_and_gradients(tiny_model):
     batch = pack(PROMPTS, COMPLETIONS, pad_id=0)
-    coef = torch.linspace(-1.0, 2.0, batch.completion_mask.numel()).reshape(batch.completion_mask.shape)
+    coef = torch.linspace(-1.0, 2.0, batch.completion_mask.numel()).reshape(
+        batch.completion_mask.shape
+    )
 
     def grads(fn):
         tiny_model.zero_grad(set_to_none=True)
         val = fn()
         val.backward()
-        g = {n: p.grad.detach().clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        g = {
+            n: p.grad.detach().clone()
+            for n, p in tiny_model.named_parameters()
+            if p.grad is not None
+        }
         tiny_model.zero_grad(set_to_none=True)
         return val.detach(), g
 
@@ -121,9 +138,19 @@ def test_return_hidden(tiny_model):
     assert hidden.shape == (*batch.input_ids.shape, 32)
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"),
-                         [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.6), (0.7, 4, 0.9),
-                          (1.5, 2, 0.5), (1.0, 0, 0.01), (2.0, 12, 0.99)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [
+        (1.0, 0, 1.0),
+        (0.5, 0, 1.0),
+        (1.0, 3, 1.0),
+        (1.0, 0, 0.6),
+        (0.7, 4, 0.9),
+        (1.5, 2, 0.5),
+        (1.0, 0, 0.01),
+        (2.0, 12, 0.99),
+    ],
+)
 def test_process_logits_matches_hf_warpers_with_ties(temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     logits = torch.randint(-3, 4, (64, 12), generator=g).float()  # many exact ties
@@ -145,10 +172,14 @@ def test_sequence_logprobs_in_original_order(tiny_model):
         want = float(_naive_token_logprobs(tiny_model, p, c).double().sum())
         assert float(lp[i]) == pytest.approx(want, abs=1e-5)
     assert float(lp[3]) == 0.0  # empty completion
-    lp_t = sequence_logprobs(tiny_model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=3, temperature=0.6, top_k=5)
+    lp_t = sequence_logprobs(
+        tiny_model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=3, temperature=0.6, top_k=5
+    )
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
         want = float(_naive_token_logprobs(tiny_model, p, c, 0.6, 5).double().sum())
-        assert float(lp_t[i]) == pytest.approx(want, abs=1e-5) or (math.isinf(want) and math.isinf(float(lp_t[i])))
+        assert float(lp_t[i]) == pytest.approx(want, abs=1e-5) or (
+            math.isinf(want) and math.isinf(float(lp_t[i]))
+        )
 
 
 # -- sampling and scoring agree on the density ------------------------------------------------
@@ -187,25 +218,53 @@ def _chi2(counts: Counter, probs: dict, n: int) -> tuple[float, int]:
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.9)])
 def test_sampler_frequencies_match_scored_density(tiny_model, char_tok, temperature, top_k, top_p):
     eos, V, max_new, n = char_tok.eos_token_id, len(char_tok), 2, 3000
-    prompts = [char_tok("ab").input_ids, char_tok("fcade").input_ids]  # unequal: left padding in generate
-    settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new)
-    samples = HFSampler(batch_size=2 * n).sample(tiny_model, char_tok, prompts, n, settings, seed=123)
+    prompts = [
+        char_tok("ab").input_ids,
+        char_tok("fcade").input_ids,
+    ]  # unequal: left padding in generate
+    settings = SamplerSettings(
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new
+    )
+    samples = HFSampler(batch_size=2 * n).sample(
+        tiny_model, char_tok, prompts, n, settings, seed=123
+    )
     outcomes = _all_outcomes(V, eos, max_new)
     for p_ids, comps in zip(prompts, samples):
         assert len(comps) == n
         counts = Counter(tuple(c) for c in comps)
-        assert set(counts) <= set(outcomes), "sampler returned a completion outside the outcome space"
-        lp = sequence_logprobs(tiny_model, [p_ids] * len(outcomes), [list(o) for o in outcomes], char_tok.pad_token_id,
-                               temperature=temperature, top_k=top_k, top_p=top_p)
+        assert set(counts) <= set(outcomes), (
+            "sampler returned a completion outside the outcome space"
+        )
+        lp = sequence_logprobs(
+            tiny_model,
+            [p_ids] * len(outcomes),
+            [list(o) for o in outcomes],
+            char_tok.pad_token_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
         probs = dict(zip(outcomes, lp.exp().tolist()))
-        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)  # a proper density on the outcomes
-        assert all(probs[o] > 0 for o in counts), "sampled an outcome the scored density calls impossible"
+        assert sum(probs.values()) == pytest.approx(
+            1.0, abs=1e-5
+        )  # a proper density on the outcomes
+        assert all(probs[o] > 0 for o in counts), (
+            "sampled an outcome the scored density calls impossible"
+        )
         stat, dof = _chi2(counts, probs, n)
         assert dof >= 5
         assert stat < _chi2_threshold(dof), (stat, dof)
         if not settings.is_identity:  # power: the unprocessed density is clearly rejected
-            raw = sequence_logprobs(tiny_model, [p_ids] * len(outcomes), [list(o) for o in outcomes],
-                                    char_tok.pad_token_id).exp().tolist()
+            raw = (
+                sequence_logprobs(
+                    tiny_model,
+                    [p_ids] * len(outcomes),
+                    [list(o) for o in outcomes],
+                    char_tok.pad_token_id,
+                )
+                .exp()
+                .tolist()
+            )
             stat_raw, dof_raw = _chi2(counts, dict(zip(outcomes, raw)), n)
             assert stat_raw > 3 * _chi2_threshold(dof_raw)
 
@@ -251,7 +310,9 @@ def _grads_of(model, out, grad_out):
 
 def _naive_flat(model, prompts, completions, **kw):
     """The naive per-sequence log-probs, concatenated in ``lp[completion_mask]`` order."""
-    return torch.cat([_naive_token_logprobs(model, p, c, **kw) for p, c in zip(prompts, completions)])
+    return torch.cat(
+        [_naive_token_logprobs(model, p, c, **kw) for p, c in zip(prompts, completions)]
+    )
 
 
 def test_biased_head_top_k_top_p_temperature_two_values_and_gradients(bias_model):
@@ -263,8 +324,12 @@ def test_biased_head_top_k_top_p_temperature_two_values_and_gradients(bias_model
     lp = token_logprobs(bias_model, batch, chunk_size=5, **kw)[mask]
     want = _naive_flat(bias_model, PROMPTS, LONG_COMPLETIONS, **kw)
     masked = torch.isinf(want)
-    top_k_only = torch.isinf(_naive_flat(bias_model, PROMPTS, LONG_COMPLETIONS, temperature=2.0, top_k=6))
-    assert lp.shape == (45,) and 0 < top_k_only.sum() < masked.sum() < 40  # top-k and top-p both bite
+    top_k_only = torch.isinf(
+        _naive_flat(bias_model, PROMPTS, LONG_COMPLETIONS, temperature=2.0, top_k=6)
+    )
+    assert (
+        lp.shape == (45,) and 0 < top_k_only.sum() < masked.sum() < 40
+    )  # top-k and top-p both bite
     assert torch.equal(torch.isinf(lp), masked)
     torch.testing.assert_close(lp[~masked], want[~masked], atol=1e-5, rtol=0)
     coef = torch.linspace(-1.0, 2.0, 45)
@@ -303,10 +368,15 @@ def test_autocast_bf16_projects_in_bf16(bias_model):
         lp = token_logprobs(bias_model, batch, chunk_size=64)[mask]
         with torch.no_grad():
             lp_nograd = token_logprobs(bias_model, batch, chunk_size=64)[mask]
-        hidden = bias_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  position_ids=batch.position_ids).last_hidden_state
+        hidden = bias_model.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).last_hidden_state
     h, targets, head = hidden[:, P - 1 : -1][mask], batch.input_ids[:, P:][mask], bias_model.lm_head
-    logits = torch.nn.functional.linear(h.bfloat16(), head.weight.bfloat16(), head.bias.bfloat16()).float()
+    logits = torch.nn.functional.linear(
+        h.bfloat16(), head.weight.bfloat16(), head.bias.bfloat16()
+    ).float()
     want = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
     fp32 = torch.log_softmax(torch.nn.functional.linear(h.float(), head.weight, head.bias), -1)
     fp32 = fp32.gather(-1, targets[:, None])[:, 0]
@@ -364,7 +434,10 @@ def test_head_gradients_accumulate_over_chunks_in_float32(dtype):
     torch.testing.assert_close(lp, torch.full((1, 9), -math.log(2)))
     lp.backward(torch.tensor([[512.0] + [1.0] * 8]))
     assert head.weight.grad.dtype == head.bias.grad.dtype == dtype
-    assert head.weight.grad.tolist() == [[260.0], [-260.0]] and head.bias.grad.tolist() == [260.0, -260.0]
+    assert head.weight.grad.tolist() == [[260.0], [-260.0]] and head.bias.grad.tolist() == [
+        260.0,
+        -260.0,
+    ]
     assert model.decoder.table.grad.tolist() == [[0.0], [0.0]]  # zero weights pass nothing back
 
 
@@ -383,7 +456,9 @@ def test_token_logprobs_unwraps_get_base_model(tiny_model):
     batch = pack(PROMPTS, COMPLETIONS, pad_id=0)
     lp = token_logprobs(_Wrapped(tiny_model), batch)
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
-        torch.testing.assert_close(lp[i, : len(c)], _naive_token_logprobs(tiny_model, p, c), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            lp[i, : len(c)], _naive_token_logprobs(tiny_model, p, c), atol=1e-5, rtol=0
+        )
 
 
 @torch.no_grad()
@@ -426,10 +501,14 @@ def test_sequence_logprobs_batches_by_length_and_chunks_rows(tiny_model, monkeyp
     # chunk_size reaches the projection: never more than 3 rows at once, every token scored
     assert max(rows) == 3 and sum(rows) == sum(map(len, COMPLETIONS))
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
-        assert float(lp[i]) == pytest.approx(float(_naive_token_logprobs(tiny_model, p, c).double().sum()), abs=1e-5)
+        assert float(lp[i]) == pytest.approx(
+            float(_naive_token_logprobs(tiny_model, p, c).double().sum()), abs=1e-5
+        )
     # a progress bar only when asked for, labelled, and cleared when done (leave=False)
     assert capsys.readouterr().err == ""
-    sequence_logprobs(tiny_model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=2, progress="scoring pairs")
+    sequence_logprobs(
+        tiny_model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=2, progress="scoring pairs"
+    )
     err = capsys.readouterr().err
     assert "scoring pairs" in err and "3/3" not in err and not err.endswith("\n")
 
@@ -451,7 +530,10 @@ def test_process_logits_one_row_and_identity(top_k, top_p):
 def test_batch_to_moves_every_tensor():
     # the meta device stands in for an accelerator (on CPU, moving to "cpu" is a no-op)
     b = pack(PROMPTS, COMPLETIONS, pad_id=0).to("meta")
-    assert all(t.device.type == "meta" for t in (b.input_ids, b.attention_mask, b.position_ids, b.completion_mask))
+    assert all(
+        t.device.type == "meta"
+        for t in (b.input_ids, b.attention_mask, b.position_ids, b.completion_mask)
+    )
     assert b.input_ids.shape == (5, 13) and b.prompt_len == 6
 
 
@@ -494,11 +576,16 @@ def test_decoder_sees_the_padding_mask_and_positions_without_a_cache(tiny_model)
     with torch.no_grad():
         lp = token_logprobs(Model(), batch)
     (kw,) = calls
-    assert set(kw) == {"input_ids", "attention_mask", "position_ids", "use_cache"} and kw["use_cache"] is False
+    assert (
+        set(kw) == {"input_ids", "attention_mask", "position_ids", "use_cache"}
+        and kw["use_cache"] is False
+    )
     assert kw["input_ids"] is batch.input_ids and kw["attention_mask"] is batch.attention_mask
     assert kw["position_ids"] is batch.position_ids
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
-        torch.testing.assert_close(lp[i, : len(c)], _naive_token_logprobs(tiny_model, p, c), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            lp[i, : len(c)], _naive_token_logprobs(tiny_model, p, c), atol=1e-5, rtol=0
+        )
 
 
 def test_process_logits_defaults_are_the_identity_and_leading_dims_are_rows():
@@ -511,7 +598,9 @@ def test_process_logits_defaults_are_the_identity_and_leading_dims_are_rows():
         got = process_logits(logits.clone(), temperature, top_k, top_p)
         rows = process_logits(logits.reshape(6, 12).clone(), temperature, top_k, top_p)
         assert torch.equal(got, rows.reshape(2, 3, 12)) and torch.isinf(got).any()
-        assert torch.equal(rows, _hf_process(logits.reshape(6, 12).clone(), temperature, top_k, top_p))
+        assert torch.equal(
+            rows, _hf_process(logits.reshape(6, 12).clone(), temperature, top_k, top_p)
+        )
 
 
 def test_sampler_left_pads_prompts_as_the_tokenizer_does(char_tok):
@@ -520,4 +609,6 @@ def test_sampler_left_pads_prompts_as_the_tokenizer_does(char_tok):
 
     want = char_tok.pad({"input_ids": PROMPTS}, return_tensors="pt")
     got = _left_padded(PROMPTS, char_tok.pad_token_id, "cpu")
-    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(
+        got["attention_mask"], want["attention_mask"]
+    )

@@ -12,7 +12,12 @@ from disa.stages import PROPOSAL_STAGES, STAGES, plan
 
 # -- derive_seed ---------------------------------------------------------------------------------
 def test_derive_seed_is_a_stable_function_of_its_parts_in_range():
-    seeds = {derive_seed(s, "rollout", step, rank) for s in range(3) for step in range(50) for rank in range(4)}
+    seeds = {
+        derive_seed(s, "rollout", step, rank)
+        for s in range(3)
+        for step in range(50)
+        for rank in range(4)
+    }
     assert len(seeds) == 3 * 50 * 4  # no two streams collide (here)
     assert all(0 <= x < SEED_RANGE for x in seeds)
     assert derive_seed(7, "sample", "ref", 3) == derive_seed(7, "sample", "ref", 3)
@@ -24,13 +29,23 @@ def test_derive_seed_is_a_stable_function_of_its_parts_in_range():
 
 
 # -- Settings ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("overrides", "components", "lam", "lam_eff"), [
-    ((), ("ref", "proposal"), 0.5, 0.5),
-    (("proposal.strength=0.3", "proposal.num_samples=32"), ("ref", "proposal"), 0.3, 10 / 32),  # round(9.6) = 10
-    (("proposal=ref",), ("ref",), 0.0, 0.0),
-    (("proposal=model",), ("proposal",), 1.0, 1.0),
-])
-def test_settings_derive_components_and_the_realised_strength(make_cfg, overrides, components, lam, lam_eff):
+@pytest.mark.parametrize(
+    ("overrides", "components", "lam", "lam_eff"),
+    [
+        ((), ("ref", "proposal"), 0.5, 0.5),
+        (
+            ("proposal.strength=0.3", "proposal.num_samples=32"),
+            ("ref", "proposal"),
+            0.3,
+            10 / 32,
+        ),  # round(9.6) = 10
+        (("proposal=ref",), ("ref",), 0.0, 0.0),
+        (("proposal=model",), ("proposal",), 1.0, 1.0),
+    ],
+)
+def test_settings_derive_components_and_the_realised_strength(
+    make_cfg, overrides, components, lam, lam_eff
+):
     cfg = make_cfg(*overrides)
     validate(cfg)
     s = Settings.from_config(cfg)
@@ -42,23 +57,41 @@ def test_settings_derive_components_and_the_realised_strength(make_cfg, override
 
 def test_settings_hold_the_loss_options_and_whether_training_loads_the_reference(make_cfg):
     disa = Settings.from_config(make_cfg("beta=3"))
-    assert disa.loss_options.beta == 3.0 and not disa.loads_reference  # DISA reads log π_ref from the cache
+    assert (
+        disa.loss_options.beta == 3.0 and not disa.loads_reference
+    )  # DISA reads log π_ref from the cache
     assert Settings.from_config(make_cfg("algorithm=flowrl")).loads_reference
     assert not Settings.from_config(make_cfg("algorithm=grpo")).loads_reference
-    assert Settings.from_config(make_cfg("algorithm=grpo", "algorithm.loss_args.kl_coef=0.05")).loads_reference
+    assert Settings.from_config(
+        make_cfg("algorithm=grpo", "algorithm.loss_args.kl_coef=0.05")
+    ).loads_reference
 
 
 def test_dr_grpo_norm_len_is_the_samplers_max_new_tokens_unless_set(make_cfg):
     mode = "algorithm.loss_args.loss_agg_mode=seq-mean-token-sum-norm"
-    assert Settings.from_config(make_cfg("algorithm=grpo", mode)).loss_options.norm_len == 8  # sampler=hf default
-    assert Settings.from_config(make_cfg("algorithm=grpo", mode, "sampler.max_new_tokens=24")).loss_options.norm_len == 24
-    assert Settings.from_config(make_cfg("algorithm=grpo", mode, "+algorithm.loss_args.norm_len=5")
-                                ).loss_options.norm_len == 5
+    assert (
+        Settings.from_config(make_cfg("algorithm=grpo", mode)).loss_options.norm_len == 8
+    )  # sampler=hf default
+    assert (
+        Settings.from_config(
+            make_cfg("algorithm=grpo", mode, "sampler.max_new_tokens=24")
+        ).loss_options.norm_len
+        == 24
+    )
+    assert (
+        Settings.from_config(
+            make_cfg("algorithm=grpo", mode, "+algorithm.loss_args.norm_len=5")
+        ).loss_options.norm_len
+        == 5
+    )
     assert Settings.from_config(make_cfg("algorithm=lora_sft")).loss_options.norm_len == 8
 
 
 def test_fixed_strength_of_ref_and_model_is_not_silently_replaced(make_cfg):
-    with pytest.raises(ConfigError, match=r"proposal.strength=0.3 with proposal.kind='ref' is invalid; allowed: 0.0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"proposal.strength=0.3 with proposal.kind='ref' is invalid; allowed: 0.0",
+    ):
         validate(make_cfg("proposal=ref", "proposal.strength=0.3"))
     with pytest.raises(ConfigError, match=r"proposal.kind='model' is invalid; allowed: 1.0"):
         validate(make_cfg("proposal=model", "proposal.strength=0.5"))
@@ -72,9 +105,24 @@ def test_unknown_loss_args_are_refused_naming_the_allowed_ones(make_cfg):
 # -- renamed settings ----------------------------------------------------------------------------
 def test_old_spellings_on_the_command_line_are_rewritten_with_a_warning():
     with pytest.warns(FutureWarning, match="train.chunk_size is now scoring.chunk_size"):
-        args = upgrade_overrides(["beta=2", "train.chunk_size=64", "+sampler.score_batch_size=8", "~train.checkpoint_every"])
-    assert args == ["beta=2", "scoring.chunk_size=64", "+scoring.batch_size=8", "~checkpoint.every_n_steps"]
-    assert upgrade_overrides(["trainer.max_steps=3", "train.x=1"]) == ["trainer.max_steps=3", "train.x=1"]
+        args = upgrade_overrides(
+            [
+                "beta=2",
+                "train.chunk_size=64",
+                "+sampler.score_batch_size=8",
+                "~train.checkpoint_every",
+            ]
+        )
+    assert args == [
+        "beta=2",
+        "scoring.chunk_size=64",
+        "+scoring.batch_size=8",
+        "~checkpoint.every_n_steps",
+    ]
+    assert upgrade_overrides(["trainer.max_steps=3", "train.x=1"]) == [
+        "trainer.max_steps=3",
+        "train.x=1",
+    ]
 
 
 def test_old_spellings_in_a_config_file_are_moved_with_a_warning(make_cfg):
@@ -85,7 +133,11 @@ def test_old_spellings_in_a_config_file_are_moved_with_a_warning(make_cfg):
     with pytest.warns(FutureWarning):
         cfg = upgrade_config(cfg)
     assert "train" not in cfg and "score_batch_size" not in cfg.sampler
-    assert (cfg.checkpoint.every_n_steps, cfg.checkpoint.activations, cfg.scoring.batch_size) == (7, True, 16)
+    assert (cfg.checkpoint.every_n_steps, cfg.checkpoint.activations, cfg.scoring.batch_size) == (
+        7,
+        True,
+        16,
+    )
     validate(cfg)
 
 
@@ -101,7 +153,14 @@ def _names(stages):
 
 
 def test_plan_of_a_full_offline_job_is_every_stage_in_order():
-    assert _names(plan("all", online=False, enumerable=True)) == ["oracle", "sample", "score", "anchor", "train", "evaluate"]
+    assert _names(plan("all", online=False, enumerable=True)) == [
+        "oracle",
+        "sample",
+        "score",
+        "anchor",
+        "train",
+        "evaluate",
+    ]
     assert _names(plan("all", online=False)) == ["sample", "score", "anchor", "train", "evaluate"]
 
 
@@ -110,18 +169,38 @@ def test_plan_of_an_online_job_skips_the_proposal_stages_unless_asked():
     assert _names(plan("score", online=True)) == ["sample", "score"]
 
 
-@pytest.mark.parametrize(("stage", "expected"), [
-    ("sample", ["sample"]), ("score", ["sample", "score"]), ("anchor", ["oracle", "sample", "score", "anchor"]),
-    ("train", ["oracle", "sample", "score", "anchor", "train"]),
-])
+@pytest.mark.parametrize(
+    ("stage", "expected"),
+    [
+        ("sample", ["sample"]),
+        ("score", ["sample", "score"]),
+        ("anchor", ["oracle", "sample", "score", "anchor"]),
+        ("train", ["oracle", "sample", "score", "anchor", "train"]),
+    ],
+)
 def test_plan_stops_at_the_stage_asked_for(stage, expected):
     assert _names(plan(stage, online=False, enumerable=True)) == expected
 
 
 def test_plan_with_a_study_and_on_a_follower_rank():
-    assert _names(plan("all", online=False, study=True, enumerable=True)) == ["oracle", "sample", "score", "anchor", "study"]
-    assert _names(plan("anchor", online=False, study=True)) == ["sample", "score", "anchor", "study"]
-    assert _names(plan("all", online=False, study=True, study_stops=False))[-3:] == ["study", "train", "evaluate"]
+    assert _names(plan("all", online=False, study=True, enumerable=True)) == [
+        "oracle",
+        "sample",
+        "score",
+        "anchor",
+        "study",
+    ]
+    assert _names(plan("anchor", online=False, study=True)) == [
+        "sample",
+        "score",
+        "anchor",
+        "study",
+    ]
+    assert _names(plan("all", online=False, study=True, study_stops=False))[-3:] == [
+        "study",
+        "train",
+        "evaluate",
+    ]
     assert _names(plan("all", online=False, leader=False)) == ["sample", "score", "anchor", "train"]
 
 

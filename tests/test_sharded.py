@@ -22,7 +22,9 @@ from disa.scoring import Batch, token_logprobs
 from disa.training.run import _with_lora
 from disa.training.sharded import decoder_layer_classes, strip_prefix, unsharded_copy
 
-LORA = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+LORA = OmegaConf.create(
+    {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+)
 
 
 def test_decoder_layers_are_read_from_the_model():
@@ -30,7 +32,9 @@ def test_decoder_layers_are_read_from_the_model():
 
     model = tiny_llama(8)
     assert decoder_layer_classes(model) == (LlamaDecoderLayer,)
-    assert decoder_layer_classes(_with_lora(tiny_llama(8), LORA)) == (LlamaDecoderLayer,)  # through peft
+    assert decoder_layer_classes(_with_lora(tiny_llama(8), LORA)) == (
+        LlamaDecoderLayer,
+    )  # through peft
     model._no_split_modules = None  # no declaration: the decoder's `layers` list tells
     assert decoder_layer_classes(model) == (LlamaDecoderLayer,)
     with pytest.raises(ValueError, match="cannot find the decoder layers"):
@@ -45,7 +49,9 @@ def test_unsharded_copy_holds_the_state(tied):
 
     model = tiny_llama(12)
     if tied:
-        model = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "tie_word_embeddings": True}))
+        model = LlamaForCausalLM(
+            model.config.__class__(**{**model.config.to_dict(), "tie_word_embeddings": True})
+        )
     state = {f"lm.{k}": v.clone() for k, v in model.state_dict().items()}
     copy = unsharded_copy(model, strip_prefix(state, "lm."))
     assert (copy.lm_head.weight is copy.model.embed_tokens.weight) == tied
@@ -76,9 +82,24 @@ def test_fsdp2_two_processes_equal_one_and_the_checkpoint_reloads(tmp_path, tiny
     shards holds exactly the gathered weights and scores exactly as the sharded model did."""
     from disa.models import load_model
 
-    common = ["--model", str(tiny_dir), "--steps", "3", "--batch", "8", "--lr", "0.1", "--chunk-size", "5"]
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--steps",
+        "3",
+        "--batch",
+        "8",
+        "--lr",
+        "0.1",
+        "--chunk-size",
+        "5",
+    ]
     main([*common, "--out", str(tmp_path / "single"), "--mode", "single"])
-    launch([*common, "--out", str(tmp_path / "fsdp2"), "--mode", "fsdp2", "--save"], nproc=2, timeout=180)
+    launch(
+        [*common, "--out", str(tmp_path / "fsdp2"), "--mode", "fsdp2", "--save"],
+        nproc=2,
+        timeout=180,
+    )
 
     stats = json.loads((tmp_path / "fsdp2" / "stats.json").read_text())
     assert stats["world_size"] == 2 and stats["local_batch"] == [4, 4, 4]  # each rank its half
@@ -92,7 +113,9 @@ def test_fsdp2_two_processes_equal_one_and_the_checkpoint_reloads(tmp_path, tiny
     for name, p in reloaded.named_parameters():
         torch.testing.assert_close(p, gathered[name], rtol=0, atol=0, msg=name)
     probe = torch.load(tmp_path / "fsdp2" / "probe.pt")
-    batch = Batch(probe["input_ids"], probe["attention_mask"], probe["position_ids"], probe["completion_mask"])
+    batch = Batch(
+        probe["input_ids"], probe["attention_mask"], probe["position_ids"], probe["completion_mask"]
+    )
     with torch.no_grad():
         logp = token_logprobs(reloaded, batch, chunk_size=5)
     torch.testing.assert_close(logp, probe["logp"], rtol=0, atol=1e-6)
@@ -130,18 +153,32 @@ def test_fsdp2_gpu_preset_composes_and_validates():
     cfg = _compose("trainer=fsdp2")
     validate(cfg)
     t = cfg.trainer
-    assert (t.accelerator, t.devices, t.precision, t.use_distributed_sampler) == ("gpu", "auto", "bf16-mixed", False)
+    assert (t.accelerator, t.devices, t.precision, t.use_distributed_sampler) == (
+        "gpu",
+        "auto",
+        "bf16-mixed",
+        False,
+    )
     strategy = instantiate(t.strategy)
     assert isinstance(strategy, ModelParallelStrategy)
     assert (t.strategy.data_parallel_size, t.strategy.tensor_parallel_size) == ("auto", 1)
     assert t.strategy.save_distributed_checkpoint is False
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["algorithm=grpo"], "algorithm=grpo (online) with trainer.strategy=ModelParallelStrategy is not supported"),
-    (["trainer.strategy.tensor_parallel_size=2"], "tensor_parallel_size=2 is not supported"),
-    (["trainer.strategy.save_distributed_checkpoint=true"], "save_distributed_checkpoint=True is not supported"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algorithm=grpo"],
+            "algorithm=grpo (online) with trainer.strategy=ModelParallelStrategy is not supported",
+        ),
+        (["trainer.strategy.tensor_parallel_size=2"], "tensor_parallel_size=2 is not supported"),
+        (
+            ["trainer.strategy.save_distributed_checkpoint=true"],
+            "save_distributed_checkpoint=True is not supported",
+        ),
+    ],
+)
 def test_fsdp2_cpu_refused_settings(overrides, message):
     from disa.config import ConfigError, validate
 
@@ -154,19 +191,45 @@ def test_fsdp2_cpu_refused_settings(overrides, message):
 def test_fsdp2_cpu_run_one_run_dir_one_summary(tmp_path, algorithm):
     """``python run.py trainer=fsdp2_cpu``: the whole pipeline with the train stage sharded over
     2 CPU processes; rank 0 gathers the policy (LoRA merged), evaluates and writes the summary."""
-    env = {**os.environ, "WANDB_MODE": "offline", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "debug=fast", "trainer=fsdp2_cpu",
-                           f"algorithm={algorithm}", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run.py"),
+            "debug=fast",
+            "trainer=fsdp2_cpu",
+            f"algorithm={algorithm}",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert "MEMBER: 2/2" in log
     run = tmp_path / "run"
-    assert len(list(tmp_path.rglob("summary.json"))) == 1 and (run / "train_ddp_process_1.log").exists()
+    assert (
+        len(list(tmp_path.rglob("summary.json"))) == 1
+        and (run / "train_ddp_process_1.log").exists()
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train.steps"] == 5 and "policy.mean_at_k" in summary
-    assert (run / "checkpoints" / "last.ckpt").is_file()  # one file: save_distributed_checkpoint=false
-    assert summary["policy.tv_target"] != summary["ref.tv_target"]  # the trained weights were gathered
+    assert (
+        run / "checkpoints" / "last.ckpt"
+    ).is_file()  # one file: save_distributed_checkpoint=false
+    assert (
+        summary["policy.tv_target"] != summary["ref.tv_target"]
+    )  # the trained weights were gathered
 
 
 @pytest.mark.slow
@@ -174,13 +237,32 @@ def test_fsdp2_resume_is_exact(tmp_path, tiny_dir):
     """A sharded run stopped after 2 of 4 AdamW steps and resumed from its Lightning
     checkpoint (one file: weights and sharded optimizer state gathered on rank 0, loaded
     back into the shards) ends bit for bit where the uninterrupted run does."""
-    common = ["--model", str(tiny_dir), "--batch", "8", "--optimizer", "adamw", "--lr", "0.01", "--chunk-size", "5",
-              "--mode", "fsdp2"]
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--batch",
+        "8",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.01",
+        "--chunk-size",
+        "5",
+        "--mode",
+        "fsdp2",
+    ]
     ckpt = str(tmp_path / "checkpoints")
     launch([*common, "--steps", "4", "--out", str(tmp_path / "whole")], nproc=2, timeout=180)
-    launch([*common, "--steps", "2", "--out", str(tmp_path / "first"), "--checkpoints", ckpt], nproc=2, timeout=180)
-    log = launch([*common, "--steps", "4", "--out", str(tmp_path / "resumed"), "--checkpoints", ckpt], nproc=2,
-                 timeout=180)
+    launch(
+        [*common, "--steps", "2", "--out", str(tmp_path / "first"), "--checkpoints", ckpt],
+        nproc=2,
+        timeout=180,
+    )
+    log = launch(
+        [*common, "--steps", "4", "--out", str(tmp_path / "resumed"), "--checkpoints", ckpt],
+        nproc=2,
+        timeout=180,
+    )
     assert "Restored all states from the checkpoint" in log
     d = compare(tmp_path / "whole", tmp_path / "resumed")
     assert d["moved_max_abs"] > 1e-2 and d["max_abs"] == 0 and d["probe_logp_max_abs"] == 0, d

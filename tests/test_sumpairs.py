@@ -64,12 +64,7 @@ def test_rewarded_set_complete_and_rewarded():
         assert len(s) == len(set(s)) == n + 1
         assert task.rewards(pd.DataFrame([row] * len(s)), s).tolist() == [1.0] * (n + 1)
         # brute force: every "a+b" string with a, b in 0..2n-ish that is rewarded is in the set
-        brute = {
-            f"{a}+{b}"
-            for a in range(30)
-            for b in range(30)
-            if task.is_correct(n, f"{a}+{b}")
-        }
+        brute = {f"{a}+{b}" for a in range(30) for b in range(30) if task.is_correct(n, f"{a}+{b}")}
         assert brute == set(s)
 
 
@@ -155,11 +150,13 @@ def test_log_p_correct_closed_forms_order_and_extremes():
     # groups in order of first appearance (not sorted: "sum-10" < "sum-2" < "sum-5"), values
     # whose exp underflows even in float64, and a spread of 800 that a shift by anything but
     # the max would overflow
-    table = pd.DataFrame({
-        "prompt_id": ["sum-5", "sum-10", "sum-5", "sum-2", "sum-10", "sum-2"],
-        "answer": ["0+5", "0+10", "1+4", "0+2", "1+9", "1+1"],
-        "logp": [-1000.0, 0.0, -1000.0 - math.log(3), -7.5, -800.0, -7.5],
-    })
+    table = pd.DataFrame(
+        {
+            "prompt_id": ["sum-5", "sum-10", "sum-5", "sum-2", "sum-10", "sum-2"],
+            "answer": ["0+5", "0+10", "1+4", "0+2", "1+9", "1+1"],
+            "logp": [-1000.0, 0.0, -1000.0 - math.log(3), -7.5, -800.0, -7.5],
+        }
+    )
     lpc = log_p_correct(table)
     assert lpc.index.tolist() == ["sum-5", "sum-10", "sum-2"]
     assert lpc["sum-5"] == pytest.approx(-1000.0 + math.log(4 / 3), abs=1e-12)  # e^a (1 + 1/3)
@@ -169,7 +166,9 @@ def test_log_p_correct_closed_forms_order_and_extremes():
 
 
 @torch.no_grad()
-def test_rewarded_logprobs_batches_and_progress(sum_model, sum_tok, small_task, monkeypatch, capsys):
+def test_rewarded_logprobs_batches_and_progress(
+    sum_model, sum_tok, small_task, monkeypatch, capsys
+):
     # batch_size and progress reach the scorer: 10 rewarded pairs in batches of ≤ 4, a bar
     # labelled as asked
     import disa.scoring as scoring
@@ -183,7 +182,9 @@ def test_rewarded_logprobs_batches_and_progress(sum_model, sum_tok, small_task, 
 
     monkeypatch.setattr(scoring, "token_logprobs", spy)
     prompts = _all_prompts(small_task)
-    table = rewarded_logprobs(sum_model, sum_tok, small_task, prompts, batch_size=4, progress="oracle pairs")
+    table = rewarded_logprobs(
+        sum_model, sum_tok, small_task, prompts, batch_size=4, progress="oracle pairs"
+    )
     assert sizes == [4, 4, 2] and len(table) == 10
     assert "oracle pairs" in capsys.readouterr().err
     rewarded_logprobs(sum_model, sum_tok, small_task, prompts.iloc[:1])
@@ -297,7 +298,9 @@ def test_fewshot_prompts_rewards_and_rewarded_set():
         n = int(row.target)
         assert row.prompt.endswith(f"\n{n} =") and row.prompt.startswith("12 = 5 + 7\n")
         s = task.rewarded_set(row)
-        brute = {f" {a} + {b}" for a in range(30) for b in range(30) if task.is_correct(n, f" {a} + {b}")}
+        brute = {
+            f" {a} + {b}" for a in range(30) for b in range(30) if task.is_correct(n, f" {a} + {b}")
+        }
         assert brute == set(s) and len(s) == n + 1
         assert task.rewards(pd.DataFrame([row] * len(s)), s).tolist() == [1.0] * (n + 1)
     for text in ["0+3", " 0 + 3\n", " 0 +3", " 00 + 3", "0 + 3", " 1 + 3"]:

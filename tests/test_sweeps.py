@@ -27,8 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 SWEEP_NAME = "tinysweep"
 #: debug=fast drops the W&B logger; these put it back, offline
-WANDB = ["+logger.wandb._target_=lightning.pytorch.loggers.WandbLogger", "+logger.wandb.project=disa-test",
-         "+logger.wandb.mode=offline", "+logger.wandb.tags=[${algorithm.name},${task.name}]"]
+WANDB = [
+    "+logger.wandb._target_=lightning.pytorch.loggers.WandbLogger",
+    "+logger.wandb.project=disa-test",
+    "+logger.wandb.mode=offline",
+    "+logger.wandb.tags=[${algorithm.name},${task.name}]",
+]
 
 _built: dict[str, Path] = {}
 
@@ -40,11 +44,25 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 def run_py(cwd: Path, *args: str, wandb_mode: str = "offline") -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": wandb_mode, "TQDM_DISABLE": "1", "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "WANDB_MODE": wandb_mode,
+        "TQDM_DISABLE": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "WANDB_SILENT": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"run.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -52,8 +70,16 @@ def tiny_sweep(tmp_path_factory) -> Path:
     """``run.py -m debug=fast beta=1,2 seed=0,1`` with offline W&B runs: 4 jobs."""
     if "sweep" not in _built:
         root = tmp_path_factory.mktemp("multirun")
-        run_py(root, "-m", "debug=fast", "beta=1,2", "seed=0,1", f"cache_dir={shared_cache(tmp_path_factory)}",
-               f"hydra.sweep.dir={root / SWEEP_NAME}", *WANDB)
+        run_py(
+            root,
+            "-m",
+            "debug=fast",
+            "beta=1,2",
+            "seed=0,1",
+            f"cache_dir={shared_cache(tmp_path_factory)}",
+            f"hydra.sweep.dir={root / SWEEP_NAME}",
+            *WANDB,
+        )
         _built["sweep"] = root / SWEEP_NAME
     return _built["sweep"]
 
@@ -63,8 +89,16 @@ def tiny_baselines(tmp_path_factory) -> Path:
     logged log Z_φ on the same prompts, per-prompt metrics for the paired comparison."""
     if "baselines" not in _built:
         root = tmp_path_factory.mktemp("baselines")
-        run_py(root, "-m", "debug=fast", "algorithm=disa,flowrl", "seed=0,1", "logger=csv",
-               f"cache_dir={shared_cache(tmp_path_factory)}", f"hydra.sweep.dir={root / 'sweep'}")
+        run_py(
+            root,
+            "-m",
+            "debug=fast",
+            "algorithm=disa,flowrl",
+            "seed=0,1",
+            "logger=csv",
+            f"cache_dir={shared_cache(tmp_path_factory)}",
+            f"hydra.sweep.dir={root / 'sweep'}",
+        )
         _built["baselines"] = root / "sweep"
     return _built["baselines"]
 
@@ -73,8 +107,17 @@ def tiny_k_sweep(tmp_path_factory) -> Path:
     """``experiment=k_convergence`` shrunk: K = 4, 8 × seeds 0, 1 × both evaluation splits."""
     if "k" not in _built:
         root = tmp_path_factory.mktemp("k")
-        run_py(root, "-m", "experiment=k_convergence", "debug=fast", "proposal.num_samples=4,8", "seed=0,1",
-               "logger=csv", f"cache_dir={shared_cache(tmp_path_factory)}", f"hydra.sweep.dir={root / 'sweep'}")
+        run_py(
+            root,
+            "-m",
+            "experiment=k_convergence",
+            "debug=fast",
+            "proposal.num_samples=4,8",
+            "seed=0,1",
+            "logger=csv",
+            f"cache_dir={shared_cache(tmp_path_factory)}",
+            f"hydra.sweep.dir={root / 'sweep'}",
+        )
         _built["k"] = root / "sweep"
     return _built["k"]
 
@@ -95,7 +138,9 @@ def run_in_process(tmp_path_factory, name: str, *overrides: str) -> tuple[Path, 
 def study_run(tmp_path_factory) -> Path:
     """``experiment=anchor_bias_variance debug=fast``: K_max = 8 per component."""
     if "study" not in _built:
-        _built["study"], _ = run_in_process(tmp_path_factory, "study", "experiment=anchor_bias_variance")
+        _built["study"], _ = run_in_process(
+            tmp_path_factory, "study", "experiment=anchor_bias_variance"
+        )
     return _built["study"]
 
 
@@ -119,8 +164,15 @@ def test_multirun_gives_each_job_its_dir_and_wandb_run(tmp_path_factory):
         run_ids.add(run.name.rsplit("-", 1)[1])
         record = next(run.glob("*.wandb")).read_bytes()
         assert f"{SWEEP_NAME}/{job.name}".encode() in record  # the run's name: <group>/<job num>
-        assert re.search(rb"(?<![/\w])" + SWEEP_NAME.encode() + rb"(?![/\w])", record)  # group: the sweep dir's name
-        for key in ("artifact.anchor", "artifact.score", "artifact.sample.ref", "artifact.sample.proposal"):
+        assert re.search(
+            rb"(?<![/\w])" + SWEEP_NAME.encode() + rb"(?![/\w])", record
+        )  # group: the sweep dir's name
+        for key in (
+            "artifact.anchor",
+            "artifact.score",
+            "artifact.sample.ref",
+            "artifact.sample.proposal",
+        ):
             label = key.removeprefix("artifact.").replace(".", "-")
             assert f"{label}-{s[key]}".encode() in record, key
         (table,) = run.glob("files/media/table/eval_samples_*.table.json")
@@ -138,11 +190,15 @@ def test_wandb_disabled_or_absent_is_skipped(tmp_path, monkeypatch):
     assert [type(lg).__name__ for lg in tracking.build_loggers(cfg, tmp_path)] == ["CSVLogger"]
     assert tracking.build_loggers(compose_cfg("logger=none"), tmp_path) == []
     # an experiment's `logger.wandb.group` without the logger itself (logger=none) is no logger
-    assert tracking.build_loggers(compose_cfg("logger=none", "experiment=baselines"), tmp_path) == []
+    assert (
+        tracking.build_loggers(compose_cfg("logger=none", "experiment=baselines"), tmp_path) == []
+    )
     monkeypatch.setenv("WANDB_MODE", "offline")
     lcfg = cfg.logger.wandb
     assert tracking.wandb_enabled(lcfg)
-    settings = tracking.wandb_run_settings(cfg, OmegaConf.merge(lcfg, {"job_type": None}), tmp_path / "run7")
+    settings = tracking.wandb_run_settings(
+        cfg, OmegaConf.merge(lcfg, {"job_type": None}), tmp_path / "run7"
+    )
     assert settings == {"name": "run7", "group": None, "job_type": "all"}  # no multirun: no group
 
 
@@ -150,12 +206,21 @@ def test_sample_table_rows(tmp_path):
     from disa import tracking
 
     for model in ("ref", "policy"):
-        pd.DataFrame({"prompt_id": [f"p{i}" for i in range(20) for _ in range(5)], "sample_idx": list(range(5)) * 20,
-                      "text": "1+2", "reward": 1.0, "n_tokens": 4}).to_parquet(tmp_path / f"eval_samples_{model}.parquet")
+        pd.DataFrame(
+            {
+                "prompt_id": [f"p{i}" for i in range(20) for _ in range(5)],
+                "sample_idx": list(range(5)) * 20,
+                "text": "1+2",
+                "reward": 1.0,
+                "n_tokens": 4,
+            }
+        ).to_parquet(tmp_path / f"eval_samples_{model}.parquet")
     columns, rows = tracking.sample_rows(tmp_path)
     assert columns == ["model", "prompt_id", "sample_idx", "text", "reward", "n_tokens"]
     per_model = tracking.TABLE_PROMPTS * tracking.TABLE_SAMPLES_PER_PROMPT
-    assert len(rows) == 2 * per_model and all(r[2] < tracking.TABLE_SAMPLES_PER_PROMPT for r in rows)
+    assert len(rows) == 2 * per_model and all(
+        r[2] < tracking.TABLE_SAMPLES_PER_PROMPT for r in rows
+    )
 
 
 # -- experiment configs ----------------------------------------------------------------------
@@ -190,10 +255,17 @@ def test_experiment_composes(name):
     if name == "sensitivity_proposal":
         assert params["proposal.strength"] == "0,0.25,0.5,0.75,1" and cfg.proposal.kind == "mixture"
     if name == "anchor_bias_variance":
-        assert cfg.study.stop and cfg.study.name == "bias_variance" and cfg.proposal.num_samples == 512
+        assert (
+            cfg.study.stop and cfg.study.name == "bias_variance" and cfg.proposal.num_samples == 512
+        )
     if name == "k_convergence":
-        assert params["proposal.num_samples"] == "8,32,128,512" and params["eval.split"] == "train,test"
-        assert cfg.algorithm.name == "disa" and "_k_convergence_" in path.read_text()  # the sweep dir
+        assert (
+            params["proposal.num_samples"] == "8,32,128,512"
+            and params["eval.split"] == "train,test"
+        )
+        assert (
+            cfg.algorithm.name == "disa" and "_k_convergence_" in path.read_text()
+        )  # the sweep dir
 
 
 @pytest.mark.slow
@@ -204,8 +276,13 @@ def test_experiment_runs_with_debug_fast(tmp_path_factory, name):
     if name == "anchor_bias_variance":
         run_dir = study_run(tmp_path_factory)
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert "artifact.anchor" in summary and "artifact.train" not in summary  # the study ends the job
-        assert "policy.mean_at_k" not in summary and not (run_dir / "eval_samples_ref.parquet").exists()
+        assert (
+            "artifact.anchor" in summary and "artifact.train" not in summary
+        )  # the study ends the job
+        assert (
+            "policy.mean_at_k" not in summary
+            and not (run_dir / "eval_samples_ref.parquet").exists()
+        )
         assert summary["study.rows"] > 0 and "time.study_s" in summary
         table = pd.read_parquet(run_dir / "bias_variance.parquet")
         agg = pd.read_parquet(run_dir / "bias_variance_agg.parquet")
@@ -221,7 +298,9 @@ def test_experiment_runs_with_debug_fast(tmp_path_factory, name):
 @pytest.mark.slow
 def test_study_needs_valid_settings(tmp_path_factory):
     with pytest.raises(ValueError, match=r"study\.beta=\[-1\.0\]"):
-        run_in_process(tmp_path_factory, "bad", "experiment=anchor_bias_variance", "study.beta=[-1.0]")
+        run_in_process(
+            tmp_path_factory, "bad", "experiment=anchor_bias_variance", "study.beta=[-1.0]"
+        )
 
 
 # -- launchers ------------------------------------------------------------------------------
@@ -232,7 +311,11 @@ def test_launchers_compose():
         raw = OmegaConf.to_container(cfg.hydra, resolve=False)  # job dirs resolve only inside a job
         assert raw["sweep"]["subdir"] == "${hydra.job.num}"  # one directory per job, always
     slurm = OmegaConf.to_container(
-        compose_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", hydra=True).hydra.launcher, resolve=False)
+        compose_cfg(
+            "hydra/launcher=slurm", "hydra.launcher.partition=gpu", hydra=True
+        ).hydra.launcher,
+        resolve=False,
+    )
     assert slurm["partition"] == "gpu" and slurm["submitit_folder"].startswith("${hydra.sweep.dir}")
     for path in (REPO / "conf" / "hydra" / "launcher").glob("*.yaml"):
         assert _commented(path) == [], path
@@ -241,15 +324,28 @@ def test_launchers_compose():
 @pytest.mark.slow
 def test_joblib_multirun_runs_jobs_in_parallel(tmp_path_factory):
     root = tmp_path_factory.mktemp("joblib")
-    run_py(root, "-m", "hydra/launcher=joblib", "debug=fast", "beta=1,2", f"cache_dir={shared_cache(tmp_path_factory)}",
-           wandb_mode="disabled")
-    (multirun,) = root.glob("multirun/*/*/multirun.yaml")  # the default sweep dir, with its unique suffix
-    assert sorted(json.loads(p.read_text())["beta"] for p in multirun.parent.glob("*/summary.json")) == [1.0, 2.0]
+    run_py(
+        root,
+        "-m",
+        "hydra/launcher=joblib",
+        "debug=fast",
+        "beta=1,2",
+        f"cache_dir={shared_cache(tmp_path_factory)}",
+        wandb_mode="disabled",
+    )
+    (multirun,) = root.glob(
+        "multirun/*/*/multirun.yaml"
+    )  # the default sweep dir, with its unique suffix
+    assert sorted(
+        json.loads(p.read_text())["beta"] for p in multirun.parent.glob("*/summary.json")
+    ) == [1.0, 2.0]
 
 
 # -- the W&B report builder ------------------------------------------------------------------
 def _report_module():
-    spec = importlib.util.spec_from_file_location("wandb_report", REPO / "experiments" / "wandb_report.py")
+    spec = importlib.util.spec_from_file_location(
+        "wandb_report", REPO / "experiments" / "wandb_report.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

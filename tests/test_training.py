@@ -21,14 +21,20 @@ def _batch(char_tok):
     prompts = [char_tok("ab").input_ids, char_tok("c").input_ids]
     comps = [[4, 5, char_tok.eos_token_id], [6, char_tok.eos_token_id]]
     b = pack(prompts, comps, char_tok.pad_token_id)
-    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "position_ids": b.position_ids,
-            "completion_mask": b.completion_mask}
+    return {
+        "input_ids": b.input_ids,
+        "attention_mask": b.attention_mask,
+        "position_ids": b.position_ids,
+        "completion_mask": b.completion_mask,
+    }
 
 
 def test_disa_step_grad_reaches_policy_not_anchor(char_tok):
     policy = tiny_llama(len(char_tok))
     disa = get_loss("disa")
-    module = PolicyModule(policy.train(), disa, disa.make_options({}, beta=2.0), lambda p: torch.optim.SGD(p, lr=0.1))
+    module = PolicyModule(
+        policy.train(), disa, disa.make_options({}, beta=2.0), lambda p: torch.optim.SGD(p, lr=0.1)
+    )
     module.log = module.log_dict = lambda *a, **k: None  # no trainer attached
     module.optimizers = lambda: module.configure_optimizers()  # read for the logged learning rate
     batch = _batch(char_tok)
@@ -49,9 +55,20 @@ def test_flowrl_grad_reaches_log_z_head_not_reference(char_tok):
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["ab", "c"]})
     flowrl = get_loss("flowrl")
     module = OnlinePolicyModule(
-        policy, ref, char_tok, task, prompts, HFSampler(64), SamplerSettings(max_new_tokens=3), flowrl,
-        flowrl.make_options({"beta_f": 15.0, "clip_eps": 0.2}), lambda p: torch.optim.SGD(p, lr=0.1), group_size=4,
-        updates_per_rollout=1, minibatch_size=8, log_z_head=head,
+        policy,
+        ref,
+        char_tok,
+        task,
+        prompts,
+        HFSampler(64),
+        SamplerSettings(max_new_tokens=3),
+        flowrl,
+        flowrl.make_options({"beta_f": 15.0, "clip_eps": 0.2}),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        group_size=4,
+        updates_per_rollout=1,
+        minibatch_size=8,
+        log_z_head=head,
     )
     module.trainer = type("Tr", (), {"max_steps": 10})()  # global_step reads nothing else here
     module._trainer = None
@@ -72,16 +89,29 @@ def test_log_z_calibration_reads_what_the_loss_trains(char_tok):
     import numpy as np
 
     policy = tiny_llama(len(char_tok), seed=3)
-    head = LogZHead(policy.config.hidden_size, num_layers=2, dropout=0.5)  # dropout: eval mode must switch it off
+    head = LogZHead(
+        policy.config.hidden_size, num_layers=2, dropout=0.5
+    )  # dropout: eval mode must switch it off
     task = type("T", (), {"rewards": lambda self, rows, texts: [float("a" in t) for t in texts]})()
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1", "p2"], "prompt": ["ab", "c", "fed"]})
     exact = torch.tensor([0.3, 1.1, 0.2], dtype=torch.float64)
     flowrl = get_loss("flowrl")
     module = OnlinePolicyModule(
-        policy.train(), tiny_llama(len(char_tok), seed=4), char_tok, task, prompts, HFSampler(64),
-        SamplerSettings(max_new_tokens=3), flowrl, flowrl.make_options({}), lambda p: torch.optim.SGD(p, lr=0.1),
-        group_size=2, updates_per_rollout=1,
-        minibatch_size=6, log_z_head=head, log_z_exact=exact,
+        policy.train(),
+        tiny_llama(len(char_tok), seed=4),
+        char_tok,
+        task,
+        prompts,
+        HFSampler(64),
+        SamplerSettings(max_new_tokens=3),
+        flowrl,
+        flowrl.make_options({}),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        group_size=2,
+        updates_per_rollout=1,
+        minibatch_size=6,
+        log_z_head=head,
+        log_z_exact=exact,
     )
     module.trainer = type("Tr", (), {"max_steps": 10})()
     module._trainer = None
@@ -121,8 +151,18 @@ def test_a_group_with_a_missing_reward_is_dropped_whole(char_tok):
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["ab", "c"]})
     grpo = get_loss("grpo")
     module = OnlinePolicyModule(
-        policy, None, char_tok, task, prompts, HFSampler(64), SamplerSettings(max_new_tokens=3), grpo,
-        grpo.make_options({}), lambda p: torch.optim.SGD(p, lr=0.1), group_size=4, updates_per_rollout=1,
+        policy,
+        None,
+        char_tok,
+        task,
+        prompts,
+        HFSampler(64),
+        SamplerSettings(max_new_tokens=3),
+        grpo,
+        grpo.make_options({}),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        group_size=4,
+        updates_per_rollout=1,
         minibatch_size=8,
     )
     module.trainer = type("Tr", (), {"max_steps": 10})()
@@ -132,9 +172,13 @@ def test_a_group_with_a_missing_reward_is_dropped_whole(char_tok):
     assert roll["input_ids"].shape[0] == 4 and roll["group_ids"].tolist() == [0, 0, 0, 0]
     kept = torch.tensor([float(len(t) % 2) for t in texts_seen[:4]])  # p0's group, in order
     assert torch.equal(roll["reward"], kept)
-    assert torch.allclose(roll["advantages"], group_normalize(kept, torch.zeros(4, dtype=torch.long), "group"))
+    assert torch.allclose(
+        roll["advantages"], group_normalize(kept, torch.zeros(4, dtype=torch.long), "group")
+    )
     missing.add("p0")
-    assert module.rollout([0, 1]) is None and module.groups_dropped == 3 and module.rollouts_done == 2
+    assert (
+        module.rollout([0, 1]) is None and module.groups_dropped == 3 and module.rollouts_done == 2
+    )
 
 
 def test_whole_group_minibatches(char_tok):
@@ -161,13 +205,19 @@ def test_every_algorithm_trains_on_the_embedded_task(tmp_path, algorithm):
     # the default schedule (constant, no warmup) leaves the configured learning rate as it is
     # (logged through a float32 tensor: 7 digits)
     lr = {"lora_sft": 3e-3}.get(algorithm, 1e-3)
-    assert metrics["train/lr"].dropna().tolist() == [pytest.approx(lr, rel=1e-7)] * metrics["train/lr"].notna().sum()
+    assert (
+        metrics["train/lr"].dropna().tolist()
+        == [pytest.approx(lr, rel=1e-7)] * metrics["train/lr"].notna().sum()
+    )
     # FlowRL's learned log Z_φ is logged against the exact log Z of the training prompts
     calibration = {"train/log_z_phi_error", "train/log_z_phi_abs_error", "train/log_z_phi_mean"}
     assert calibration <= set(metrics) if algorithm == "flowrl" else not calibration & set(metrics)
     if algorithm == "flowrl":
         logged = metrics.dropna(subset=["train/log_z_phi_error"])
-        assert len(logged) >= 2 and (logged["train/log_z_phi_abs_error"] >= logged["train/log_z_phi_error"].abs()).all()
+        assert (
+            len(logged) >= 2
+            and (logged["train/log_z_phi_abs_error"] >= logged["train/log_z_phi_error"].abs()).all()
+        )
 
 
 # -- learning-rate schedule ------------------------------------------------------------------------
@@ -180,11 +230,17 @@ def _lr_by_hand(decay: str, warmup: int, total: int, step: int) -> float:
     if decay == "constant":
         return 1.0
     progress = (step - warmup) / (total - warmup)
-    return max(0.0, 1 - progress) if decay == "linear" else max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+    return (
+        max(0.0, 1 - progress)
+        if decay == "linear"
+        else max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+    )
 
 
-@pytest.mark.parametrize(("decay", "warmup"), [("constant", 0), ("constant", 3), ("linear", 0), ("linear", 4),
-                                               ("cosine", 0), ("cosine", 2)])
+@pytest.mark.parametrize(
+    ("decay", "warmup"),
+    [("constant", 0), ("constant", 3), ("linear", 0), ("linear", 4), ("cosine", 0), ("cosine", 2)],
+)
 def test_lr_schedule_shapes_by_hand(decay, warmup):
     from disa.training.schedule import lr_scheduler
 
@@ -196,7 +252,9 @@ def test_lr_schedule_shapes_by_hand(decay, warmup):
         used.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert used == [pytest.approx(base * _lr_by_hand(decay, warmup, total, k), abs=1e-15) for k in range(total)]
+    assert used == [
+        pytest.approx(base * _lr_by_hand(decay, warmup, total, k), abs=1e-15) for k in range(total)
+    ]
     if decay == "constant" and warmup == 0:
         assert used == [base] * total  # exactly: the behaviour of a run without a schedule
 
@@ -205,9 +263,14 @@ def test_lr_schedule_refuses_unknown_decay_and_long_warmup():
     from disa.training.schedule import lr_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(ValueError, match=r"lr_schedule.decay='step' is not known; allowed: \['constant', 'linear', 'cosine'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"lr_schedule.decay='step' is not known; allowed: \['constant', 'linear', 'cosine'\]",
+    ):
         lr_scheduler(opt, "step", 0, 10)
-    with pytest.raises(ValueError, match=r"warmup_steps=10; allowed: an integer in \[0, trainer.max_steps=10\)"):
+    with pytest.raises(
+        ValueError, match=r"warmup_steps=10; allowed: an integer in \[0, trainer.max_steps=10\)"
+    ):
         lr_scheduler(opt, "linear", 10, 10)
 
 
@@ -217,13 +280,23 @@ def test_lr_schedule_steps_once_per_optimizer_step_and_is_logged(tmp_path, algor
     does) alike, the learning rate of optimizer step k is the schedule's k-th value."""
     from test_pipeline import run_py
 
-    run_py(tmp_path, "run", f"algorithm={algorithm}", "logger=csv", "lr_schedule.decay=linear",
-           "lr_schedule.warmup_steps=2")
-    metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv"))).dropna(subset=["train/lr"])
+    run_py(
+        tmp_path,
+        "run",
+        f"algorithm={algorithm}",
+        "logger=csv",
+        "lr_schedule.decay=linear",
+        "lr_schedule.warmup_steps=2",
+    )
+    metrics = pd.read_csv(next((tmp_path / "run" / "csv").rglob("metrics.csv"))).dropna(
+        subset=["train/lr"]
+    )
     expected = [1e-3 * _lr_by_hand("linear", 2, 5, k) for k in range(5)]
     if algorithm == "grpo":  # one logged row per rollout of 2 updates: their mean
-        expected = [sum(expected[i:i + 2]) / len(expected[i:i + 2]) for i in range(0, 5, 2)]
-    assert metrics["train/lr"].tolist() == [pytest.approx(x, rel=1e-7, abs=1e-12) for x in expected]  # float32 logs
+        expected = [sum(expected[i : i + 2]) / len(expected[i : i + 2]) for i in range(0, 5, 2)]
+    assert metrics["train/lr"].tolist() == [
+        pytest.approx(x, rel=1e-7, abs=1e-12) for x in expected
+    ]  # float32 logs
 
 
 def test_online_algorithm_trains_the_lora_adapters(tmp_path):
@@ -233,8 +306,13 @@ def test_online_algorithm_trains_the_lora_adapters(tmp_path):
 
     from disa.models import load_model
 
-    run_py(tmp_path, "run", "algorithm=grpo", "logger=none",
-           "+algorithm.lora={r:2,alpha:4,dropout:0.0,target_modules:[q_proj]}")
+    run_py(
+        tmp_path,
+        "run",
+        "algorithm=grpo",
+        "logger=none",
+        "+algorithm.lora={r:2,alpha:4,dropout:0.0,target_modules:[q_proj]}",
+    )
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["train.steps"] == 5 and s["train.tokens_generated"] > 0
     ref_dir = next((tmp_path / "cache" / "backbone").glob("*/ref"))

@@ -19,16 +19,30 @@ from disa.stages.score import check_sampler_agreement
 
 # -- the agreement check -------------------------------------------------------------------------
 def test_agreement_per_token_and_impossible_samples():
-    a = logprob_agreement([-3.0, -2.0, -1.0, -0.5, float("nan")], [-3.0004, -2.0, -1.0, float("-inf"), -1.0],
-                          [4, 1, 1, 2, 3])
-    assert a["compared"] == 3 and a["scorer_impossible"] == 1  # the nan one is not reported by the engine
-    assert a["max_abs_diff"] == pytest.approx(4e-4) and a["max_abs_diff_per_token"] == pytest.approx(1e-4)
+    a = logprob_agreement(
+        [-3.0, -2.0, -1.0, -0.5, float("nan")],
+        [-3.0004, -2.0, -1.0, float("-inf"), -1.0],
+        [4, 1, 1, 2, 3],
+    )
+    assert (
+        a["compared"] == 3 and a["scorer_impossible"] == 1
+    )  # the nan one is not reported by the engine
+    assert a["max_abs_diff"] == pytest.approx(4e-4) and a[
+        "max_abs_diff_per_token"
+    ] == pytest.approx(1e-4)
     assert a["mean_abs_diff_per_token"] == pytest.approx(1e-4 / 3)
 
 
 def test_within_tolerance_passes_and_none_only_reports():
-    agreement = {"ref": {"compared": 256.0, "max_abs_diff": 2e-4, "mean_abs_diff_per_token": 2e-5,
-                         "max_abs_diff_per_token": 6e-5, "scorer_impossible": 0.0}}
+    agreement = {
+        "ref": {
+            "compared": 256.0,
+            "max_abs_diff": 2e-4,
+            "mean_abs_diff_per_token": 2e-5,
+            "max_abs_diff_per_token": 6e-5,
+            "scorer_impossible": 0.0,
+        }
+    }
     check_agreement(agreement, 1e-3)
     check_agreement({"ref": {**agreement["ref"], "max_abs_diff_per_token": 5.0}}, None)
     check_sampler_agreement(agreement, "1e-3")  # a string from the command line is read as a number
@@ -36,27 +50,52 @@ def test_within_tolerance_passes_and_none_only_reports():
 
 
 def test_beyond_tolerance_is_refused_with_the_setting_the_gap_and_the_tolerance():
-    agreement = {"ref": {"compared": 256.0, "max_abs_diff": 1e-4, "mean_abs_diff_per_token": 1e-5,
-                         "max_abs_diff_per_token": 3e-5, "scorer_impossible": 0.0},
-                 "proposal": {"compared": 128.0, "max_abs_diff": 0.25, "mean_abs_diff_per_token": 0.04,
-                              "max_abs_diff_per_token": 0.0625, "scorer_impossible": 0.0}}
+    agreement = {
+        "ref": {
+            "compared": 256.0,
+            "max_abs_diff": 1e-4,
+            "mean_abs_diff_per_token": 1e-5,
+            "max_abs_diff_per_token": 3e-5,
+            "scorer_impossible": 0.0,
+        },
+        "proposal": {
+            "compared": 128.0,
+            "max_abs_diff": 0.25,
+            "mean_abs_diff_per_token": 0.04,
+            "max_abs_diff_per_token": 0.0625,
+            "scorer_impossible": 0.0,
+        },
+    }
     with pytest.raises(LogprobMismatch) as e:
         check_sampler_agreement(agreement, 1e-3)
     msg = str(e.value)
-    assert "sampler.logprob_tolerance=0.001" in msg and "component 'proposal'" in msg and "0.0625" in msg
+    assert (
+        "sampler.logprob_tolerance=0.001" in msg
+        and "component 'proposal'" in msg
+        and "0.0625" in msg
+    )
     assert "component 'ref'" not in msg  # the component within tolerance is not named
     assert "128 samples" in msg
 
 
 def test_sample_the_scorer_rules_out_is_refused():
-    agreement = {"ref": {"compared": 10.0, "max_abs_diff": 0.0, "mean_abs_diff_per_token": 0.0,
-                         "max_abs_diff_per_token": 0.0, "scorer_impossible": 2.0}}
+    agreement = {
+        "ref": {
+            "compared": 10.0,
+            "max_abs_diff": 0.0,
+            "mean_abs_diff_per_token": 0.0,
+            "max_abs_diff_per_token": 0.0,
+            "scorer_impossible": 2.0,
+        }
+    }
     with pytest.raises(LogprobMismatch, match="2 samples drawn by the engine have probability 0"):
         check_agreement(agreement, 1.0)
 
 
 def test_a_manifest_from_before_the_per_token_field_is_not_refused():
-    check_agreement({"ref": {"compared": 4.0, "max_abs_diff": 0.1, "mean_abs_diff_per_token": 0.01}}, 1e-3)
+    check_agreement(
+        {"ref": {"compared": 4.0, "max_abs_diff": 0.1, "mean_abs_diff_per_token": 0.01}}, 1e-3
+    )
 
 
 def test_nothing_compared_is_nan_not_an_error():
@@ -70,7 +109,9 @@ def test_policy_weights_of_a_plain_model_are_its_state_dict(char_tok):
     model = tiny_llama(len(char_tok))
     got = dict(policy_weights(model))
     assert got.keys() == model.state_dict().keys()
-    assert all(got[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items())  # no copies
+    assert all(
+        got[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items()
+    )  # no copies
 
 
 def test_policy_weights_of_a_lora_model_are_merged_under_base_names(char_tok):
@@ -79,7 +120,9 @@ def test_policy_weights_of_a_lora_model_are_merged_under_base_names(char_tok):
     base = tiny_llama(len(char_tok))
     original = {k: v.clone() for k, v in base.state_dict().items()}
     names = set(original)
-    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    policy = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if "lora_B" in n:
@@ -103,13 +146,16 @@ def test_online_sync_once_per_step():
 
     calls = []
     sampler = SimpleNamespace(sync=lambda model: calls.append(model) or 0.5)
-    module = SimpleNamespace(sampler=sampler, policy="policy", global_step=0, _synced_step=None,
-                             weight_sync_seconds=0.0)
+    module = SimpleNamespace(
+        sampler=sampler, policy="policy", global_step=0, _synced_step=None, weight_sync_seconds=0.0
+    )
     for step in (0, 0, 1, 1, 1, 3):
         module.global_step = step
         OnlinePolicyModule.sync_sampler(module)
     assert len(calls) == 3 and module.weight_sync_seconds == 1.5 and module._synced_step == 3
-    hf = SimpleNamespace(sampler=object(), policy="policy", global_step=0, _synced_step=None, weight_sync_seconds=0.0)
+    hf = SimpleNamespace(
+        sampler=object(), policy="policy", global_step=0, _synced_step=None, weight_sync_seconds=0.0
+    )
     OnlinePolicyModule.sync_sampler(hf)  # HF generate samples the policy itself: nothing to sync
     assert hf._synced_step is None
 
@@ -127,14 +173,23 @@ def test_online_vllm_is_allowed_single_process_only(make_cfg):
     single = _errors(make_cfg("sampler=vllm", "algorithm=grpo"))
     assert "(online)" not in single  # only vLLM's absence, where it is not installed
     multi = _errors(make_cfg("sampler=vllm", "algorithm=flowrl", "trainer=ddp_sim"))
-    assert "algorithm=flowrl (online) and trainer.strategy='ddp'" in multi and "single-process trainer" in multi
+    assert (
+        "algorithm=flowrl (online) and trainer.strategy='ddp'" in multi
+        and "single-process trainer" in multi
+    )
     assert "sampler.in_process=false with algorithm=gspo (online) is not supported" in _errors(
-        make_cfg("sampler=vllm", "algorithm=gspo", "sampler.in_process=false"))
+        make_cfg("sampler=vllm", "algorithm=gspo", "sampler.in_process=false")
+    )
 
 
-@pytest.mark.parametrize(("override", "setting"), [("sampler.logprob_tolerance=0", "sampler.logprob_tolerance=0"),
-                                                   ("sampler.cpu_kv_cache_gib=-1", "sampler.cpu_kv_cache_gib=-1"),
-                                                   ("sampler.enforce_eager=3", "sampler.enforce_eager=3")])
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ("sampler.logprob_tolerance=0", "sampler.logprob_tolerance=0"),
+        ("sampler.cpu_kv_cache_gib=-1", "sampler.cpu_kv_cache_gib=-1"),
+        ("sampler.enforce_eager=3", "sampler.enforce_eager=3"),
+    ],
+)
 def test_vllm_cpu_settings_are_checked(make_cfg, override, setting):
     assert f"{setting} is invalid" in _errors(make_cfg("sampler=vllm", override))
 
@@ -142,4 +197,6 @@ def test_vllm_cpu_settings_are_checked(make_cfg, override, setting):
 def test_vllm_config_carries_a_tolerance(make_cfg):
     cfg = make_cfg("sampler=vllm")
     assert 0 < cfg.sampler.logprob_tolerance < 0.01 and cfg.sampler.cpu_kv_cache_gib > 0
-    assert make_cfg().sampler.logprob_tolerance is None  # sampler=hf reports no log-probs of its own
+    assert (
+        make_cfg().sampler.logprob_tolerance is None
+    )  # sampler=hf reports no log-probs of its own

@@ -53,8 +53,14 @@ def anchor_calibration(anchors: pd.DataFrame) -> pd.DataFrame:
     of runs on an enumerable task)."""
     rows = []
     for seed, a in anchors.groupby("seed"):
-        rows.append({"seed": seed, "error": float(a.error.mean()), "abs_error": float(a.error.abs().mean()),
-                     "corr": float(np.corrcoef(a.log_z_hat, a.log_z)[0, 1])})
+        rows.append(
+            {
+                "seed": seed,
+                "error": float(a.error.mean()),
+                "abs_error": float(a.error.abs().mean()),
+                "corr": float(np.corrcoef(a.log_z_hat, a.log_z)[0, 1]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -75,8 +81,14 @@ def plot_log_z_calibration(curves: pd.DataFrame, anchors: pd.DataFrame, path: st
             by_step = curves.dropna(subset=[col]).groupby(x)[col]
             mean, se = by_step.mean(), by_step.std(ddof=1) / np.sqrt(by_step.count())
             ax.plot(mean.index, mean.to_numpy(), color="#C44E52", label="FlowRL log Z_φ (learned)")
-            ax.fill_between(mean.index, (mean - se.fillna(0)).to_numpy(), (mean + se.fillna(0)).to_numpy(),
-                            color="#C44E52", alpha=0.2, lw=0)
+            ax.fill_between(
+                mean.index,
+                (mean - se.fillna(0)).to_numpy(),
+                (mean + se.fillna(0)).to_numpy(),
+                color="#C44E52",
+                alpha=0.2,
+                lw=0,
+            )
         m = frozen[stat].mean()
         s = frozen[stat].std(ddof=1) / np.sqrt(len(frozen)) if len(frozen) > 1 else 0.0
         ax.axhline(m, color="#4C72B0", label="DISA log Ẑ (frozen)")

@@ -42,25 +42,46 @@ def write_comparison(sweep_dir: str | Path) -> dict[str, Path]:
         diffs.to_csv(out["paired"], index=False)
         within = [c for c in diffs.columns if c not in PAIRED_COLUMNS]
         for key, part in diffs.groupby(within, sort=True) if within else [((), diffs)]:
-            setting = ", ".join(f"{k}={v}" for k, v in zip(within, key if isinstance(key, tuple) else (key,)))
+            setting = ", ".join(
+                f"{k}={v}" for k, v in zip(within, key if isinstance(key, tuple) else (key,))
+            )
             for baseline in (BASELINE_ARM, REF_ARM):
-                rows = part[(part.baseline == baseline) & (part.arm != REF_ARM)]  # π_ref − DISA: −(DISA − π_ref)
+                rows = part[
+                    (part.baseline == baseline) & (part.arm != REF_ARM)
+                ]  # π_ref − DISA: −(DISA − π_ref)
                 if len(rows):
-                    text += (f"\nPaired difference from {baseline}{f' ({setting})' if setting else ''}: per-prompt "
-                             f"metrics, {int(rows.seeds.max())} seeds × {int(rows.prompts.max())} prompts, 95% "
-                             "bootstrap CI over seeds and prompts, * where it excludes 0\n\n"
-                             + _markdown(paired_table(rows)) + "\n")
+                    text += (
+                        f"\nPaired difference from {baseline}{f' ({setting})' if setting else ''}: per-prompt "
+                        f"metrics, {int(rows.seeds.max())} seeds × {int(rows.prompts.max())} prompts, 95% "
+                        "bootstrap CI over seeds and prompts, * where it excludes 0\n\n"
+                        + _markdown(paired_table(rows))
+                        + "\n"
+                    )
     out["md"].write_text(text)
     plot_comparison(df, out["png"])
     return out
 
 
 #: the columns of :func:`disa.analysis.stats.paired_differences` (the rest name a setting)
-PAIRED_COLUMNS = ("arm", "baseline", "metric", "diff", "ci_low", "ci_high", "significant", "seeds", "prompts")
+PAIRED_COLUMNS = (
+    "arm",
+    "baseline",
+    "metric",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "significant",
+    "seeds",
+    "prompts",
+)
 
 
-def paired_comparisons(sweep_dir: str | Path, by: str = "algorithm", baselines: tuple[str, ...] = (BASELINE_ARM, REF_ARM),
-                       metrics: tuple[str, ...] = PAIRED_METRICS) -> pd.DataFrame | None:
+def paired_comparisons(
+    sweep_dir: str | Path,
+    by: str = "algorithm",
+    baselines: tuple[str, ...] = (BASELINE_ARM, REF_ARM),
+    metrics: tuple[str, ...] = PAIRED_METRICS,
+) -> pd.DataFrame | None:
     """The arms of a sweep (each value of ``by``, and π_ref) against each of ``baselines`` that
     ran, paired by seed and prompt (:func:`disa.analysis.stats.paired_differences`), within each
     combination of the other settings the sweep varies (their columns are added); None for a
@@ -70,9 +91,15 @@ def paired_comparisons(sweep_dir: str | Path, by: str = "algorithm", baselines: 
     except FileNotFoundError:
         return None
     # the realised λ is derived (and absent from online runs, which draw no proposal samples)
-    within = [k for k in varying(load_sweep(sweep_dir)) if k not in (by, "seed", "proposal.strength_effective")]
+    within = [
+        k
+        for k in varying(load_sweep(sweep_dir))
+        if k not in (by, "seed", "proposal.strength_effective")
+    ]
     parts = []
-    for key, group in per_prompt.groupby(within, sort=True, dropna=False) if within else [((), per_prompt)]:
+    for key, group in (
+        per_prompt.groupby(within, sort=True, dropna=False) if within else [((), per_prompt)]
+    ):
         arms = with_arms(group, by)
         for baseline in (b for b in baselines if b in set(arms.arm)):
             diffs = paired_differences(arms, baseline, metrics)

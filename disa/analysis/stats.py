@@ -90,14 +90,21 @@ PAIRED_METRICS = (
     "tv_rewarded",
 )
 #: every metric column of ``eval_per_prompt.parquet`` (the rest are run settings and ids)
-PER_PROMPT_METRICS = (*PAIRED_METRICS, "solved", "kl_target", "kl_rewarded", "p_correct_target",
-                      *(f"pass_at_{k}" for k in (1, 2, 4, 8)))
+PER_PROMPT_METRICS = (
+    *PAIRED_METRICS,
+    "solved",
+    "kl_target",
+    "kl_rewarded",
+    "p_correct_target",
+    *(f"pass_at_{k}" for k in (1, 2, 4, 8)),
+)
 #: the arm name of π_ref's rows in :func:`with_arms`
 REF_ARM = "π_ref"
 
 
-def with_arms(per_prompt: pd.DataFrame, by: str = "algorithm",
-              pair_on: Sequence[str] = ("seed", "prompt_id")) -> pd.DataFrame:
+def with_arms(
+    per_prompt: pd.DataFrame, by: str = "algorithm", pair_on: Sequence[str] = ("seed", "prompt_id")
+) -> pd.DataFrame:
     """The per-prompt table of a sweep (:func:`disa.analysis.io.load_per_prompt`) with an
     ``arm`` column: each trained policy's row is the arm named by its ``by`` value; π_ref's rows,
     which every run of a seed repeats, are one arm :data:`REF_ARM`, kept once per ``pair_on``.
@@ -110,15 +117,25 @@ def with_arms(per_prompt: pd.DataFrame, by: str = "algorithm",
     ref = per_prompt[per_prompt.model == "ref"]
     ref = ref.drop_duplicates(subset=keys + [c for c in PER_PROMPT_METRICS if c in ref]).copy()
     if ref.duplicated(subset=keys).any():
-        raise ValueError(f"π_ref's per-prompt metrics differ between runs with the same {keys}: the sweep varies "
-                         f"more than {by!r}; compare within one setting (filter the table first)")
+        raise ValueError(
+            f"π_ref's per-prompt metrics differ between runs with the same {keys}: the sweep varies "
+            f"more than {by!r}; compare within one setting (filter the table first)"
+        )
     ref["arm"] = REF_ARM
     return pd.concat([policy, ref], ignore_index=True)
 
 
-def paired_differences(table: pd.DataFrame, baseline: str, metrics: Sequence[str] = PAIRED_METRICS, *,
-                       arm: str = "arm", pair_on: Sequence[str] = ("seed", "prompt_id"), n_boot: int = 4000,
-                       level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def paired_differences(
+    table: pd.DataFrame,
+    baseline: str,
+    metrics: Sequence[str] = PAIRED_METRICS,
+    *,
+    arm: str = "arm",
+    pair_on: Sequence[str] = ("seed", "prompt_id"),
+    n_boot: int = 4000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Every arm against ``baseline``, metric by metric: the paired difference and its
     bootstrap confidence interval over seeds × prompts.
 
@@ -142,9 +159,13 @@ def paired_differences(table: pd.DataFrame, baseline: str, metrics: Sequence[str
         raise ValueError(f"pair_on={pair_on!r}; allowed: two columns, the seed and the prompt")
     dup = table.duplicated(subset=[arm, *keys])
     if dup.any():
-        raise ValueError(f"{int(dup.sum())} rows repeat an ({arm}, {', '.join(keys)}); allowed: one row each")
+        raise ValueError(
+            f"{int(dup.sum())} rows repeat an ({arm}, {', '.join(keys)}); allowed: one row each"
+        )
     if baseline not in set(table[arm]):
-        raise ValueError(f"baseline={baseline!r} is not an arm; allowed: {sorted(set(map(str, table[arm])))}")
+        raise ValueError(
+            f"baseline={baseline!r} is not an arm; allowed: {sorted(set(map(str, table[arm])))}"
+        )
     base = table[table[arm] == baseline].set_index(keys)
     rng = np.random.default_rng(seed)
     rows = []
@@ -153,23 +174,51 @@ def paired_differences(table: pd.DataFrame, baseline: str, metrics: Sequence[str
         for m in metrics:
             if m not in table:
                 continue
-            d = (other[m] - base[m]).dropna()  # aligned on (seed, prompt); a missing side drops the cell
+            d = (
+                other[m] - base[m]
+            ).dropna()  # aligned on (seed, prompt); a missing side drops the cell
             if d.empty:
                 continue
             grid = d.unstack(keys[1])  # [S, P], NaN where a cell is missing
             D, M = np.nan_to_num(grid.to_numpy(np.float64)), (~grid.isna()).to_numpy(np.float64)
             S, P = D.shape
-            ws = rng.multinomial(S, np.full(S, 1 / S), size=n_boot).astype(np.float64)  # [B, S] seed counts
-            wp = rng.multinomial(P, np.full(P, 1 / P), size=n_boot).astype(np.float64)  # [B, P] prompt counts
+            ws = rng.multinomial(S, np.full(S, 1 / S), size=n_boot).astype(
+                np.float64
+            )  # [B, S] seed counts
+            wp = rng.multinomial(P, np.full(P, 1 / P), size=n_boot).astype(
+                np.float64
+            )  # [B, P] prompt counts
             num = np.einsum("bs,sp,bp->b", ws, D * M, wp)
             den = np.einsum("bs,sp,bp->b", ws, M, wp)
             means = num[den > 0] / den[den > 0]
             low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-            rows.append({"arm": name, "baseline": baseline, "metric": m, "diff": float(d.mean()),
-                         "ci_low": float(low), "ci_high": float(high), "significant": bool(low > 0 or high < 0),
-                         "seeds": S, "prompts": P})
-    return pd.DataFrame(rows, columns=["arm", "baseline", "metric", "diff", "ci_low", "ci_high", "significant",
-                                       "seeds", "prompts"])
+            rows.append(
+                {
+                    "arm": name,
+                    "baseline": baseline,
+                    "metric": m,
+                    "diff": float(d.mean()),
+                    "ci_low": float(low),
+                    "ci_high": float(high),
+                    "significant": bool(low > 0 or high < 0),
+                    "seeds": S,
+                    "prompts": P,
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "arm",
+            "baseline",
+            "metric",
+            "diff",
+            "ci_low",
+            "ci_high",
+            "significant",
+            "seeds",
+            "prompts",
+        ],
+    )
 
 
 def paired_table(diffs: pd.DataFrame) -> pd.DataFrame:

@@ -86,8 +86,10 @@ import torch
 from disa.sampling import SamplerSettings
 from disa.settings import derive_seed
 
-INSTALL_HINT = ("sampler=vllm needs the 'vllm' extra: pip install 'disa[vllm]' on a CUDA machine "
-                "(on an x86_64 CPU: make setup-vllm, then use .venv-vllm)")
+INSTALL_HINT = (
+    "sampler=vllm needs the 'vllm' extra: pip install 'disa[vllm]' on a CUDA machine "
+    "(on an x86_64 CPU: make setup-vllm, then use .venv-vllm)"
+)
 
 
 class VLLMMissing(ImportError):
@@ -120,8 +122,10 @@ def model_path(model) -> str:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     path = getattr(inner, "name_or_path", None) or getattr(inner.config, "_name_or_path", "")
     if not path:
-        raise ValueError("sampler=vllm needs a model loaded from a directory (from_pretrained); this one has no "
-                         "name_or_path: save it with save_pretrained and load it from there")
+        raise ValueError(
+            "sampler=vllm needs a model loaded from a directory (from_pretrained); this one has no "
+            "name_or_path: save it with save_pretrained and load it from there"
+        )
     return str(path)
 
 
@@ -190,8 +194,12 @@ def _push_weights(worker, weights) -> int:
     """(Runs in the vLLM worker.) Load ``weights`` (``(name, tensor)`` pairs in checkpoint
     naming) into the engine's model in place; the number of tensors pushed."""
     weights = list(weights)
-    reload = getattr(worker, "reload_weights", None) or getattr(getattr(worker, "worker", None), "reload_weights", None)
-    if reload is not None:  # vLLM's in-place reload: re-runs the post-load processing (CPU GEMM repacking)
+    reload = getattr(worker, "reload_weights", None) or getattr(
+        getattr(worker, "worker", None), "reload_weights", None
+    )
+    if (
+        reload is not None
+    ):  # vLLM's in-place reload: re-runs the post-load processing (CPU GEMM repacking)
         reload(weights_iterator=iter(weights), is_checkpoint_format=True)
     else:  # older vLLM: the model keeps its weights as loaded (CUDA)
         worker.model_runner.model.load_weights(iter(weights))
@@ -217,10 +225,14 @@ class VLLMSampler:
         self.cpu = on_cpu()
         self.in_process = self.cpu if in_process is None else bool(in_process)
         if self.cpu and not self.in_process:
-            raise ValueError("sampler.in_process=false is not supported with vLLM's CPU build: its seeding and "
-                             "weight sync reach into the engine's worker; allowed: null or true")
+            raise ValueError(
+                "sampler.in_process=false is not supported with vLLM's CPU build: its seeding and "
+                "weight sync reach into the engine's worker; allowed: null or true"
+            )
         if self.cpu and dtype == "auto":
-            dtype = "float32"  # auto may down-cast a float32 checkpoint; the scorer runs float32 on CPU
+            dtype = (
+                "float32"  # auto may down-cast a float32 checkpoint; the scorer runs float32 on CPU
+            )
         if enforce_eager is None:
             enforce_eager = self.cpu  # no CUDA graphs on CPU
         self.engine_args = {
@@ -231,7 +243,9 @@ class VLLMSampler:
             "enforce_eager": bool(enforce_eager),
             "generation_config": "vllm",  # ignore the checkpoint's sampling defaults (see module doc)
         }
-        if self.cpu:  # see the module doc: a share of host memory is the wrong knob on a shared machine
+        if (
+            self.cpu
+        ):  # see the module doc: a share of host memory is the wrong knob on a shared machine
             self.engine_args["kv_cache_memory_bytes"] = int(float(cpu_kv_cache_gib) * 2**30)
         else:
             self.engine_args["gpu_memory_utilization"] = float(gpu_memory_utilization)
@@ -255,10 +269,17 @@ class VLLMSampler:
         in_process = s.get("in_process")
         if in_process is None and cfg.get("algorithm", {}).get("online"):
             in_process = True  # weight sync needs the engine's model in this process
-        return cls(batch_size=int(s.batch_size), tensor_parallel_size=int(s.tensor_parallel_size),
-                   gpu_memory_utilization=float(s.gpu_memory_utilization), max_model_len=s.get("max_model_len"),
-                   seed=int(s.seed), dtype=str(s.dtype), enforce_eager=s.get("enforce_eager"),
-                   cpu_kv_cache_gib=float(s.get("cpu_kv_cache_gib", 1.0)), in_process=in_process)
+        return cls(
+            batch_size=int(s.batch_size),
+            tensor_parallel_size=int(s.tensor_parallel_size),
+            gpu_memory_utilization=float(s.gpu_memory_utilization),
+            max_model_len=s.get("max_model_len"),
+            seed=int(s.seed),
+            dtype=str(s.dtype),
+            enforce_eager=s.get("enforce_eager"),
+            cpu_kv_cache_gib=float(s.get("cpu_kv_cache_gib", 1.0)),
+            in_process=in_process,
+        )
 
     def engine(self, model):
         """The vLLM engine for ``model``'s directory (built once; rebuilt for another path)."""
@@ -269,7 +290,8 @@ class VLLMSampler:
                 raise RuntimeError(
                     f"the weights of the model from {path} changed since vLLM last loaded them; sampler=vllm samples "
                     "from the engine's copy, so push the new weights first (VLLMSampler.sync, as the online "
-                    "algorithms do) or sample with sampler=hf")
+                    "algorithms do) or sample with sampler=hf"
+                )
             return self._engine
         llm = self._build_for(model)
         self._engine_key = (path, signature)
@@ -282,12 +304,17 @@ class VLLMSampler:
         want = "0" if self.in_process else "1"
         have = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         if self.in_process and have not in (None, "0"):
-            raise ValueError(f"VLLM_ENABLE_V1_MULTIPROCESSING={have} is set, but sampler.in_process needs the vLLM "
-                             "engine in this process; unset it (or set it to 0)")
+            raise ValueError(
+                f"VLLM_ENABLE_V1_MULTIPROCESSING={have} is set, but sampler.in_process needs the vLLM "
+                "engine in this process; unset it (or set it to 0)"
+            )
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", want)
         import vllm.envs as envs
 
-        if str(int(bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING))) != os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]:
+        if (
+            str(int(bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING)))
+            != os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        ):
             with contextlib.suppress(Exception):
                 envs.disable_envs_cache()
 
@@ -298,11 +325,15 @@ class VLLMSampler:
         draws from these weights (the prefix cache is reset: its KV was computed with the
         old ones)."""
         if not self.in_process:
-            raise RuntimeError("VLLMSampler.sync needs the vLLM engine in this process (sampler.in_process=true): "
-                               "the weights are handed to the engine's model without serializing them")
+            raise RuntimeError(
+                "VLLMSampler.sync needs the vLLM engine in this process (sampler.in_process=true): "
+                "the weights are handed to the engine's model without serializing them"
+            )
         path = model_path(model)
         fresh = self._engine_key is None or self._engine_key[0] != path
-        llm = self._build_for(model) if fresh else self._engine  # a fresh engine's weights are replaced below
+        llm = (
+            self._build_for(model) if fresh else self._engine
+        )  # a fresh engine's weights are replaced below
         t0 = time.perf_counter()  # the push only, not an engine's start-up
         llm.collective_rpc(_push_weights, args=(policy_weights(model),))
         llm.reset_prefix_cache()
@@ -364,12 +395,21 @@ class VLLMSampler:
         eos = tokenizer.eos_token_id
         params = [
             vllm.SamplingParams(
-                n=n, temperature=settings.temperature, top_p=settings.top_p,
-                top_k=settings.top_k if settings.top_k > 0 else -1, max_tokens=settings.max_new_tokens,
-                min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                n=n,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k if settings.top_k > 0 else -1,
+                max_tokens=settings.max_new_tokens,
+                min_p=0.0,
+                repetition_penalty=1.0,
+                presence_penalty=0.0,
+                frequency_penalty=0.0,
                 # stop at the harness tokenizer's EOS only, as HF generate does (the checkpoint's own
                 # EOS may be another token, e.g. with backbone.eos_token or a changed tokenizer)
-                stop_token_ids=[eos], ignore_eos=True, skip_special_tokens=False, logprobs=0,
+                stop_token_ids=[eos],
+                ignore_eos=True,
+                skip_special_tokens=False,
+                logprobs=0,
                 # the CPU build cannot take per-request seeds (see the module doc)
                 seed=None if self.cpu else derive_seed(seed, "request", i),
             )
@@ -389,7 +429,9 @@ class VLLMSampler:
                     out.append([ids for ids, _ in group])
                     token_logprobs.append([lps for _, lps in group])
         self.last_token_logprobs = token_logprobs
-        self.last_logprobs = [[_summed(ids, lps) for ids, lps in zip(g, lg)] for g, lg in zip(out, token_logprobs)]
+        self.last_logprobs = [
+            [_summed(ids, lps) for ids, lps in zip(g, lg)] for g, lg in zip(out, token_logprobs)
+        ]
         return out
 
 
@@ -433,13 +475,21 @@ def logprob_agreement(sampler_logprob, scored_logprob, n_tokens) -> dict[str, fl
     impossible = np.isfinite(a) & np.isneginf(b)
     ok = np.isfinite(a) & np.isfinite(b)
     if not ok.any():
-        return {"compared": 0.0, "max_abs_diff": math.nan, "mean_abs_diff_per_token": math.nan,
-                "max_abs_diff_per_token": math.nan, "scorer_impossible": float(impossible.sum())}
+        return {
+            "compared": 0.0,
+            "max_abs_diff": math.nan,
+            "mean_abs_diff_per_token": math.nan,
+            "max_abs_diff_per_token": math.nan,
+            "scorer_impossible": float(impossible.sum()),
+        }
     d = np.abs(a[ok] - b[ok])
-    return {"compared": float(ok.sum()), "max_abs_diff": float(d.max()),
-            "mean_abs_diff_per_token": float((d / n[ok]).mean()),
-            "max_abs_diff_per_token": float((d / n[ok]).max()),
-            "scorer_impossible": float(impossible.sum())}
+    return {
+        "compared": float(ok.sum()),
+        "max_abs_diff": float(d.max()),
+        "mean_abs_diff_per_token": float((d / n[ok]).mean()),
+        "max_abs_diff_per_token": float((d / n[ok]).max()),
+        "scorer_impossible": float(impossible.sum()),
+    }
 
 
 def check_agreement(agreement: dict[str, dict[str, float]], tolerance: float | None) -> None:
@@ -452,16 +502,23 @@ def check_agreement(agreement: dict[str, dict[str, float]], tolerance: float | N
     for comp, a in sorted(agreement.items()):
         gap = a.get("max_abs_diff_per_token", math.nan)
         if math.isfinite(gap) and gap > tolerance:
-            problems.append(f"component {comp!r}: max |Δ log-prob| = {gap:.3g} nats per token over "
-                            f"{int(a.get('compared', 0))} samples (max {a.get('max_abs_diff', math.nan):.3g} per "
-                            f"sequence, mean {a.get('mean_abs_diff_per_token', math.nan):.3g} per token)")
+            problems.append(
+                f"component {comp!r}: max |Δ log-prob| = {gap:.3g} nats per token over "
+                f"{int(a.get('compared', 0))} samples (max {a.get('max_abs_diff', math.nan):.3g} per "
+                f"sequence, mean {a.get('mean_abs_diff_per_token', math.nan):.3g} per token)"
+            )
         if a.get("scorer_impossible", 0) > 0:
-            problems.append(f"component {comp!r}: {int(a['scorer_impossible'])} samples drawn by the engine have "
-                            "probability 0 under the scorer's top-k/top-p set")
+            problems.append(
+                f"component {comp!r}: {int(a['scorer_impossible'])} samples drawn by the engine have "
+                "probability 0 under the scorer's top-k/top-p set"
+            )
     if problems:
         raise LogprobMismatch(
             f"the sampling engine's log-probs disagree with the scorer's beyond sampler.logprob_tolerance="
-            f"{tolerance:g} nats per token:\n  - " + "\n  - ".join(problems) + "\nThe engine did not sample from "
+            f"{tolerance:g} nats per token:\n  - "
+            + "\n  - ".join(problems)
+            + "\nThe engine did not sample from "
             "the model the harness scores (dtype, kernels, checkpoint, sampling settings), so the importance "
             "weights would be wrong; fix the engine settings (e.g. sampler.dtype) or, if the gap is expected, "
-            "raise sampler.logprob_tolerance (null only reports)")
+            "raise sampler.logprob_tolerance (null only reports)"
+        )

@@ -27,8 +27,17 @@ from typing import Any
 from disa.stages import anchor, evaluate, oracle, sample, score, study, train
 from disa.stages.context import Context, report_nothing, resolve_device
 
-__all__ = ["CACHED_INPUTS", "PROPOSAL_STAGES", "STAGES", "STAGE_NAMES", "Context", "Stage", "plan", "resolve_device",
-           "run_plan"]
+__all__ = [
+    "CACHED_INPUTS",
+    "PROPOSAL_STAGES",
+    "STAGES",
+    "STAGE_NAMES",
+    "Context",
+    "Stage",
+    "plan",
+    "resolve_device",
+    "run_plan",
+]
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,15 @@ PROPOSAL_STAGES = ("sample", "score", "anchor")
 CACHED_INPUTS = ("sample", "score", "anchor", "train")
 
 
-def plan(stage: str, *, online: bool, study: bool = False, study_stops: bool = True,
-         enumerable: bool = False, leader: bool = True) -> list[Stage]:
+def plan(
+    stage: str,
+    *,
+    online: bool,
+    study: bool = False,
+    study_stops: bool = True,
+    enumerable: bool = False,
+    leader: bool = True,
+) -> list[Stage]:
     """The stages a job runs, in order.
 
     - ``stage``: ``"all"`` or one of :data:`STAGE_NAMES`, the last stage run;

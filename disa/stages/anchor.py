@@ -9,21 +9,41 @@ from disa.cache import Artifact
 from disa.stages.context import Context
 
 #: what the anchor reads of the scores (the token lists are left on disk)
-SCORE_COLUMNS = ["prompt_id", "component", "sample_idx", "reward", "logp_ref", "logq_ref", "logq_proposal"]
+SCORE_COLUMNS = [
+    "prompt_id",
+    "component",
+    "sample_idx",
+    "reward",
+    "logp_ref",
+    "logq_ref",
+    "logq_proposal",
+]
 
 
 def run(ctx: Context, scores: Artifact, oracle: Artifact | None) -> Artifact:
     """Depends on β, K and λ (and the scores): cheap to recompute for every point of a sweep."""
     s = ctx.settings
-    spec = {"scores": scores.key, "beta": s.beta, "K": s.num_samples, "strength": s.strength,
-            "min_ess": s.min_ess, "oracle": oracle.key if oracle else None}
+    spec = {
+        "scores": scores.key,
+        "beta": s.beta,
+        "K": s.num_samples,
+        "strength": s.strength,
+        "min_ess": s.min_ess,
+        "oracle": oracle.key if oracle else None,
+    }
 
     def build(art: Artifact) -> dict:
         from disa.oracle import log_p_correct
 
         lpc = log_p_correct(oracle.read_table("rewarded")) if oracle else None
-        table = anchoring.build_anchor(scores.read_table("scores", SCORE_COLUMNS), beta=s.beta, K=s.num_samples,
-                                       strength=s.strength, min_ess=s.min_ess, log_p_correct=lpc)
+        table = anchoring.build_anchor(
+            scores.read_table("scores", SCORE_COLUMNS),
+            beta=s.beta,
+            K=s.num_samples,
+            strength=s.strength,
+            min_ess=s.min_ess,
+            log_p_correct=lpc,
+        )
         table["proposal_kind"] = s.proposal_kind
         table["scores_key"] = scores.key
         art.write_table("anchor", table)
@@ -35,5 +55,8 @@ def run(ctx: Context, scores: Artifact, oracle: Artifact | None) -> Artifact:
 def report(ctx: Context, anchor: Artifact) -> dict:
     """The anchor's statistics; ``anchor.parquet`` is copied into the run directory."""
     shutil.copyfile(anchor.path / "anchor.parquet", ctx.run_dir / "anchor.parquet")
-    return {"artifact.anchor": anchor.key, "proposal.strength_effective": ctx.settings.strength_effective,
-            **anchoring.anchor_summary(anchor.read_table("anchor"))}
+    return {
+        "artifact.anchor": anchor.key,
+        "proposal.strength_effective": ctx.settings.strength_effective,
+        **anchoring.anchor_summary(anchor.read_table("anchor")),
+    }

@@ -62,9 +62,16 @@ class Context:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
-    def build(self, stage: str, spec: dict, builder: Callable[[Artifact], dict | None], *,
-              built_with: Iterable[str] | None = None, label: str | None = None,
-              collective: bool = False) -> Artifact:
+    def build(
+        self,
+        stage: str,
+        spec: dict,
+        builder: Callable[[Artifact], dict | None],
+        *,
+        built_with: Iterable[str] | None = None,
+        label: str | None = None,
+        collective: bool = False,
+    ) -> Artifact:
         """The cached artifact of ``stage`` for ``spec``, built by ``builder`` if missing.
 
         It is built only when this job runs one of ``built_with`` (default: ``stage``);
@@ -89,7 +96,9 @@ class Context:
         self.artifacts[label or stage] = art
         return art
 
-    def fill(self, art: Artifact, fill: Callable[..., int], units: list[tuple[str, int]], *args: Any) -> None:
+    def fill(
+        self, art: Artifact, fill: Callable[..., int], units: list[tuple[str, int]], *args: Any
+    ) -> None:
         """Have the executor's workers write the shards ``units`` of ``art``, each worker
         running ``fill(ctx, art, *args)`` (a module-level function that calls
         :meth:`Artifact.fill_shards`); then check that every shard exists.
@@ -100,21 +109,32 @@ class Context:
         if isinstance(self.executor, LocalExecutor):
             fill(self, art, *args)
         elif art.missing_shards(units):  # none missing (killed while sealing): no workers to start
-            outcomes = self.executor.run(fill_in_worker, (fill, self.for_workers(), art, args,
-                                                          self.executor.cpus_per_worker))
+            outcomes = self.executor.run(
+                fill_in_worker, (fill, self.for_workers(), art, args, self.executor.cpus_per_worker)
+            )
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             done = [o for o in outcomes if not isinstance(o, BaseException)]
-            log.info("%s: %d worker(s) of executor=%s wrote %d shard(s)", art, len(done), self.executor.name,
-                     sum(o["shards"] for o in done))
+            log.info(
+                "%s: %d worker(s) of executor=%s wrote %d shard(s)",
+                art,
+                len(done),
+                self.executor.name,
+                sum(o["shards"] for o in done),
+            )
             missing = art.missing_shards(units)
             if missing:
                 raise CacheError(
                     f"{art}: {len(missing)} shard(s) missing after the workers of executor={self.executor.name} "
                     f"finished ({missing[:5]}); worker errors: {[repr(e) for e in failed][:3]}. Run again to "
-                    "resume from the shards written")
+                    "resume from the shards written"
+                )
             for e in failed:
-                log.warning("%s: a worker of executor=%s failed (%r); the others wrote its shards", art,
-                            self.executor.name, e)
+                log.warning(
+                    "%s: a worker of executor=%s failed (%r); the others wrote its shards",
+                    art,
+                    self.executor.name,
+                    e,
+                )
         missing = art.missing_shards(units)
         if missing:  # a fill function that skipped some: a bug, never sealed over
             raise CacheError(f"{art}: shard(s) {missing[:5]} missing after the fill")
@@ -122,8 +142,15 @@ class Context:
     def for_workers(self) -> Context:
         """This context without what stays in the job's process (loggers, records, the
         executor), to be pickled to the workers of an executor."""
-        return dataclasses.replace(self, loggers=[], leader=False, timings={}, reused={}, artifacts={},
-                                   executor=LocalExecutor())
+        return dataclasses.replace(
+            self,
+            loggers=[],
+            leader=False,
+            timings={},
+            reused={},
+            artifacts={},
+            executor=LocalExecutor(),
+        )
 
     # -- models and prompts ---------------------------------------------------------------------
     def model_path(self, component: str) -> str:
@@ -131,11 +158,19 @@ class Context:
         return self.backbone.ref_path if component == "ref" else self.backbone.proposal_path
 
     def fingerprint(self, component: str) -> str:
-        return self.backbone.ref_fingerprint if component == "ref" else self.backbone.proposal_fingerprint
+        return (
+            self.backbone.ref_fingerprint
+            if component == "ref"
+            else self.backbone.proposal_fingerprint
+        )
 
     def load_model(self, component_or_path: str):
         """A component's model ("ref", "proposal") or the model in a directory, in eval mode."""
-        path = self.model_path(component_or_path) if component_or_path in ("ref", "proposal") else component_or_path
+        path = (
+            self.model_path(component_or_path)
+            if component_or_path in ("ref", "proposal")
+            else component_or_path
+        )
         return self.backbone.load(path, self.device).eval()
 
     def grade(self, prompts: pd.DataFrame, completions: list[str]) -> pd.DataFrame:
@@ -172,8 +207,14 @@ class Rewards:
         return grade(self.task, prompts, completions)["reward"].to_numpy()
 
 
-def fill_in_worker(fill: Callable[..., int], ctx: Context, art: Artifact, args: tuple, threads: int | None,
-                   worker: int) -> dict[str, Any]:
+def fill_in_worker(
+    fill: Callable[..., int],
+    ctx: Context,
+    art: Artifact,
+    args: tuple,
+    threads: int | None,
+    worker: int,
+) -> dict[str, Any]:
     """What one worker of an executor runs: ``fill(ctx, art, *args)`` on this machine's device
     (``device=auto`` is resolved where the worker runs) with ``threads`` torch threads."""
     if threads:
@@ -181,8 +222,13 @@ def fill_in_worker(fill: Callable[..., int], ctx: Context, art: Artifact, args: 
     ctx = dataclasses.replace(ctx, device=resolve_device(str(ctx.cfg.device)))
     t0 = time.perf_counter()
     built = fill(ctx, art, *args)
-    return {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), "shards": built,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "worker": worker,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "shards": built,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,19 +23,33 @@ def run(ctx: Context) -> Artifact | None:
     """π_ref's rewarded-set log-probs, or None on a task without an enumerable rewarded set."""
     if not enumerable(ctx):
         return None
-    return rewarded_table(ctx, ctx.backbone.ref_path, ctx.backbone.ref_fingerprint, BUILT_WITH, label="oracle.ref")
+    return rewarded_table(
+        ctx, ctx.backbone.ref_path, ctx.backbone.ref_fingerprint, BUILT_WITH, label="oracle.ref"
+    )
 
 
-def rewarded_table(ctx: Context, model_path: str, fp: str, built_with: Iterable[str], label: str) -> Artifact:
+def rewarded_table(
+    ctx: Context, model_path: str, fp: str, built_with: Iterable[str], label: str
+) -> Artifact:
     """The rewarded-set table (``prompt_id, answer, logp``) of the model in ``model_path``."""
     from disa.oracle import rewarded_logprobs
 
-    spec = {"task": ctx.task.spec(), "model": fp, "dtype": ctx.backbone.dtype, "kind": "rewarded-set log-probs"}
+    spec = {
+        "task": ctx.task.spec(),
+        "model": fp,
+        "dtype": ctx.backbone.dtype,
+        "kind": "rewarded-set log-probs",
+    }
 
     def build(art: Artifact) -> dict:
         model = ctx.load_model(model_path)
-        table = rewarded_logprobs(model, load_tokenizer(model_path), ctx.task, ctx.prompts_all(),
-                                  progress="teacher-force rewarded set")
+        table = rewarded_logprobs(
+            model,
+            load_tokenizer(model_path),
+            ctx.task,
+            ctx.prompts_all(),
+            progress="teacher-force rewarded set",
+        )
         art.write_table("rewarded", table)
         return {"rows": len(table)}
 

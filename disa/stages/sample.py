@@ -24,9 +24,18 @@ def run(ctx: Context) -> dict[str, Artifact]:
     for comp in s.components:
         # shard layout and batch size fix which random stream each sample comes from: a
         # resume with another layout must not mix two streams (duplicates, no error)
-        spec = {"task": ctx.task.spec(), "split": "train", "model": ctx.fingerprint(comp),
-                "dtype": ctx.backbone.dtype, "sampler": sampling.spec(), "K": s.num_samples, "seed": s.seed,
-                "component": comp, "prompts_per_shard": s.prompts_per_shard, "batch_size": s.sample_batch_size}
+        spec = {
+            "task": ctx.task.spec(),
+            "split": "train",
+            "model": ctx.fingerprint(comp),
+            "dtype": ctx.backbone.dtype,
+            "sampler": sampling.spec(),
+            "K": s.num_samples,
+            "seed": s.seed,
+            "component": comp,
+            "prompts_per_shard": s.prompts_per_shard,
+            "batch_size": s.sample_batch_size,
+        }
 
         def build(art: Artifact, comp=comp) -> dict:
             ctx.fill(art, fill, units(ctx), comp)
@@ -38,7 +47,10 @@ def run(ctx: Context) -> dict[str, Artifact]:
 
 def units(ctx: Context) -> list[tuple[str, int]]:
     """The shards of a rollout artifact: ``sampler.prompts_per_shard`` prompts each."""
-    return [("part", i) for i in range(len(shards(len(ctx.task.prompts("train")), ctx.settings.prompts_per_shard)))]
+    return [
+        ("part", i)
+        for i in range(len(shards(len(ctx.task.prompts("train")), ctx.settings.prompts_per_shard)))
+    ]
 
 
 def fill(ctx: Context, art: Artifact, comp: str) -> int:
@@ -56,19 +68,37 @@ def fill(ctx: Context, art: Artifact, comp: str) -> int:
 
     def make(prefix: str, i: int) -> pd.DataFrame:
         if not engine:
-            engine.update(tok=load_tokenizer(ctx.backbone.ref_path), model=ctx.load_model(comp),
-                          sampler=build_sampler(ctx.cfg))
+            engine.update(
+                tok=load_tokenizer(ctx.backbone.ref_path),
+                model=ctx.load_model(comp),
+                sampler=build_sampler(ctx.cfg),
+            )
         tok, sampler = engine["tok"], engine["sampler"]
         chunk = prompts.iloc[list(pieces[i])]
         p_ids = [encode_prompt(tok, p, s.chat_template) for p in chunk.prompt]
-        comps = sampler.sample(engine["model"], tok, p_ids, s.num_samples, sampling,
-                               seed=s.derive_seed("sample", comp, i))
-        shard = pd.DataFrame([
-            {"prompt_id": pid, "component": comp, "sample_idx": j, "prompt_ids": p,
-             "completion_ids": c, "text": completion_text(tok, c),
-             "finished": bool(c) and c[-1] == tok.eos_token_id}
-            for pid, p, cs in zip(chunk.prompt_id, p_ids, comps) for j, c in enumerate(cs)
-        ])
+        comps = sampler.sample(
+            engine["model"],
+            tok,
+            p_ids,
+            s.num_samples,
+            sampling,
+            seed=s.derive_seed("sample", comp, i),
+        )
+        shard = pd.DataFrame(
+            [
+                {
+                    "prompt_id": pid,
+                    "component": comp,
+                    "sample_idx": j,
+                    "prompt_ids": p,
+                    "completion_ids": c,
+                    "text": completion_text(tok, c),
+                    "finished": bool(c) and c[-1] == tok.eos_token_id,
+                }
+                for pid, p, cs in zip(chunk.prompt_id, p_ids, comps)
+                for j, c in enumerate(cs)
+            ]
+        )
         # An engine that reports its own log-probs (vLLM) has them kept beside the
         # trajectories, for the consistency check of the score stage; they never enter a
         # weight or a loss.

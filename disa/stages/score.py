@@ -23,9 +23,13 @@ def run(ctx: Context, rollouts: dict[str, Artifact]) -> Artifact:
     piece is ``scoring.batch_size × SHARD_BATCHES`` of them); this job then seals the table
     piece by piece, so no process ever holds every trajectory in memory."""
     sampling = SamplerSettings.from_cfg(ctx.cfg.sampler)
-    spec = {"rollouts": {c: a.key for c, a in rollouts.items()}, "task": ctx.task.spec(),
-            "scorers": {c: ctx.fingerprint(c) for c in ["ref", *ctx.settings.components]},
-            "dtype": ctx.backbone.dtype, "sampler": sampling.spec()}
+    spec = {
+        "rollouts": {c: a.key for c, a in rollouts.items()},
+        "task": ctx.task.spec(),
+        "scorers": {c: ctx.fingerprint(c) for c in ["ref", *ctx.settings.components]},
+        "dtype": ctx.backbone.dtype,
+        "sampler": sampling.spec(),
+    }
 
     def build(art: Artifact) -> dict:
         rows = RolloutRows(rollouts)
@@ -35,7 +39,9 @@ def run(ctx: Context, rollouts: dict[str, Artifact]) -> Artifact:
     art = ctx.build("score", spec, build)
     # Checked on a reused artifact too, and outside its key: a changed tolerance re-checks
     # without re-scoring.
-    check_sampler_agreement(art.manifest().get("sampler_agreement", {}), ctx.cfg.sampler.get("logprob_tolerance"))
+    check_sampler_agreement(
+        art.manifest().get("sampler_agreement", {}), ctx.cfg.sampler.get("logprob_tolerance")
+    )
     return art
 
 
@@ -45,7 +51,10 @@ def passes(ctx: Context) -> list[tuple[str | None, str, SamplerSettings | None]]
     sampled component's density *as sampled* (π_ref's is ``logp_ref`` itself when the
     sampler does not change it)."""
     sampling = SamplerSettings.from_cfg(ctx.cfg.sampler)
-    out = [(None, "reward", None), ("ref", "logp_ref", SamplerSettings(max_new_tokens=sampling.max_new_tokens))]
+    out = [
+        (None, "reward", None),
+        ("ref", "logp_ref", SamplerSettings(max_new_tokens=sampling.max_new_tokens)),
+    ]
     for comp in ctx.settings.components:
         if not (comp == "ref" and sampling.is_identity):
             out.append((comp, f"logq_{comp}", sampling))
@@ -73,14 +82,26 @@ def fill(ctx: Context, art: Artifact, rollouts: dict[str, Artifact]) -> int:
         part = rows.read(cut[i].start, cut[i].stop)
         comp, how = plan[column]
         if comp is None:  # refused before it is cached: a fixed verifier then rewards again
-            reward = ctx.rewards()(ctx.prompt_rows(part.prompt_id), part.text.tolist())  # checked numbers
-            anchoring.check_finite(pd.DataFrame({"prompt_id": part.prompt_id.to_numpy(), "reward": reward}),
-                                   ["reward"])
+            reward = ctx.rewards()(
+                ctx.prompt_rows(part.prompt_id), part.text.tolist()
+            )  # checked numbers
+            anchoring.check_finite(
+                pd.DataFrame({"prompt_id": part.prompt_id.to_numpy(), "reward": reward}), ["reward"]
+            )
             return pd.DataFrame({"reward": reward})
         if loaded.get("comp") != comp:  # one model in memory at a time
             loaded.clear()
-            loaded.update(comp=comp, model=ctx.load_model(comp), tok=load_tokenizer(ctx.backbone.ref_path))
-        lp = _score(ctx, loaded["model"], loaded["tok"], part, how, desc=f"score {column} {i + 1}/{len(cut)}")
+            loaded.update(
+                comp=comp, model=ctx.load_model(comp), tok=load_tokenizer(ctx.backbone.ref_path)
+            )
+        lp = _score(
+            ctx,
+            loaded["model"],
+            loaded["tok"],
+            part,
+            how,
+            desc=f"score {column} {i + 1}/{len(cut)}",
+        )
         return pd.DataFrame({column: lp})
 
     return art.fill_shards(units(ctx, rows.n), make)
@@ -93,8 +114,12 @@ def seal(ctx: Context, art: Artifact, rows: RolloutRows) -> dict:
     import pyarrow.parquet as pq
 
     cut = pieces(ctx, rows.n)
-    columns = {column: np.concatenate([art.read_shard(i, prefix=column)[column].to_numpy() for i in range(len(cut))])
-               for _, column, _ in passes(ctx)}
+    columns = {
+        column: np.concatenate(
+            [art.read_shard(i, prefix=column)[column].to_numpy() for i in range(len(cut))]
+        )
+        for _, column, _ in passes(ctx)
+    }
     if "logq_ref" not in columns and "ref" in ctx.settings.components:
         columns["logq_ref"] = columns["logp_ref"]
     small = rows.small_columns().assign(**columns)  # one row per trajectory, no tokens
@@ -105,10 +130,11 @@ def seal(ctx: Context, art: Artifact, rows: RolloutRows) -> dict:
             for r in cut:
                 part = rows.read(r.start, r.stop)
                 for column, values in columns.items():
-                    part[column] = values[r.start:r.stop]
-                part["n_tokens"] = small.n_tokens.to_numpy()[r.start:r.stop]
-                table = pa.Table.from_pandas(part, preserve_index=False,
-                                             schema=writer.schema if writer else None)
+                    part[column] = values[r.start : r.stop]
+                part["n_tokens"] = small.n_tokens.to_numpy()[r.start : r.stop]
+                table = pa.Table.from_pandas(
+                    part, preserve_index=False, schema=writer.schema if writer else None
+                )
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
         finally:
@@ -155,18 +181,29 @@ class RolloutRows:
             names = pq.read_schema(path).names
             keep = [c for c in ("prompt_id", "component", "sampler_logprob") if c in names]
             df = pd.read_parquet(path, columns=keep)
-            lengths = pc.list_value_length(pq.read_table(path, columns=["completion_ids"]).column(0))
+            lengths = pc.list_value_length(
+                pq.read_table(path, columns=["completion_ids"]).column(0)
+            )
             frames.append(df.assign(n_tokens=lengths.to_numpy().astype(np.int64)))
         return pd.concat(frames, ignore_index=True)
 
 
-def _score(ctx: Context, model, tok, part: pd.DataFrame, how: SamplerSettings, desc: str) -> np.ndarray:
+def _score(
+    ctx: Context, model, tok, part: pd.DataFrame, how: SamplerSettings, desc: str
+) -> np.ndarray:
     from disa.scoring import sequence_logprobs
 
     return sequence_logprobs(
-        model, part.prompt_ids.tolist(), part.completion_ids.tolist(), tok.pad_token_id,
-        batch_size=ctx.settings.score_batch_size, temperature=how.temperature, top_k=how.top_k,
-        top_p=how.top_p, chunk_size=ctx.settings.chunk_size, progress=desc,
+        model,
+        part.prompt_ids.tolist(),
+        part.completion_ids.tolist(),
+        tok.pad_token_id,
+        batch_size=ctx.settings.score_batch_size,
+        temperature=how.temperature,
+        top_k=how.top_k,
+        top_p=how.top_p,
+        chunk_size=ctx.settings.chunk_size,
+        progress=desc,
     ).numpy()
 
 

@@ -24,24 +24,35 @@ def bias_variance(ctx: Context, scores: Artifact | None, oracle: Artifact | None
     from disa.oracle import log_p_correct
 
     if scores is None:
-        raise ValueError("study.name=bias_variance needs the scored proposal rollouts; "
-                         f"algorithm={ctx.settings.algorithm!r} is online, use stage=anchor")
+        raise ValueError(
+            "study.name=bias_variance needs the scored proposal rollouts; "
+            f"algorithm={ctx.settings.algorithm!r} is online, use stage=anchor"
+        )
     if oracle is None:
-        raise ValueError(f"study.name=bias_variance needs the exact log Z; task={ctx.cfg.task.name!r} "
-                         "has no enumerable rewarded set")
+        raise ValueError(
+            f"study.name=bias_variance needs the exact log Z; task={ctx.cfg.task.name!r} "
+            "has no enumerable rewarded set"
+        )
     s = ctx.cfg.study
     table, skipped = studies.bias_variance_table(
-        scores.read_table("scores"), log_p_correct(oracle.read_table("rewarded")),
-        K=[int(k) for k in s.K], beta=[float(b) for b in s.beta], strength=[float(x) for x in s.strength],
-        max_replicates=s.get("max_replicates"), min_replicates=int(s.get("min_replicates", 2)),
+        scores.read_table("scores"),
+        log_p_correct(oracle.read_table("rewarded")),
+        K=[int(k) for k in s.K],
+        beta=[float(b) for b in s.beta],
+        strength=[float(x) for x in s.strength],
+        max_replicates=s.get("max_replicates"),
+        min_replicates=int(s.get("min_replicates", 2)),
     )
     agg = studies.summarize_bias_variance(table)
     table.to_parquet(ctx.run_dir / "bias_variance.parquet", index=False)
     agg.to_parquet(ctx.run_dir / "bias_variance_agg.parquet", index=False)
     agg.to_csv(ctx.run_dir / "bias_variance_agg.csv", index=False, float_format="%.6g")
     if skipped:
-        log.warning("bias_variance: fewer than %s disjoint replicates in the cache, skipped %s",
-                    s.get("min_replicates", 2), studies.describe_skipped(skipped))
+        log.warning(
+            "bias_variance: fewer than %s disjoint replicates in the cache, skipped %s",
+            s.get("min_replicates", 2),
+            studies.describe_skipped(skipped),
+        )
     ratio = (agg["var"] / agg.pred_var).replace([np.inf, -np.inf], np.nan).dropna()
     return {
         "study.name": "bias_variance",
@@ -65,12 +76,16 @@ def run(ctx: Context, scores: Artifact | None, oracle: Artifact | None) -> dict[
     if name not in STUDIES:
         raise ValueError(f"study.name={name!r} is not known; allowed: {sorted(STUDIES)}")
     errors = []
-    for key, ok, allowed in (("K", lambda v: isinstance(v, int) and v >= 1, "integers >= 1"),
-                             ("beta", lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
-                             ("strength", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "numbers in [0, 1]")):
+    for key, ok, allowed in (
+        ("K", lambda v: isinstance(v, int) and v >= 1, "integers >= 1"),
+        ("beta", lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
+        ("strength", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "numbers in [0, 1]"),
+    ):
         values = list(s.get(key) or [])
         if not values or not all(ok(v) and not isinstance(v, bool) for v in values):
-            errors.append(f"study.{key}={values!r} is invalid; allowed: a non-empty list of {allowed}")
+            errors.append(
+                f"study.{key}={values!r} is invalid; allowed: a non-empty list of {allowed}"
+            )
     if errors:
         raise ValueError("invalid study configuration:\n  - " + "\n  - ".join(errors))
     with ctx.timed("study"):

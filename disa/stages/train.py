@@ -16,10 +16,17 @@ from disa.sampling import SamplerSettings
 from disa.stages.context import Context
 
 #: trainer settings that change the trained weights (devices and logging cadence do not)
-TRAINER_KEYS_THAT_MATTER = ("max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
+TRAINER_KEYS_THAT_MATTER = (
+    "max_steps",
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+)
 
 
-def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None, oracle: Artifact | None) -> Artifact:
+def run(
+    ctx: Context, scores: Artifact | None, anchor: Artifact | None, oracle: Artifact | None
+) -> Artifact:
     """Offline algorithms depend on the cached trajectories and the anchor; online ones on
     the task and the sampler settings they sample with instead (and on π_ref where their
     loss reads it). Every rank of a multi-process launch runs this build together.
@@ -30,12 +37,17 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None, oracle: 
     from disa.training.run import fit
 
     s, cfg = ctx.settings, ctx.cfg
-    spec = {"init": ctx.backbone.ref_fingerprint,
-            "algorithm": OmegaConf.to_container(cfg.algorithm, resolve=True),
-            "trainer": {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-                        if k in TRAINER_KEYS_THAT_MATTER},
-            "lr_schedule": OmegaConf.to_container(cfg.lr_schedule, resolve=True),
-            "seed": s.seed}
+    spec = {
+        "init": ctx.backbone.ref_fingerprint,
+        "algorithm": OmegaConf.to_container(cfg.algorithm, resolve=True),
+        "trainer": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+            if k in TRAINER_KEYS_THAT_MATTER
+        },
+        "lr_schedule": OmegaConf.to_container(cfg.lr_schedule, resolve=True),
+        "seed": s.seed,
+    }
     if s.online:
         spec |= {"task": ctx.task.spec(), "sampler": SamplerSettings.from_cfg(cfg.sampler).spec()}
         if s.loads_reference:
@@ -48,7 +60,9 @@ def run(ctx: Context, scores: Artifact | None, anchor: Artifact | None, oracle: 
         if s.online:
             return fit(ctx, art, None, log_z)
         data = training_data(ctx, scores, anchor)
-        return fit(ctx, art, data, log_z) | {"store": data.path.name}  # the trajectories artifact's key
+        return fit(ctx, art, data, log_z) | {
+            "store": data.path.name
+        }  # the trajectories artifact's key
 
     return ctx.build("train", spec, build, collective=True)
 
@@ -60,15 +74,24 @@ def training_data(ctx: Context, scores: Artifact, anchor: Artifact):
     from disa.training.data import STORE_FORMAT, Trajectories, write_store
 
     s = ctx.settings
-    spec = {"scores": scores.key, "K": s.num_samples, "strength": s.strength, "format": STORE_FORMAT}
+    spec = {
+        "scores": scores.key,
+        "K": s.num_samples,
+        "strength": s.strength,
+        "format": STORE_FORMAT,
+    }
 
     def build(art: Artifact) -> dict:
         small = scores.read_table("scores", ["prompt_id", "component", "sample_idx"])
-        traj, _ = anchoring.select_trajectories(small.assign(row=np.arange(len(small))), s.num_samples, s.strength)
+        traj, _ = anchoring.select_trajectories(
+            small.assign(row=np.arange(len(small))), s.num_samples, s.strength
+        )
         return write_store(art.path, scores.file_path("scores.parquet"), traj.row.to_numpy())
 
     store = ctx.build("trajectories", spec, build, built_with=("train",))
-    log_z_hat = anchor.read_table("anchor", ["prompt_id", "log_z_hat"]).set_index("prompt_id").log_z_hat
+    log_z_hat = (
+        anchor.read_table("anchor", ["prompt_id", "log_z_hat"]).set_index("prompt_id").log_z_hat
+    )
     return Trajectories.open(store.path, log_z_hat)
 
 
@@ -86,9 +109,14 @@ def report(ctx: Context, trained: Artifact) -> dict:
     """Training figures; the checkpoint and the trained policy are linked into the run directory."""
     info = trained.manifest()
     out = {"artifact.train": trained.key}
-    if "store" in info:  # (offline algorithms) recorded when it was built, so a reuse reports it too
+    if (
+        "store" in info
+    ):  # (offline algorithms) recorded when it was built, so a reuse reports it too
         out["artifact.trajectories"] = info["store"]
-    out |= {f"train.{k}": info[k] for k in ("wall_s", "steps", "resumed", "trajectories", "tokens_generated")}
+    out |= {
+        f"train.{k}": info[k]
+        for k in ("wall_s", "steps", "resumed", "trajectories", "tokens_generated")
+    }
     out |= {f"train.{k.removeprefix('train/')}": v for k, v in info["final"].items()}
     _link_checkpoint(trained.path, ctx.run_dir)
     return out

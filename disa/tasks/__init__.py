@@ -47,13 +47,21 @@ def grade(task: Task, prompts: pd.DataFrame, completions: list[str]) -> pd.DataF
         values = list(task.rewards(prompts, completions))
         table = pd.DataFrame(index=range(len(values)))
     if len(values) != len(completions):
-        raise ValueError(f"task {task.name!r} gave {len(values)} rewards for {len(completions)} completions")
-    bad = [i for i, v in enumerate(values) if not isinstance(v, (numbers.Real, np.bool_)) or math.isinf(float(v))]
+        raise ValueError(
+            f"task {task.name!r} gave {len(values)} rewards for {len(completions)} completions"
+        )
+    bad = [
+        i
+        for i, v in enumerate(values)
+        if not isinstance(v, (numbers.Real, np.bool_)) or math.isinf(float(v))
+    ]
     if bad:
         ids = prompts["prompt_id"].iloc[bad[:5]].tolist() if "prompt_id" in prompts else bad[:5]
-        raise TypeError(f"task {task.name!r} gave {len(bad)} reward(s) that are not finite numbers or NaN, e.g. "
-                        f"{values[bad[0]]!r} for prompt {ids[0]!r} (prompts {ids}); allowed: a real number, or NaN "
-                        "for a grading failure")
+        raise TypeError(
+            f"task {task.name!r} gave {len(bad)} reward(s) that are not finite numbers or NaN, e.g. "
+            f"{values[bad[0]]!r} for prompt {ids[0]!r} (prompts {ids}); allowed: a real number, or NaN "
+            "for a grading failure"
+        )
     table["reward"] = np.asarray(values, dtype=np.float64)
     return table
 
@@ -78,9 +86,14 @@ def build_task(cfg) -> Task:
 
         t = OmegaConf.to_container(cfg.task, resolve=True)
         return BenchmarkTask(
-            name=name, kind=name, train=t.get("train"), eval_benchmarks=t["eval_benchmarks"],
-            root=t.get("root"), template=t.get("template", "boxed"),
-            eval_reward_mode=t.get("eval_reward_mode", "strict"), limit=t.get("limit"),
+            name=name,
+            kind=name,
+            train=t.get("train"),
+            eval_benchmarks=t["eval_benchmarks"],
+            root=t.get("root"),
+            template=t.get("template", "boxed"),
+            eval_reward_mode=t.get("eval_reward_mode", "strict"),
+            limit=t.get("limit"),
             grader=t.get("grader") or {},
         )
     raise ValueError(f"task.name={name!r} is not known; allowed: {list(TASK_NAMES)}")

@@ -77,8 +77,10 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     try:
         return _read_records(p)
     except (UnicodeDecodeError, EOFError, zlib.error, OSError, pa.ArrowException) as e:
-        raise ValueError(f"{p}: could not read the benchmark file ({type(e).__name__}: {e}); "
-                         "allowed: UTF-8 jsonl/json (optionally gzip-compressed, whole) or parquet") from e
+        raise ValueError(
+            f"{p}: could not read the benchmark file ({type(e).__name__}: {e}); "
+            "allowed: UTF-8 jsonl/json (optionally gzip-compressed, whole) or parquet"
+        ) from e
 
 
 _GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
@@ -110,12 +112,16 @@ def _records_from_text(text: str, p: Path) -> list[dict]:
         try:
             obj = json.loads(body)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: starts with '[', so it was read as one JSON list (whatever its extension), "
-                             f"and that is invalid JSON: {e}") from e
+            raise ValueError(
+                f"{p}: starts with '[', so it was read as one JSON list (whatever its extension), "
+                f"and that is invalid JSON: {e}"
+            ) from e
         return obj
     if body[0] != "{":
-        raise ValueError(f"{p}: unknown format: starts with {body[:20]!r}; allowed: a JSON list, JSON lines "
-                         "(one object per line), {\"data\": [...]} or parquet, optionally gzip-compressed")
+        raise ValueError(
+            f"{p}: unknown format: starts with {body[:20]!r}; allowed: a JSON list, JSON lines "
+            '(one object per line), {"data": [...]} or parquet, optionally gzip-compressed'
+        )
     try:
         obj = json.loads(body)
     except json.JSONDecodeError:
@@ -124,18 +130,23 @@ def _records_from_text(text: str, p: Path) -> list[dict]:
         data = obj.get("data")
         return data if isinstance(data, list) else [obj]
     rows = []
-    for lineno, line in enumerate(body.splitlines(), 1 + text.count("\n", 0, len(text) - len(body))):
+    for lineno, line in enumerate(
+        body.splitlines(), 1 + text.count("\n", 0, len(text) - len(body))
+    ):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{lineno}: invalid JSON (read as JSON lines, one object per line): {e}") from e
+            raise ValueError(
+                f"{p}:{lineno}: invalid JSON (read as JSON lines, one object per line): {e}"
+            ) from e
     return rows
 
 
-def load_dataset_records(dataset: str, subset: str | None = None, split: str = "test",
-                         revision: str | None = None) -> list[dict]:
+def load_dataset_records(
+    dataset: str, subset: str | None = None, split: str = "test", revision: str | None = None
+) -> list[dict]:
     """Rows of one split of a Hugging Face dataset.
 
     ``dataset`` is a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
@@ -147,8 +158,10 @@ def load_dataset_records(dataset: str, subset: str | None = None, split: str = "
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"dataset={dataset!r} needs the 'datasets' package: pip install 'disa[math]' "
-                          "(or give a local jsonl/json/parquet file as path=...)") from e
+        raise ImportError(
+            f"dataset={dataset!r} needs the 'datasets' package: pip install 'disa[math]' "
+            "(or give a local jsonl/json/parquet file as path=...)"
+        ) from e
     where = f"dataset={dataset!r} (subset={subset!r}, split={split!r}, revision={revision!r})"
     local = Path(dataset).expanduser()
     if local.is_dir() and any((local / f).is_file() for f in ("dataset_dict.json", "state.json")):
@@ -159,7 +172,9 @@ def load_dataset_records(dataset: str, subset: str | None = None, split: str = "
             ds = ds[split]
         return ds.to_list()
     try:
-        ds = datasets.load_dataset(str(local) if local.is_dir() else dataset, subset, split=split, revision=revision)
+        ds = datasets.load_dataset(
+            str(local) if local.is_dir() else dataset, subset, split=split, revision=revision
+        )
     except Exception as e:  # hub errors come in many types (offline, gated, missing split, ...)
         raise RuntimeError(
             f"could not load {where}: {type(e).__name__}: {e}. Without network access, save the dataset "
@@ -313,12 +328,17 @@ class BenchmarkSpec:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.start, int) and self.start >= 0) or not (
-                self.stop is None or (isinstance(self.stop, int) and self.stop > self.start)):
-            raise ValueError(f"{self.name}: start={self.start!r}, stop={self.stop!r}; allowed: integers "
-                             "0 <= start < stop (stop null: to the end)")
+            self.stop is None or (isinstance(self.stop, int) and self.stop > self.start)
+        ):
+            raise ValueError(
+                f"{self.name}: start={self.start!r}, stop={self.stop!r}; allowed: integers "
+                "0 <= start < stop (stop null: to the end)"
+            )
         if (self.path is None) == (self.dataset is None):
-            raise ValueError(f"{self.name}: give exactly one of path (a local file) and dataset (a Hugging Face "
-                             f"dataset id or directory); got path={self.path!r}, dataset={self.dataset!r}")
+            raise ValueError(
+                f"{self.name}: give exactly one of path (a local file) and dataset (a Hugging Face "
+                f"dataset id or directory); got path={self.path!r}, dataset={self.dataset!r}"
+            )
         if self.answer_extraction not in ANSWER_EXTRACTIONS:
             raise ValueError(
                 f"{self.name}: answer_extraction={self.answer_extraction!r}; "
@@ -327,17 +347,27 @@ class BenchmarkSpec:
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind={self.kind!r}; allowed: {list(KINDS)}")
         if self.answer_field is None and self.kind != "code":
-            raise ValueError(f"{self.name}: answer_field is missing; allowed: the field of each record holding "
-                             "the gold answer (a math benchmark is graded against it)")
+            raise ValueError(
+                f"{self.name}: answer_field is missing; allowed: the field of each record holding "
+                "the gold answer (a math benchmark is graded against it)"
+            )
         if not isinstance(self.problem_field, str) or not self.problem_field:
-            raise ValueError(f"{self.name}: problem_field={self.problem_field!r}; allowed: the field of each record "
-                             "holding the problem statement (e.g. 'problem', 'question', 'prompt')")
+            raise ValueError(
+                f"{self.name}: problem_field={self.problem_field!r}; allowed: the field of each record "
+                "holding the problem statement (e.g. 'problem', 'question', 'prompt')"
+            )
         if self.output_compare not in OUTPUT_COMPARES:
-            raise ValueError(f"{self.name}: output_compare={self.output_compare!r}; allowed: {list(OUTPUT_COMPARES)}")
+            raise ValueError(
+                f"{self.name}: output_compare={self.output_compare!r}; allowed: {list(OUTPUT_COMPARES)}"
+            )
         if self.prelude is not None and self.prelude not in PRELUDES:
-            raise ValueError(f"{self.name}: prelude={self.prelude!r}; allowed: null or one of {sorted(PRELUDES)}")
+            raise ValueError(
+                f"{self.name}: prelude={self.prelude!r}; allowed: null or one of {sorted(PRELUDES)}"
+            )
         if not (isinstance(self.float_tolerance, (int, float)) and 0 <= self.float_tolerance < 1):
-            raise ValueError(f"{self.name}: float_tolerance={self.float_tolerance!r}; allowed: a number in [0, 1)")
+            raise ValueError(
+                f"{self.name}: float_tolerance={self.float_tolerance!r}; allowed: a number in [0, 1)"
+            )
         object.__setattr__(self, "extra_fields", tuple(self.extra_fields))
 
     def resolve(self, root: str | os.PathLike | None) -> BenchmarkSpec:
@@ -361,13 +391,19 @@ class BenchmarkSpec:
         name = d.get("name")
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"benchmark {name!r}: unknown setting(s) {unknown}; "
-                             f"allowed: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"benchmark {name!r}: unknown setting(s) {unknown}; "
+                f"allowed: {sorted(cls.__dataclass_fields__)}"
+            )
         if not isinstance(name, str) or not name:
-            raise ValueError(f"benchmark mapping {d}: name is missing; allowed: a name for its prompt ids and metrics")
+            raise ValueError(
+                f"benchmark mapping {d}: name is missing; allowed: a name for its prompt ids and metrics"
+            )
         if "problem_field" not in d:
-            raise ValueError(f"benchmark {name!r}: problem_field is missing; allowed: the field of each record "
-                             "holding the problem statement (e.g. 'problem', 'question', 'prompt')")
+            raise ValueError(
+                f"benchmark {name!r}: problem_field is missing; allowed: the field of each record "
+                "holding the problem statement (e.g. 'problem', 'question', 'prompt')"
+            )
         if kind is not None:
             d.setdefault("kind", kind)
         if d.get("kind") == "code":
@@ -380,8 +416,15 @@ class BenchmarkSpec:
         """Where the records come from, for messages."""
         if self.dataset is None:
             return str(self.path)
-        extra = ", ".join(f"{k}={v}" for k, v in [("subset", self.subset), ("split", self.split),
-                                                   ("revision", self.revision)] if v)
+        extra = ", ".join(
+            f"{k}={v}"
+            for k, v in [
+                ("subset", self.subset),
+                ("split", self.split),
+                ("revision", self.revision),
+            ]
+            if v
+        )
         return f"{self.dataset} [{extra}]"
 
     def records(self) -> list[dict]:
@@ -432,21 +475,41 @@ MATH_BENCHMARKS: dict[str, BenchmarkSpec] = {
 #: solution's (see :mod:`disa.tasks.code_reward`). LiveCodeBench / CodeForces in the rllm json
 #: layout (FlowRL's test sets) have ``problem`` and ``tests``; not shipped locally.
 CODE_BENCHMARKS: dict[str, BenchmarkSpec] = {
-    "humanevalplus": BenchmarkSpec("humanevalplus", "code/humanevalplus_mini.jsonl.gz", "prompt", None, "task_id",
-                                   kind="code"),
-    "livecodebench": BenchmarkSpec("livecodebench", "code/livecodebench.json", "problem", None, None,
-                                   tests_field="tests", kind="code", output_compare="lines",
-                                   starter_code_field="starter_code", prelude="livecodebench"),
-    "codeforces": BenchmarkSpec("codeforces", "code/codeforces.json", "problem", None, None, tests_field="tests",
-                                kind="code", output_compare="tokens", limits_from_statement=True),
+    "humanevalplus": BenchmarkSpec(
+        "humanevalplus", "code/humanevalplus_mini.jsonl.gz", "prompt", None, "task_id", kind="code"
+    ),
+    "livecodebench": BenchmarkSpec(
+        "livecodebench",
+        "code/livecodebench.json",
+        "problem",
+        None,
+        None,
+        tests_field="tests",
+        kind="code",
+        output_compare="lines",
+        starter_code_field="starter_code",
+        prelude="livecodebench",
+    ),
+    "codeforces": BenchmarkSpec(
+        "codeforces",
+        "code/codeforces.json",
+        "problem",
+        None,
+        None,
+        tests_field="tests",
+        kind="code",
+        output_compare="tokens",
+        limits_from_statement=True,
+    ),
 }
 
 #: the source settings of a spec: a mapping that gives one of them replaces all of them
 _SOURCE_FIELDS = ("path", "dataset", "subset", "split", "revision")
 
 
-def resolve_entry(entry: str | Mapping[str, Any], known: Mapping[str, BenchmarkSpec],
-                  kind: str | None = None) -> BenchmarkSpec:
+def resolve_entry(
+    entry: str | Mapping[str, Any], known: Mapping[str, BenchmarkSpec], kind: str | None = None
+) -> BenchmarkSpec:
     """The spec of one configured benchmark: a built-in name (``known``), or a mapping. A
     mapping whose ``name`` is a built-in, or that names one as ``like``, inherits that spec's
     fields and overrides the ones it sets (``{name: aime24, path: /data/aime24.jsonl}``,
@@ -455,21 +518,37 @@ def resolve_entry(entry: str | Mapping[str, Any], known: Mapping[str, BenchmarkS
     the setting and what is allowed."""
     if isinstance(entry, str):
         if entry not in known:
-            raise ValueError(f"benchmark {entry!r} is not known; allowed: {sorted(known)}, or a mapping with a name, "
-                             "a path (or a dataset) and a problem_field")
+            raise ValueError(
+                f"benchmark {entry!r} is not known; allowed: {sorted(known)}, or a mapping with a name, "
+                "a path (or a dataset) and a problem_field"
+            )
         return known[entry]
     if not isinstance(entry, Mapping):
         raise ValueError(f"benchmark entry {entry!r}; allowed: a name {sorted(known)} or a mapping")
     entry = dict(entry)
     like = entry.pop("like", None)
     if like is not None and like not in known:
-        raise ValueError(f"benchmark {entry.get('name')!r}: like={like!r}; allowed: one of {sorted(known)}")
-    base = known.get(like if like is not None else entry.get("name") if isinstance(entry.get("name"), str) else None)
+        raise ValueError(
+            f"benchmark {entry.get('name')!r}: like={like!r}; allowed: one of {sorted(known)}"
+        )
+    base = known.get(
+        like
+        if like is not None
+        else entry.get("name")
+        if isinstance(entry.get("name"), str)
+        else None
+    )
     if base is None:
         return BenchmarkSpec.from_dict(entry, kind=kind)
     inherited = {f: getattr(base, f) for f in BenchmarkSpec.__dataclass_fields__}
     if any(k in entry for k in ("path", "dataset")):
-        inherited |= {"path": None, "dataset": None, "subset": None, "split": "test", "revision": None}
+        inherited |= {
+            "path": None,
+            "dataset": None,
+            "subset": None,
+            "split": "test",
+            "revision": None,
+        }
     return BenchmarkSpec.from_dict(inherited | entry, kind=kind)
 
 
@@ -524,15 +603,26 @@ def load_benchmark(
     if not isinstance(spec, BenchmarkSpec):
         spec = BenchmarkSpec.from_dict(spec)
     spec = spec.resolve(root)
-    records = spec.records()[spec.start:spec.stop]
+    records = spec.records()[spec.start : spec.stop]
     if not records:
-        raise ValueError(f"{spec.name}: no records in {spec.source}"
-                         + (f" rows [{spec.start}, {spec.stop})" if spec.start or spec.stop else ""))
+        raise ValueError(
+            f"{spec.name}: no records in {spec.source}"
+            + (f" rows [{spec.start}, {spec.stop})" if spec.start or spec.stop else "")
+        )
     if limit is not None:
         records = records[:limit]
     humaneval = spec.kind == "code" and spec.tests_field is None
-    needed = [f for f in (spec.problem_field, spec.answer_field, spec.tests_field, spec.time_limit_field,
-                          spec.memory_limit_field) if f]
+    needed = [
+        f
+        for f in (
+            spec.problem_field,
+            spec.answer_field,
+            spec.tests_field,
+            spec.time_limit_field,
+            spec.memory_limit_field,
+        )
+        if f
+    ]
     needed += ["entry_point", "canonical_solution"] if humaneval else []
 
     rows: list[dict[str, Any]] = []
@@ -543,7 +633,9 @@ def load_benchmark(
     empty_problem: list[str] = []
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
-            raise ValueError(f"{spec.name}: record {spec.start + i} of {spec.source} is not an object")
+            raise ValueError(
+                f"{spec.name}: record {spec.start + i} of {spec.source} is not an object"
+            )
         row_no = spec.start + i  # the row of the source, whatever slice was taken
         raw_id = rec.get(spec.id_field) if spec.id_field else row_no
         rid = str(raw_id if raw_id is not None else row_no)
@@ -577,8 +669,12 @@ def load_benchmark(
     where = f"{spec.name} ({spec.source})"
     if missing_fields:
         detail = "; ".join(f"{f!r} in ids {_fmt_ids(ids)}" for f, ids in missing_fields.items())
-        hint = (" (a code benchmark's records are HumanEval+ tasks with entry_point and canonical_solution, or "
-                "give tests_field for problems with tests)" if humaneval else "")
+        hint = (
+            " (a code benchmark's records are HumanEval+ tasks with entry_point and canonical_solution, or "
+            "give tests_field for problems with tests)"
+            if humaneval
+            else ""
+        )
         raise ValueError(f"{where}: missing field(s): {detail}{hint}")
     if empty_problem:
         raise ValueError(
@@ -592,7 +688,9 @@ def load_benchmark(
             f"ids {_fmt_ids(bad_gold)}"
         )
     if malformed:
-        shown = "; ".join(f"{rid}: {gold!r} ({why})" for rid, gold, why in malformed[:_MAX_IDS_SHOWN])
+        shown = "; ".join(
+            f"{rid}: {gold!r} ({why})" for rid, gold, why in malformed[:_MAX_IDS_SHOWN]
+        )
         raise ValueError(
             f"{where}: {len(malformed)} item(s) whose gold answer is malformed LaTeX, which math-verify would "
             f"compare as text and grade every answer wrong against (field {spec.answer_field!r}): {shown}"
@@ -614,7 +712,9 @@ def load_benchmark(
 
 def _code_columns(spec: BenchmarkSpec, rec: Mapping[str, Any], row: dict[str, Any]) -> str | None:
     """Fill a code row's test columns from ``rec``; the reason its tests are unusable, or None."""
-    time_s, memory_mb = statement_limits(row["problem"]) if spec.limits_from_statement else (None, None)
+    time_s, memory_mb = (
+        statement_limits(row["problem"]) if spec.limits_from_statement else (None, None)
+    )
     if spec.time_limit_field:
         time_s = _positive(rec[spec.time_limit_field])
     if spec.memory_limit_field:
@@ -629,8 +729,10 @@ def _code_columns(spec: BenchmarkSpec, rec: Mapping[str, Any], row: dict[str, An
         return None if row["base_input"] or row["plus_input"] else "no inputs"
     starter = rec.get(spec.starter_code_field) if spec.starter_code_field else None
     if isinstance(starter, str) and starter.strip() and isinstance(row["problem"], str):
-        row["problem"] = (f"{row['problem'].rstrip()}\n\nWrite the solution in this starter code:\n"
-                          f"```python\n{starter.rstrip()}\n```\n")
+        row["problem"] = (
+            f"{row['problem'].rstrip()}\n\nWrite the solution in this starter code:\n"
+            f"```python\n{starter.rstrip()}\n```\n"
+        )
     tests = _parse_tests(rec[spec.tests_field])
     row["tests"] = tests
     row["fn_name"] = functional_name(tests or [], rec.get("metadata"), starter)

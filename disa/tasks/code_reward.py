@@ -87,7 +87,6 @@ EVALPLUS_MIN_TIME_LIMIT_S = 4.0
 EVALPLUS_TASK_CAP_S = 60.0
 
 
-
 @dataclass
 class CodeGrade:
     """Result of grading one program.
@@ -177,7 +176,9 @@ def _tokens_equal(out: str, exp: str, tolerance: float) -> bool:
     return False
 
 
-def outputs_equal(out: str, exp: str, compare: str = "tokens", float_tolerance: float = 1e-6) -> bool:
+def outputs_equal(
+    out: str, exp: str, compare: str = "tokens", float_tolerance: float = 1e-6
+) -> bool:
     """Whether a program's stdout ``out`` matches the expected output ``exp``.
 
     ``"lines"``: LiveCodeBench's rule (``grade_stdio``): both texts stripped and split at
@@ -199,7 +200,9 @@ def outputs_equal(out: str, exp: str, compare: str = "tokens", float_tolerance: 
         return True
     if compare == "tokens":
         got, want = out.split(), exp.split()
-        return len(got) == len(want) and all(_tokens_equal(a, b, float_tolerance) for a, b in zip(got, want))
+        return len(got) == len(want) and all(
+            _tokens_equal(a, b, float_tolerance) for a, b in zip(got, want)
+        )
     raise ValueError(f"compare={compare!r}; allowed: ['tokens', 'lines']")
 
 
@@ -369,7 +372,9 @@ def _run_calls(
         require=require,
     )
     parsed = _parse_results(res.stdout, nonce, len(inputs), res.truncated)
-    error = f"sandbox {res.status}: {res.stderr[-500:]}" if parsed.load == "crashed" else parsed.error
+    error = (
+        f"sandbox {res.status}: {res.stderr[-500:]}" if parsed.load == "crashed" else parsed.error
+    )
     return _CallResults(parsed.load, parsed.statuses, parsed.values, res, error, parsed.seconds)
 
 
@@ -406,7 +411,7 @@ def _parse_results(stdout: str, nonce: str, n: int, truncated: bool) -> _Parsed:
     try:
         for j, line in enumerate(lines):
             try:
-                msg = json.loads(line[len(nonce):])
+                msg = json.loads(line[len(nonce) :])
             except (ValueError, RecursionError) as e:
                 if truncated and j == len(lines) - 1:
                     break  # cut by the output cap
@@ -419,7 +424,13 @@ def _parse_results(stdout: str, nonce: str, n: int, truncated: bool) -> _Parsed:
                 load, error = msg["load"], str(msg.get("error", ""))[:500]
                 continue
             i, status = msg.get("i"), msg.get("status")
-            if load != "ok" or type(i) is not int or i != expect or expect >= n or status not in _CALL_STATUSES:
+            if (
+                load != "ok"
+                or type(i) is not int
+                or i != expect
+                or expect >= n
+                or status not in _CALL_STATUSES
+            ):
                 raise _Forged(f"result line {j} out of protocol (expected test {expect} of {n})")
             expect += 1
             statuses[i] = status
@@ -428,12 +439,32 @@ def _parse_results(stdout: str, nonce: str, n: int, truncated: bool) -> _Parsed:
                     raise _Forged(f"test {i}: a result without a value")
                 values[i] = _decode(msg["value"])
                 t = msg.get("t")
-                seconds[i] = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+                seconds[i] = (
+                    float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+                )
             elif not error:
                 error = str(msg.get("error", status))[:500]
-    except (_Forged, TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError) as e:
-        why = str(e) if isinstance(e, _Forged) else f"a result that does not decode ({type(e).__name__})"
-        return _Parsed("forged", ["forged"] * n, [None] * n, f"driver output forged or corrupted: {why}", [None] * n)
+    except (
+        _Forged,
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+    ) as e:
+        why = (
+            str(e)
+            if isinstance(e, _Forged)
+            else f"a result that does not decode ({type(e).__name__})"
+        )
+        return _Parsed(
+            "forged",
+            ["forged"] * n,
+            [None] * n,
+            f"driver output forged or corrupted: {why}",
+            [None] * n,
+        )
     return _Parsed(load, statuses, values, error, seconds)
 
 
@@ -481,16 +512,23 @@ def grade_stdio(
         if stop_on_failure and statuses and statuses[-1] != "passed":
             statuses.append("not_run")
             continue
-        res = run_program(program, stdin=str(t.get("input", "")), timeout_s=timeout_s, memory_mb=memory_mb,
-                          require=require)
+        res = run_program(
+            program,
+            stdin=str(t.get("input", "")),
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            require=require,
+        )
         if res.status == "sandbox_error":
             return CodeGrade(0, total, statuses, error=res.stderr[-500:])
         guards = merge_guards(guards, res.guards)
         if res.status != "ok":
             statuses.append(res.status)
             why = res.stderr[-300:].strip() or (
-                f"still running after {timeout_s} s: its process group was killed" if res.status == "timeout"
-                else f"exit status {res.returncode}")
+                f"still running after {timeout_s} s: its process group was killed"
+                if res.status == "timeout"
+                else f"exit status {res.returncode}"
+            )
             detail = detail or f"{res.status}: {why}"
         elif outputs_equal(res.stdout, str(t.get("output", "")), compare, float_tolerance):
             statuses.append("passed")
@@ -551,8 +589,15 @@ def grade_functional(
         return CodeGrade(0, total, [], error=f"malformed tests: {e!r}")
     if not code.strip():
         return CodeGrade(0, total, ["not_run"] * total, detail="no code")
-    calls = _run_calls(_with_prelude(code, prelude), fn_name, inputs, timeouts=[timeout_s] * total,
-                       max_total_s=max_total_s, memory_mb=memory_mb, require=require)
+    calls = _run_calls(
+        _with_prelude(code, prelude),
+        fn_name,
+        inputs,
+        timeouts=[timeout_s] * total,
+        max_total_s=max_total_s,
+        memory_mb=memory_mb,
+        require=require,
+    )
     if calls.run.status == "sandbox_error":
         return CodeGrade(0, total, [], error=calls.run.stderr[-500:])
     return _score(calls, [lambda i, v, e=e: values_equal(v, e) for e in expected], expected)
@@ -565,7 +610,9 @@ def _score(calls: _CallResults, checks: Sequence[Any], expected: Sequence[Any]) 
     if calls.load == "forged":
         return CodeGrade(0, total, ["forged"] * total, detail=calls.error, guards=guards)
     if calls.load != "ok":
-        return CodeGrade(0, total, [f"load_{calls.load}"] * total, detail=calls.error, guards=guards)
+        return CodeGrade(
+            0, total, [f"load_{calls.load}"] * total, detail=calls.error, guards=guards
+        )
     statuses = []
     detail = calls.error
     for i, (st, val, check) in enumerate(zip(calls.statuses, calls.values, checks)):
@@ -650,13 +697,23 @@ def humaneval_expected(
     inputs = [a for part in _parts(task, use_plus) for a in part]
     prompt = _prompt_of(task)
     given = task.get("expected")
-    key = (_task_id(task), prompt, str(task["canonical_solution"]),
-           json.dumps([inputs, given], sort_keys=True, default=repr))
+    key = (
+        _task_id(task),
+        prompt,
+        str(task["canonical_solution"]),
+        json.dumps([inputs, given], sort_keys=True, default=repr),
+    )
     if key in _REFERENCE_CACHE:
         return _REFERENCE_CACHE[key]
     program = prompt + str(task["canonical_solution"]) + "\n"
-    calls = _run_calls(program, str(task["entry_point"]), inputs, timeouts=[timeout_s] * len(inputs),
-                       max_total_s=600.0, memory_mb=memory_mb)
+    calls = _run_calls(
+        program,
+        str(task["entry_point"]),
+        inputs,
+        timeouts=[timeout_s] * len(inputs),
+        max_total_s=600.0,
+        memory_mb=memory_mb,
+    )
     bad = [i for i, s in enumerate(calls.statuses) if s != "ok"]
     if calls.load != "ok" or bad:
         raise RuntimeError(
@@ -669,8 +726,12 @@ def humaneval_expected(
     return ref
 
 
-def evalplus_time_limits(seconds: Sequence[float], *, factor: float = EVALPLUS_TIME_LIMIT_FACTOR,
-                         floor_s: float = EVALPLUS_MIN_TIME_LIMIT_S) -> list[float]:
+def evalplus_time_limits(
+    seconds: Sequence[float],
+    *,
+    factor: float = EVALPLUS_TIME_LIMIT_FACTOR,
+    floor_s: float = EVALPLUS_MIN_TIME_LIMIT_S,
+) -> list[float]:
     """evalplus's time limit of each input: ``max(floor_s, factor × t)`` with ``t`` the
     canonical solution's time on it (``evalplus/eval/__init__.py``, ``untrusted_check``)."""
     return [max(floor_s, factor * t) for t in seconds]
@@ -712,13 +773,24 @@ def grade_humaneval(
     if timeout_s is not None:
         limits = [float(timeout_s)] * total
     else:
-        limits = evalplus_time_limits(expected.seconds, factor=time_limit_factor, floor_s=min_time_limit_s)
+        limits = evalplus_time_limits(
+            expected.seconds, factor=time_limit_factor, floor_s=min_time_limit_s
+        )
     sizes = [len(part) for part in parts]
     # evalplus runs the base and the plus inputs as two checks, each capped at 60 s (+ 2 s)
     offsets = np.cumsum([0, *sizes])
-    budget = sum(min(EVALPLUS_TASK_CAP_S, sum(limits[a:b])) + 2.0 for a, b in zip(offsets[:-1], offsets[1:]))
-    calls = _run_calls(humaneval_program(task, code), str(task["entry_point"]), inputs, timeouts=limits,
-                       max_total_s=budget, memory_mb=memory_mb, require=require)
+    budget = sum(
+        min(EVALPLUS_TASK_CAP_S, sum(limits[a:b])) + 2.0 for a, b in zip(offsets[:-1], offsets[1:])
+    )
+    calls = _run_calls(
+        humaneval_program(task, code),
+        str(task["entry_point"]),
+        inputs,
+        timeouts=limits,
+        max_total_s=budget,
+        memory_mb=memory_mb,
+        require=require,
+    )
     if calls.run.status == "sandbox_error":
         return CodeGrade(0, total, [], error=calls.run.stderr[-500:])
     task_atol = float(task.get("atol") or 0.0)
@@ -756,7 +828,9 @@ def _fn_name_of(problem: Mapping[str, Any]) -> str | None:
 def problem_kind(problem: Mapping[str, Any]) -> str:
     """``humaneval``, ``functional`` or ``stdio`` for a problem record."""
     # a DataFrame of several benchmarks holds NaN in the columns a row's layout lacks
-    if isinstance(problem.get("entry_point"), str) and isinstance(problem.get("canonical_solution"), str):
+    if isinstance(problem.get("entry_point"), str) and isinstance(
+        problem.get("canonical_solution"), str
+    ):
         return "humaneval"
     return "functional" if _fn_name_of(problem) else "stdio"
 
@@ -843,13 +917,30 @@ def grade_many(
                 fn = _fn_name_of(p)
                 if fn is None:
                     return CodeGrade(0, 0, [], error="functional tests without a function name")
-                return grade_functional(c, fn, tests or [], prelude=prelude, **lim, **_only(kwargs, _FUNCTIONAL_KW))
+                return grade_functional(
+                    c, fn, tests or [], prelude=prelude, **lim, **_only(kwargs, _FUNCTIONAL_KW)
+                )
             if k == "stdio":
-                compare = p.get("output_compare") if isinstance(p.get("output_compare"), str) else "tokens"
+                compare = (
+                    p.get("output_compare")
+                    if isinstance(p.get("output_compare"), str)
+                    else "tokens"
+                )
                 tol = p.get("float_tolerance")
-                tol = float(tol) if isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0 else 1e-6
-                return grade_stdio(c, tests or [], compare=compare, float_tolerance=tol, prelude=prelude, **lim,
-                                   **_only(kwargs, _STDIO_KW))
+                tol = (
+                    float(tol)
+                    if isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0
+                    else 1e-6
+                )
+                return grade_stdio(
+                    c,
+                    tests or [],
+                    compare=compare,
+                    float_tolerance=tol,
+                    prelude=prelude,
+                    **lim,
+                    **_only(kwargs, _STDIO_KW),
+                )
             raise ValueError(f"kind={k!r}; allowed: auto, stdio, functional, humaneval")
 
         return list(pool.map(one, range(len(problems))))

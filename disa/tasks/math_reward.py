@@ -270,8 +270,13 @@ def _worker_init() -> None:  # pragma: no cover - runs in each worker process
     signal.signal(signal.SIGALRM, _on_alarm)
 
 
-def _grade_item(grader: Callable[[str, str, str], float], gold: str, completion: str, mode: str,
-                timeout_s: float) -> tuple[float | None, str | None]:  # pragma: no cover - in a worker
+def _grade_item(
+    grader: Callable[[str, str, str], float],
+    gold: str,
+    completion: str,
+    mode: str,
+    timeout_s: float,
+) -> tuple[float | None, str | None]:  # pragma: no cover - in a worker
     """``(value, error)`` of one item, in a worker's main thread (signals work there)."""
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
@@ -378,7 +383,9 @@ class MathGrader:
                 from pebble import ProcessPool
             except ImportError as e:  # pragma: no cover - depends on the environment
                 raise ImportError(_MISSING_EXTRA) from e
-            self._pool = ProcessPool(max_workers=self.n_workers, initializer=_worker_init, context=self.ctx)
+            self._pool = ProcessPool(
+                max_workers=self.n_workers, initializer=_worker_init, context=self.ctx
+            )
         return self._pool
 
     def grade(
@@ -398,8 +405,12 @@ class MathGrader:
             return []
         limit = self.timeout_s + self.grace_s
         pool = self._workers()
-        futures = [pool.schedule(_grade_item, args=(self.grader, str(g), str(c), mode, self.timeout_s), timeout=limit)
-                   for g, c in zip(golds, completions)]
+        futures = [
+            pool.schedule(
+                _grade_item, args=(self.grader, str(g), str(c), mode, self.timeout_s), timeout=limit
+            )
+            for g, c in zip(golds, completions)
+        ]
         results: list[float | None] = [None] * len(futures)
         for i, future in enumerate(futures):
             try:
@@ -410,12 +421,17 @@ class MathGrader:
                 error = f"worker died (exit code {e.exitcode})"
             except BrokenProcessPool as e:
                 self.close()
-                raise RuntimeError(f"math grading workers cannot start ({e}); see the log of the worker "
-                                   "processes") from None
+                raise RuntimeError(
+                    f"math grading workers cannot start ({e}); see the log of the worker processes"
+                ) from None
             if error is not None:
                 self.last_errors[i] = error
         if self.last_errors:
-            log.info("math grading: %d of %d items missing (timeouts/errors)", len(self.last_errors), len(results))
+            log.info(
+                "math grading: %d of %d items missing (timeouts/errors)",
+                len(self.last_errors),
+                len(results),
+            )
         return results
 
 

@@ -60,7 +60,9 @@ class SumPairsTask:
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
-            raise ValueError(f"task.template={self.template!r} is not known; allowed: {sorted(TEMPLATES)}")
+            raise ValueError(
+                f"task.template={self.template!r} is not known; allowed: {sorted(TEMPLATES)}"
+            )
 
     def spec(self) -> dict:
         spec = asdict(self)

@@ -32,19 +32,30 @@ def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
         if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
             return [prefix or "<tensor>"]
         return []
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    return [p for k, v in items for p in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, (list, tuple))
+        else ()
+    )
+    return [
+        p for k, v in items for p in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    ]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write a checkpoint via a temp file beside it and ``os.replace``; refuse non-finite ones."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
+    ) -> None:
         bad = non_finite_tensors(checkpoint.get("state_dict", {}))
         if bad:
             raise PoisonedCheckpointError(
                 f"refusing to write checkpoint {path}: non-finite values in {bad[:5]} "
-                f"({len(bad)} tensor(s)); training diverged (lower the learning rate or β, or check the rewards)")
+                f"({len(bad)} tensor(s)); training diverged (lower the learning rate or β, or check the rewards)"
+            )
         atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
@@ -56,12 +67,14 @@ def verify_checkpoint(path: Path) -> None:
     except Exception as e:  # a truncated zip, a wrong format: all mean "not a checkpoint"
         raise PoisonedCheckpointError(
             f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); it was not resumed from. "
-            "Delete it to restart this training from step 0.") from e
+            "Delete it to restart this training from step 0."
+        ) from e
     bad = non_finite_tensors(state.get("state_dict", {}) if isinstance(state, dict) else state)
     if bad:
         raise PoisonedCheckpointError(
             f"checkpoint {path} holds non-finite weights in {bad[:5]} ({len(bad)} tensor(s)); it was not resumed "
-            "from. Delete it to restart this training from step 0.")
+            "from. Delete it to restart this training from step 0."
+        )
 
 
 class FiniteGuard(Callback):
@@ -77,4 +90,5 @@ class FiniteGuard(Callback):
             raise PoisonedCheckpointError(
                 f"non-finite gradient at optimizer step {trainer.global_step} in {bad[:5]} ({len(bad)} "
                 "parameter(s)); the step was not taken. Check the rewards and the loss (train/* metrics), "
-                "or lower β or the learning rate")
+                "or lower β or the learning rate"
+            )

@@ -55,17 +55,29 @@ def write_store(directory: Path, scores: Path, rows: np.ndarray, batch_rows: int
 
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0 or np.any(np.diff(rows) <= 0):
-        raise ValueError(f"rows must be increasing positions of {scores} and not empty, got {len(rows)} rows")
-    schema = pa.schema([("prompt", pa.int32()), ("completion_ids", TOKENS),
-                        *((name, pa.float64()) for name in STORE_VALUES)])
+        raise ValueError(
+            f"rows must be increasing positions of {scores} and not empty, got {len(rows)} rows"
+        )
+    schema = pa.schema(
+        [
+            ("prompt", pa.int32()),
+            ("completion_ids", TOKENS),
+            *((name, pa.float64()) for name in STORE_VALUES),
+        ]
+    )
     prompt_row: dict[str, int] = {}
     prompt_tokens: list[np.ndarray] = []
     source = pq.ParquetFile(scores)
     tokens = start = 0
-    with atomic_writer(directory / "trajectories.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink, \
-            pa.ipc.new_file(sink, schema) as writer:
-        for batch in source.iter_batches(batch_size=batch_rows,
-                                         columns=["prompt_id", "prompt_ids", "completion_ids", *STORE_VALUES]):
+    with (
+        atomic_writer(directory / "trajectories.arrow") as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, schema) as writer,
+    ):
+        for batch in source.iter_batches(
+            batch_size=batch_rows,
+            columns=["prompt_id", "prompt_ids", "completion_ids", *STORE_VALUES],
+        ):
             take = rows[(rows >= start) & (rows < start + batch.num_rows)] - start
             start += batch.num_rows
             if len(take) == 0:
@@ -81,19 +93,34 @@ def write_store(directory: Path, scores: Path, rows: np.ndarray, batch_rows: int
                 elif not np.array_equal(prompt_tokens[row], ids):
                     raise ValueError(f"{scores}: prompt {pid!r} has two different token sequences")
                 index.append(row)
-            completions = pc.cast(batch.column("completion_ids"), TOKENS)  # a value past int32 is an error
+            completions = pc.cast(
+                batch.column("completion_ids"), TOKENS
+            )  # a value past int32 is an error
             tokens += int(pc.sum(pc.list_value_length(completions)).as_py() or 0)
             values = [pc.cast(batch.column(name), pa.float64()) for name in STORE_VALUES]
-            writer.write_batch(pa.record_batch([pa.array(index, pa.int32()), completions, *values], schema=schema))
+            writer.write_batch(
+                pa.record_batch([pa.array(index, pa.int32()), completions, *values], schema=schema)
+            )
     if start < rows[-1] + 1:
         raise ValueError(f"{scores} has {start} rows; position {rows[-1]} was asked for")
-    prompts = pa.table({"prompt_id": pa.array(list(prompt_row), pa.string()),
-                        "prompt_ids": pa.array([p.astype(np.int32) for p in prompt_tokens], TOKENS)})
-    with atomic_writer(directory / "prompts.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink, \
-            pa.ipc.new_file(sink, prompts.schema) as writer:
+    prompts = pa.table(
+        {
+            "prompt_id": pa.array(list(prompt_row), pa.string()),
+            "prompt_ids": pa.array([p.astype(np.int32) for p in prompt_tokens], TOKENS),
+        }
+    )
+    with (
+        atomic_writer(directory / "prompts.arrow") as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, prompts.schema) as writer,
+    ):
         writer.write_table(prompts)
-    return {"trajectories": len(rows), "prompts": len(prompt_tokens), "completion_tokens": tokens,
-            "prompt_tokens": int(sum(len(p) for p in prompt_tokens))}
+    return {
+        "trajectories": len(rows),
+        "prompts": len(prompt_tokens),
+        "completion_tokens": tokens,
+        "prompt_tokens": int(sum(len(p) for p in prompt_tokens)),
+    }
 
 
 class _Lists:
@@ -107,7 +134,7 @@ class _Lists:
         j = int(np.searchsorted(self.starts, i, side="right")) - 1
         offsets, values = self.chunks[j]
         k = i - self.starts[j]
-        return values[offsets[k]:offsets[k + 1]]
+        return values[offsets[k] : offsets[k + 1]]
 
 
 class Trajectories(Dataset):
@@ -118,14 +145,23 @@ class Trajectories(Dataset):
     builds the same thing in memory from a frame (tests, scripts).
     """
 
-    def __init__(self, prompts: pa.Table, trajectories: pa.Table, log_z_hat: np.ndarray | None = None,
-                 path: Path | None = None, anchor: pd.Series | None = None):
+    def __init__(
+        self,
+        prompts: pa.Table,
+        trajectories: pa.Table,
+        log_z_hat: np.ndarray | None = None,
+        path: Path | None = None,
+        anchor: pd.Series | None = None,
+    ):
         self.path, self._anchor = path, anchor
         self._prompts = _Lists(prompts.column("prompt_ids"))
         self._completions = _Lists(trajectories.column("completion_ids"))
         self.prompt_of = trajectories.column("prompt").to_numpy()
-        self.values = {field: trajectories.column(c).to_numpy() for field, c in CACHE_FIELDS.items()
-                       if c in trajectories.column_names}
+        self.values = {
+            field: trajectories.column(c).to_numpy()
+            for field, c in CACHE_FIELDS.items()
+            if c in trajectories.column_names
+        }
         if log_z_hat is not None:
             self.values["log_z_hat"] = np.asarray(log_z_hat, dtype=np.float64)
         self._keep = (prompts, trajectories)  # the buffers the views above point into
@@ -135,15 +171,19 @@ class Trajectories(Dataset):
         """The store in ``path``, memory-mapped; ``log_z_hat`` (indexed by prompt id) gives
         each trajectory its prompt's frozen log Ẑ."""
         path = Path(path)
-        prompts, trajectories = (pa.ipc.open_file(pa.memory_map(str(path / f"{name}.arrow"), "r")).read_all()
-                                 for name in ("prompts", "trajectories"))
+        prompts, trajectories = (
+            pa.ipc.open_file(pa.memory_map(str(path / f"{name}.arrow"), "r")).read_all()
+            for name in ("prompts", "trajectories")
+        )
         per_traj = None
         if log_z_hat is not None:
             ids = prompts.column("prompt_id").to_pandas()
             per_prompt = log_z_hat.reindex(ids.to_numpy()).to_numpy(np.float64)
             if np.isnan(per_prompt).any():
                 missing = ids[np.isnan(per_prompt)].tolist()[:5]
-                raise ValueError(f"the anchor has no log_z_hat for prompt(s) {missing} of the store {path}")
+                raise ValueError(
+                    f"the anchor has no log_z_hat for prompt(s) {missing} of the store {path}"
+                )
             per_traj = per_prompt[trajectories.column("prompt").to_numpy()]
         return cls(prompts, trajectories, per_traj, path=path, anchor=log_z_hat)
 
@@ -152,10 +192,18 @@ class Trajectories(Dataset):
         """In memory, one prompt row per trajectory: ``prompt_ids``, ``completion_ids`` and
         any of the columns of :data:`CACHE_FIELDS`."""
         n = len(frame)
-        prompts = pa.table({"prompt_ids": pa.array([np.asarray(p, np.int32) for p in frame.prompt_ids], TOKENS)})
-        columns = {"prompt": pa.array(np.arange(n, dtype=np.int32)),
-                   "completion_ids": pa.array([np.asarray(c, np.int32) for c in frame.completion_ids], TOKENS)}
-        columns |= {c: pa.array(frame[c].to_numpy(np.float64)) for c in CACHE_FIELDS.values() if c in frame}
+        prompts = pa.table(
+            {"prompt_ids": pa.array([np.asarray(p, np.int32) for p in frame.prompt_ids], TOKENS)}
+        )
+        columns = {
+            "prompt": pa.array(np.arange(n, dtype=np.int32)),
+            "completion_ids": pa.array(
+                [np.asarray(c, np.int32) for c in frame.completion_ids], TOKENS
+            ),
+        }
+        columns |= {
+            c: pa.array(frame[c].to_numpy(np.float64)) for c in CACHE_FIELDS.values() if c in frame
+        }
         return cls(prompts, pa.table(columns))
 
     def __reduce__(self):
@@ -175,7 +223,9 @@ class Trajectories(Dataset):
 
     def batch_values(self, idx: list[int]) -> dict[str, torch.Tensor]:
         """The float32 tensors of :data:`CACHE_FIELDS` for the trajectories ``idx``."""
-        return {field: torch.from_numpy(v[idx]).to(torch.float32) for field, v in self.values.items()}
+        return {
+            field: torch.from_numpy(v[idx]).to(torch.float32) for field, v in self.values.items()
+        }
 
 
 class StepBatches(IterableDataset):
@@ -192,10 +242,20 @@ class StepBatches(IterableDataset):
     a ``DistributedSampler`` of its own.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool,
-                 start: Callable[[], int] = lambda: 0, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        drop_last: bool,
+        start: Callable[[], int] = lambda: 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         if n < 1 or batch_size < 1:
-            raise ValueError(f"need at least one item and batch_size >= 1, got n={n}, batch_size={batch_size}")
+            raise ValueError(
+                f"need at least one item and batch_size >= 1, got n={n}, batch_size={batch_size}"
+            )
         self.n, self.seed, self.start, self.drop_last = n, int(seed), start, drop_last
         self.batch_size, self._rank, self._world = batch_size, rank, world_size
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -222,7 +282,7 @@ class StepBatches(IterableDataset):
         size = self.batch_size * world
         per_pass = self.n // size if self.drop_last and self.n >= size else -(-self.n // size)
         p, i = divmod(b, per_pass)
-        return self.permutation(p)[i * size:(i + 1) * size][rank::world].tolist()
+        return self.permutation(p)[i * size : (i + 1) * size][rank::world].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         info = get_worker_info()
@@ -238,7 +298,9 @@ class TrajectoryDataModule(L.LightningDataModule):
     """Shuffled mini-batches of cached trajectories, reshuffled every pass (seeded), in an
     order that a resumed run continues exactly (see :class:`StepBatches`)."""
 
-    def __init__(self, data: Trajectories | pd.DataFrame, batch_size: int, pad_id: int, seed: int = 0):
+    def __init__(
+        self, data: Trajectories | pd.DataFrame, batch_size: int, pad_id: int, seed: int = 0
+    ):
         super().__init__()
         if len(data) == 0:
             raise ValueError("no trajectories to train on")
@@ -250,8 +312,12 @@ class TrajectoryDataModule(L.LightningDataModule):
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         prompts, completions = zip(*(self.dataset.tokens(i) for i in idx))
         b = pack(prompts, completions, self.pad_id)
-        out = {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
-               "position_ids": b.position_ids, "completion_mask": b.completion_mask}
+        out = {
+            "input_ids": b.input_ids,
+            "attention_mask": b.attention_mask,
+            "position_ids": b.position_ids,
+            "completion_mask": b.completion_mask,
+        }
         return out | self.dataset.batch_values(idx)
 
     def batches_done(self) -> int:
@@ -277,10 +343,15 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         n = len(self.dataset)
-        batches = StepBatches(n, self.batch_size, self.seed, drop_last=n >= self.batch_size,
-                                   start=self.batches_done)
+        batches = StepBatches(
+            n, self.batch_size, self.seed, drop_last=n >= self.batch_size, start=self.batches_done
+        )
         # batch_size=None: each item of the stream is already a batch (of indices).
         # Its own generator: iterating the loader must not draw from the global RNG, whose
         # state the module restores on resume (see PolicyModule.on_load_checkpoint).
-        return DataLoader(batches, batch_size=None, collate_fn=self.collate,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            batches,
+            batch_size=None,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.seed),
+        )

@@ -32,7 +32,8 @@ class PolicyModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         chunk_size: int = 2048,
         logprob_impl: str = "chunked",
-        lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+        | None = None,
     ):
         """``loss`` and its ``options`` from the registry (:mod:`disa.losses`); the batches
         (from :class:`disa.training.data.TrajectoryDataModule`) hold the fields it needs.
@@ -49,11 +50,19 @@ class PolicyModule(L.LightningModule):
         self.batches_trained = 0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        tokens = Batch(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["completion_mask"])
+        tokens = Batch(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["position_ids"],
+            batch["completion_mask"],
+        )
         logp = self.logprobs(tokens)  # [B, T]
         loss, metrics = self.loss(logp, tokens.completion_mask, batch, self.options)
-        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"}, prog_bar=False,
-                      batch_size=tokens.input_ids.shape[0])
+        self.log_dict(
+            {f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"},
+            prog_bar=False,
+            batch_size=tokens.input_ids.shape[0],
+        )
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=tokens.input_ids.shape[0])
         self.log("train/lr", current_lr(self.optimizers()), batch_size=tokens.input_ids.shape[0])
         self.batches_trained += 1
@@ -62,7 +71,9 @@ class PolicyModule(L.LightningModule):
     def logprobs(self, tokens: Batch) -> torch.Tensor:
         """The policy's per-token log-probs ``[B, T]`` of the completion tokens (with grad).
         :class:`disa.training.sharded.ShardedPolicyModule` computes them through its FSDP2 root."""
-        return token_logprobs(self.policy, tokens, chunk_size=self.chunk_size, impl=self.logprob_impl)
+        return token_logprobs(
+            self.policy, tokens, chunk_size=self.chunk_size, impl=self.logprob_impl
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["disa"] = {"batches_trained": self.batches_trained, "rng": _rng_state()}
@@ -70,7 +81,9 @@ class PolicyModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("disa")
         if state is None:  # a checkpoint from before this was recorded: optimizer steps tell
-            self.batches_trained = int(checkpoint["global_step"]) * int(self.trainer.accumulate_grad_batches)
+            self.batches_trained = int(checkpoint["global_step"]) * int(
+                self.trainer.accumulate_grad_batches
+            )
             return
         self.batches_trained = int(state["batches_trained"])
         _set_rng_state(state["rng"])
@@ -85,7 +98,10 @@ def with_schedule(optimizer: torch.optim.Optimizer, lr_schedule: Callable | None
     optimizer step where there is one."""
     if lr_schedule is None:
         return optimizer
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_schedule(optimizer), "interval": "step"}}
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": lr_schedule(optimizer), "interval": "step"},
+    }
 
 
 def _rng_state() -> dict[str, Any]:

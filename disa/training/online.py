@@ -46,8 +46,12 @@ class LogZHead(torch.nn.Module):
         super().__init__()
         blocks: list[torch.nn.Module] = []
         for _ in range(num_layers - 1):
-            blocks += [torch.nn.Linear(hidden_size, hidden_size), torch.nn.GELU(),
-                       torch.nn.LayerNorm(hidden_size), torch.nn.Dropout(dropout)]
+            blocks += [
+                torch.nn.Linear(hidden_size, hidden_size),
+                torch.nn.GELU(),
+                torch.nn.LayerNorm(hidden_size),
+                torch.nn.Dropout(dropout),
+            ]
         self.net = torch.nn.Sequential(*blocks, torch.nn.Linear(hidden_size, 1))
 
     def forward(self, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,8 @@ class OnlinePolicyModule(L.LightningModule):
         seed: int = 0,
         chat_template: bool = False,
         grade: Callable[[pd.DataFrame, list[str]], np.ndarray] | None = None,
-        lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+        | None = None,
         log_z_exact: torch.Tensor | None = None,
     ):
         """``lr_schedule`` builds the optimizer's learning-rate scheduler (None: constant).
@@ -103,7 +108,11 @@ class OnlinePolicyModule(L.LightningModule):
         self.needs = loss.needs(options)  # the batch fields each update builds
         self.optimizer_factory, self.lr_schedule = optimizer, lr_schedule
         self.log_z_exact = log_z_exact
-        self.group_size, self.updates, self.minibatch = group_size, updates_per_rollout, minibatch_size
+        self.group_size, self.updates, self.minibatch = (
+            group_size,
+            updates_per_rollout,
+            minibatch_size,
+        )
         self.scale_rewards, self.clip = scale_rewards, gradient_clip_val
         self.chunk_size, self.logprob_impl, self.seed = chunk_size, logprob_impl, seed
         #: rewards of completions (prompt rows, texts) → float array, NaN for a grading failure
@@ -141,18 +150,28 @@ class OnlinePolicyModule(L.LightningModule):
         # Ranks sample different prompts (their share of the step's batch) and, with their
         # own seed stream, would draw different groups even for the same prompt.
         seed = derive_seed(self.seed, "rollout", int(self.global_step), self.global_rank)
-        groups = self.sampler.sample(self.policy, self.tok, p_ids, self.group_size, self.settings, seed)
+        groups = self.sampler.sample(
+            self.policy, self.tok, p_ids, self.group_size, self.settings, seed
+        )
         self.rollouts_done += 1
         self.tokens_generated += self._all_ranks(sum(len(c) for g in groups for c in g))
         rows = self.prompts.iloc[np.repeat(prompt_index, self.group_size)]
         texts = [completion_text(self.tok, c) for g in groups for c in g]
-        reward = np.asarray(self.grade(rows, texts), dtype=np.float64).reshape(len(groups), self.group_size)
+        reward = np.asarray(self.grade(rows, texts), dtype=np.float64).reshape(
+            len(groups), self.group_size
+        )
         keep = ~np.isnan(reward).any(axis=1)  # [groups]
         if not keep.all():
-            dropped = self.prompts.prompt_id.iloc[[i for i, k in zip(prompt_index, keep) if not k]].tolist()
+            dropped = self.prompts.prompt_id.iloc[
+                [i for i, k in zip(prompt_index, keep) if not k]
+            ].tolist()
             self.groups_dropped += int((~keep).sum())
-            log.warning("rollout %d: dropped %d group(s) with a missing reward (prompts %s)",
-                        self.rollouts_done, int((~keep).sum()), dropped[:10])
+            log.warning(
+                "rollout %d: dropped %d group(s) with a missing reward (prompts %s)",
+                self.rollouts_done,
+                int((~keep).sum()),
+                dropped[:10],
+            )
             if not keep.any():
                 return None
             groups = [g for g, k in zip(groups, keep) if k]
@@ -161,10 +180,16 @@ class OnlinePolicyModule(L.LightningModule):
         completions = [c for g in groups for c in g]
         prompts_rep = [p for p in p_ids for _ in range(self.group_size)]
         batch = pack(prompts_rep, completions, self.tok.pad_token_id).to(self.device)
-        out = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-               "position_ids": batch.position_ids, "completion_mask": batch.completion_mask,
-               "reward": torch.as_tensor(reward.reshape(-1), dtype=torch.float32, device=self.device),
-               "group_ids": torch.arange(len(p_ids), device=self.device).repeat_interleave(self.group_size)}
+        out = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+            "completion_mask": batch.completion_mask,
+            "reward": torch.as_tensor(reward.reshape(-1), dtype=torch.float32, device=self.device),
+            "group_ids": torch.arange(len(p_ids), device=self.device).repeat_interleave(
+                self.group_size
+            ),
+        }
         mask = batch.completion_mask.to(torch.float32)
         out["logp_old_tok"] = self._logprobs(self.policy, batch)  # [N, T]
         out["logp_old_seq"] = (out["logp_old_tok"] * mask).sum(-1)  # [N]
@@ -190,15 +215,23 @@ class OnlinePolicyModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
             return count
-        return int(trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum"))
+        return int(
+            trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum")
+        )
 
     # -- updates ----------------------------------------------------------------------------
-    def loss_inputs(self, roll: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def loss_inputs(
+        self, roll: dict[str, torch.Tensor], idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(logp, mask, batch)`` of the rollout rows ``idx`` for one update: the current
         policy's token log-probs, with grad, and the fields of the loss batch schema that the
         loss reads (``log_z`` from the head, the rest from the rollout)."""
-        tokens = Batch(roll["input_ids"][idx], roll["attention_mask"][idx], roll["position_ids"][idx],
-                       roll["completion_mask"][idx])
+        tokens = Batch(
+            roll["input_ids"][idx],
+            roll["attention_mask"][idx],
+            roll["position_ids"][idx],
+            roll["completion_mask"][idx],
+        )
         batch = {k: roll[k][idx] for k in self.needs if k != "log_z"}
         if "log_z" not in self.needs:
             return self._logprobs(self.policy, tokens), tokens.completion_mask, batch
@@ -210,8 +243,13 @@ class OnlinePolicyModule(L.LightningModule):
     def _logprobs(self, model, tokens: Batch, return_hidden: bool = False):
         """:func:`disa.scoring.token_logprobs` with this module's settings: the old-policy,
         reference and policy passes of an update share one backend, so ratios start at 1."""
-        return token_logprobs(model, tokens, chunk_size=self.chunk_size, impl=self.logprob_impl,
-                              return_hidden=return_hidden)
+        return token_logprobs(
+            model,
+            tokens,
+            chunk_size=self.chunk_size,
+            impl=self.logprob_impl,
+            return_hidden=return_hidden,
+        )
 
     def minibatch_index(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Rows of a random minibatch made of *whole groups*, so that group statistics (the
@@ -229,7 +267,9 @@ class OnlinePolicyModule(L.LightningModule):
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
         n = roll["input_ids"].shape[0]
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "minibatches", int(self.global_step)))
+        g = torch.Generator().manual_seed(
+            derive_seed(self.seed, "minibatches", int(self.global_step))
+        )
         logged: list[dict[str, float]] = []
         for _ in range(self.updates):
             if self.global_step >= self.trainer.max_steps:
@@ -241,20 +281,30 @@ class OnlinePolicyModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if self.clip:
-                self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm"
+                )
             opt.step()
             if scheduler is not None:  # manual optimization: Lightning leaves the stepping to us
                 scheduler.step()
             logged.append({**metrics, "loss": float(loss.detach()), "lr": lr})
         # Lightning allows one value per key per training_step: log the mean over the updates.
         if logged:
-            self.log_dict({f"train/{k}": float(np.mean([m[k] for m in logged])) for k in logged[0]},
-                          batch_size=n, prog_bar=False)
+            self.log_dict(
+                {f"train/{k}": float(np.mean([m[k] for m in logged])) for k in logged[0]},
+                batch_size=n,
+                prog_bar=False,
+            )
         # Lightning writes a training step's logs when its count of training steps (rollouts,
         # this one included) is a multiple of trainer.log_every_n_steps: the calibration is
         # computed for those steps only
-        if self.log_z_exact is not None and self.rollouts_done % max(1, self.trainer.log_every_n_steps) == 0:
-            self.log_dict({f"train/{k}": v for k, v in self.log_z_calibration().items()}, batch_size=n)
+        if (
+            self.log_z_exact is not None
+            and self.rollouts_done % max(1, self.trainer.log_every_n_steps) == 0
+        ):
+            self.log_dict(
+                {f"train/{k}": v for k, v in self.log_z_calibration().items()}, batch_size=n
+            )
         self.log("train/reward_mean", roll["reward"].mean(), batch_size=n, sync_dist=True)
         self.log("train/tokens_generated", float(self.tokens_generated), batch_size=n)
         if self._synced_step is not None:
@@ -272,17 +322,30 @@ class OnlinePolicyModule(L.LightningModule):
         prompt positions' hidden states are those the head pools during training."""
         was_training = self.policy.training, self.log_z_head.training
         self.policy.eval(), self.log_z_head.eval()
-        tokens = pack(self.prompt_ids, [[] for _ in self.prompt_ids], self.tok.pad_token_id).to(self.device)
-        decoder = (self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy).get_decoder()
+        tokens = pack(self.prompt_ids, [[] for _ in self.prompt_ids], self.tok.pad_token_id).to(
+            self.device
+        )
+        decoder = (
+            self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        ).get_decoder()
         P = tokens.prompt_len
-        hidden = decoder(input_ids=tokens.input_ids[:, :P], attention_mask=tokens.attention_mask[:, :P],
-                         position_ids=tokens.position_ids[:, :P], use_cache=False).last_hidden_state
-        phi = self.log_z_head(hidden.float(), tokens.attention_mask[:, :P]).double().cpu()  # [n_prompts]
+        hidden = decoder(
+            input_ids=tokens.input_ids[:, :P],
+            attention_mask=tokens.attention_mask[:, :P],
+            position_ids=tokens.position_ids[:, :P],
+            use_cache=False,
+        ).last_hidden_state
+        phi = (
+            self.log_z_head(hidden.float(), tokens.attention_mask[:, :P]).double().cpu()
+        )  # [n_prompts]
         self.policy.train(was_training[0]), self.log_z_head.train(was_training[1])
         exact = self.log_z_exact.double().cpu()
         error = phi - exact
-        out = {"log_z_phi_mean": float(phi.mean()), "log_z_phi_error": float(error.mean()),
-               "log_z_phi_abs_error": float(error.abs().mean())}
+        out = {
+            "log_z_phi_mean": float(phi.mean()),
+            "log_z_phi_error": float(error.mean()),
+            "log_z_phi_abs_error": float(error.abs().mean()),
+        }
         if len(phi) > 1 and float(phi.std()) > 0 and float(exact.std()) > 0:
             out["log_z_phi_corr"] = float(torch.corrcoef(torch.stack([phi, exact]))[0, 1])
         return out
@@ -299,18 +362,27 @@ class OnlinePolicyModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_generated = checkpoint.get("tokens_generated", 0)
         # a checkpoint from before rollouts were counted: every rollout took `updates` steps
-        self.rollouts_done = checkpoint.get("rollouts_done", int(checkpoint["global_step"]) // self.updates)
+        self.rollouts_done = checkpoint.get(
+            "rollouts_done", int(checkpoint["global_step"]) // self.updates
+        )
         self.groups_dropped = checkpoint.get("groups_dropped", 0)
 
 
-def prompt_loader(module: OnlinePolicyModule, n_prompts: int, prompts_per_step: int, seed: int) -> DataLoader:
+def prompt_loader(
+    module: OnlinePolicyModule, n_prompts: int, prompts_per_step: int, seed: int
+) -> DataLoader:
     """Batches of training-prompt indices, one per rollout, in an order a resumed run
     continues exactly: rollout r gets batch r of a seeded stream (see
     :class:`disa.training.data.StepBatches`); on resume r is the checkpoint's rollout count."""
     from disa.training.data import StepBatches
 
-    stream = StepBatches(n_prompts, prompts_per_step, seed, drop_last=n_prompts >= prompts_per_step,
-                         start=_RolloutsDone(module))
+    stream = StepBatches(
+        n_prompts,
+        prompts_per_step,
+        seed,
+        drop_last=n_prompts >= prompts_per_step,
+        start=_RolloutsDone(module),
+    )
     return DataLoader(stream, batch_size=None, collate_fn=torch.tensor)
 
 

@@ -47,24 +47,40 @@ def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[
     alg = cfg.algorithm
     L.seed_everything(s.seed, workers=True, verbose=False)
     policy = load_model(ctx.backbone.ref_path, "float32").train()  # the trainer's precision casts
-    if cfg.checkpoint.activations:  # recompute layer activations in backward (transformers 5: activation_…)
-        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)({"use_reentrant": False})
+    if (
+        cfg.checkpoint.activations
+    ):  # recompute layer activations in backward (transformers 5: activation_…)
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)(
+            {"use_reentrant": False}
+        )
     tok = load_tokenizer(ctx.backbone.ref_path)
     optimizer = instantiate(alg.optimizer)
-    schedule = functools.partial(lr_scheduler, decay=str(cfg.lr_schedule.decay),
-                                 warmup_steps=int(cfg.lr_schedule.warmup_steps), total_steps=int(cfg.trainer.max_steps))
+    schedule = functools.partial(
+        lr_scheduler,
+        decay=str(cfg.lr_schedule.decay),
+        warmup_steps=int(cfg.lr_schedule.warmup_steps),
+        total_steps=int(cfg.trainer.max_steps),
+    )
     # manual optimization clips in the online module
     trainer_overrides: dict[str, Any] = {"gradient_clip_val": None} if s.online else {}
     ckpt_dir = art.path / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
-                                 every_n_train_steps=int(cfg.checkpoint.every_n_steps))
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        save_last=True,
+        save_top_k=1,
+        every_n_train_steps=int(cfg.checkpoint.every_n_steps),
+    )
     route_lightning_logs()
     callbacks = [checkpoint, _Progress(), FiniteGuard()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=ctx.loggers or False,
-        plugins=[AtomicCheckpointIO()], default_root_dir=str(art.path), enable_model_summary=False,
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=ctx.loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(art.path),
+        enable_model_summary=False,
         **trainer_overrides,
     )
     sharded = _fsdp2(trainer)
@@ -72,8 +88,10 @@ def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[
         policy = _with_lora(policy, alg.lora)
     if s.online:
         if sharded:  # the sampler generates with the whole policy, which FSDP2 holds in shards
-            raise ValueError(f"algorithm={alg.name} (online) cannot train under trainer.strategy=ModelParallelStrategy "
-                             "(FSDP2); allowed: an offline algorithm (disa, lora_sft), or trainer=ddp / trainer=fsdp")
+            raise ValueError(
+                f"algorithm={alg.name} (online) cannot train under trainer.strategy=ModelParallelStrategy "
+                "(FSDP2); allowed: an offline algorithm (disa, lora_sft), or trainer=ddp / trainer=fsdp"
+            )
         module, data = _online(ctx, policy, tok, optimizer, schedule, log_z_exact)
     else:
         from disa.training.data import CACHE_FIELDS, TrajectoryDataModule
@@ -81,15 +99,26 @@ def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[
 
         missing = sorted(s.loss_spec.needs(s.loss_options) - set(CACHE_FIELDS))
         if missing:
-            raise ValueError(f"algorithm.loss={s.loss!r} reads {missing}, which only a rollout of the current "
-                             f"policy gives; allowed: algorithm.online=true for this loss")
+            raise ValueError(
+                f"algorithm.loss={s.loss!r} reads {missing}, which only a rollout of the current "
+                f"policy gives; allowed: algorithm.online=true for this loss"
+            )
         if sharded:  # the same module, its policy sharded by FSDP2 when Lightning configures it
             from disa.training.sharded import ShardedPolicyModule as module_class
         else:
             module_class = PolicyModule
-        module = module_class(policy, s.loss_spec, s.loss_options, optimizer, s.chunk_size, s.logprob_impl,
-                              lr_schedule=schedule)
-        data = TrajectoryDataModule(data, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches"))
+        module = module_class(
+            policy,
+            s.loss_spec,
+            s.loss_options,
+            optimizer,
+            s.chunk_size,
+            s.logprob_impl,
+            lr_schedule=schedule,
+        )
+        data = TrajectoryDataModule(
+            data, s.train_batch_size, tok.pad_token_id, seed=s.derive_seed("train-batches")
+        )
 
     last = ckpt_dir / "last.ckpt"
     resumed = last.exists()
@@ -101,13 +130,17 @@ def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[
     else:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resumed else None)
     wall = time.perf_counter() - t0
-    final = _trained_policy(ctx, trainer, module)  # a collective under sharding: every rank calls it
+    final = _trained_policy(
+        ctx, trainer, module
+    )  # a collective under sharding: every rank calls it
     if trainer.global_rank == 0:
         if last.exists():  # sealed into the artifact with it: whole and finite, or the build fails
             verify_checkpoint(last)
         bad = non_finite_tensors(dict(final.named_parameters()))
         if bad:  # never sealed into the cache
-            raise PoisonedCheckpointError(f"the trained policy holds non-finite weights in {bad[:5]}; not saved")
+            raise PoisonedCheckpointError(
+                f"the trained policy holds non-finite weights in {bad[:5]}; not saved"
+            )
         if alg.get("lora"):
             final = final.merge_and_unload()  # evaluation loads a plain transformers model
         final.save_pretrained(art.path / "policy")
@@ -115,11 +148,19 @@ def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[
     # Counts come from the logged metrics: under ddp_spawn the training ran in other processes
     # and only the weights and callback metrics come back to this one.
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics = {k: v for k, v in logged.items() if k.startswith("train/") and k not in _Progress.KEYS}
-    return {"wall_s": wall, "steps": int(logged.get("train/optimizer_steps", trainer.global_step)),
-            "resumed": resumed, "trajectories": len(data.dataset) if not s.online else 0,
-            "tokens_generated": int(logged.get("train/tokens_generated", getattr(module, "tokens_generated", 0))),
-            "final": metrics}
+    metrics = {
+        k: v for k, v in logged.items() if k.startswith("train/") and k not in _Progress.KEYS
+    }
+    return {
+        "wall_s": wall,
+        "steps": int(logged.get("train/optimizer_steps", trainer.global_step)),
+        "resumed": resumed,
+        "trajectories": len(data.dataset) if not s.online else 0,
+        "tokens_generated": int(
+            logged.get("train/tokens_generated", getattr(module, "tokens_generated", 0))
+        ),
+        "final": metrics,
+    }
 
 
 class _Progress(L.Callback):
@@ -129,8 +170,13 @@ class _Progress(L.Callback):
     KEYS = ("train/optimizer_steps", "train/tokens_generated")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.log("train/optimizer_steps", float(trainer.global_step), on_step=True, on_epoch=False,
-                      batch_size=1)
+        pl_module.log(
+            "train/optimizer_steps",
+            float(trainer.global_step),
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
 
 
 def _trained_policy(ctx, trainer: L.Trainer, module: L.LightningModule):
@@ -154,8 +200,11 @@ def _trained_policy(ctx, trainer: L.Trainer, module: L.LightningModule):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
-                if trainer.global_rank == 0 else {}
+            state = (
+                {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                if trainer.global_rank == 0
+                else {}
+            )
     else:
         return module.policy
     if trainer.global_rank != 0:
@@ -176,7 +225,7 @@ def unsharded_policy(ref_path, alg, module_state: dict[str, Any]):
     holding ``module_state``, a full state dict of the training module whose policy
     weights are under ``policy.``; other entries (FlowRL's log Z head) are left out."""
     prefix = "policy."
-    state = {k[len(prefix):]: v for k, v in module_state.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in module_state.items() if k.startswith(prefix)}
     policy = load_model(ref_path, "float32")
     if alg.get("lora"):
         policy = _with_lora(policy, alg.lora)
@@ -184,8 +233,10 @@ def unsharded_policy(ref_path, alg, module_state: dict[str, Any]):
     # Tied output weights may be stored once; anything else missing is a gather gone wrong.
     missing = [k for k in missing if k not in _tied_keys(policy)]
     if missing or unexpected:
-        raise RuntimeError(f"gathered policy state does not match the backbone: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"gathered policy state does not match the backbone: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return policy
 
 
@@ -202,8 +253,13 @@ def _tied_keys(policy) -> set[str]:
 def _with_lora(policy, lora_cfg):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=int(lora_cfg.r), lora_alpha=int(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
-                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=int(lora_cfg.r),
+        lora_alpha=int(lora_cfg.alpha),
+        lora_dropout=float(lora_cfg.dropout),
+        target_modules=list(lora_cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(policy, config)
 
 
@@ -218,15 +274,36 @@ def _online(ctx, policy, tok, optimizer, schedule, log_z_exact: pd.Series | None
     head = None
     prompts = ctx.task.prompts("train")
     if "log_z" in s.loss_spec.needs(s.loss_options):  # the loss trains a log Z_φ(q) head (FlowRL)
-        head = LogZHead(policy.config.hidden_size, int(alg.log_z_head.num_layers), float(alg.log_z_head.dropout))
+        head = LogZHead(
+            policy.config.hidden_size, int(alg.log_z_head.num_layers), float(alg.log_z_head.dropout)
+        )
     calibrate = head is not None and log_z_exact is not None
     exact = torch.as_tensor(log_z_exact.loc[prompts.prompt_id].to_numpy()) if calibrate else None
     module = OnlinePolicyModule(
-        policy, ref, tok, ctx.task, prompts, build_sampler(cfg), SamplerSettings.from_cfg(cfg.sampler),
-        s.loss_spec, s.loss_options, optimizer, group_size=int(alg.group_size),
-        updates_per_rollout=int(alg.updates_per_rollout), minibatch_size=s.train_batch_size,
-        scale_rewards=str(alg.get("scale_rewards", "group")), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-        log_z_head=head, chunk_size=s.chunk_size, logprob_impl=s.logprob_impl, seed=s.seed,
-        chat_template=s.chat_template, grade=ctx.rewards(), lr_schedule=schedule, log_z_exact=exact,
+        policy,
+        ref,
+        tok,
+        ctx.task,
+        prompts,
+        build_sampler(cfg),
+        SamplerSettings.from_cfg(cfg.sampler),
+        s.loss_spec,
+        s.loss_options,
+        optimizer,
+        group_size=int(alg.group_size),
+        updates_per_rollout=int(alg.updates_per_rollout),
+        minibatch_size=s.train_batch_size,
+        scale_rewards=str(alg.get("scale_rewards", "group")),
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        log_z_head=head,
+        chunk_size=s.chunk_size,
+        logprob_impl=s.logprob_impl,
+        seed=s.seed,
+        chat_template=s.chat_template,
+        grade=ctx.rewards(),
+        lr_schedule=schedule,
+        log_z_exact=exact,
     )
-    return module, prompt_loader(module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts"))
+    return module, prompt_loader(
+        module, len(prompts), int(alg.prompts_per_step), s.derive_seed("rollout-prompts")
+    )

@@ -52,8 +52,10 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
         layers = getattr(base.get_decoder(), "layers", None)
         classes = {type(m) for m in layers or ()}
     if not classes:
-        raise ValueError(f"cannot find the decoder layers of {type(base).__name__}: it declares no "
-                         "_no_split_modules and its decoder has no `layers` list")
+        raise ValueError(
+            f"cannot find the decoder layers of {type(base).__name__}: it declares no "
+            "_no_split_modules and its decoder has no `layers` list"
+        )
     return tuple(sorted(classes, key=lambda c: c.__name__))
 
 
@@ -70,14 +72,24 @@ class CompletionLogProbs(nn.Module):
         self.lm = lm
         self.chunk_size, self.logprob_impl = chunk_size, logprob_impl
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                completion_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
         batch = Batch(input_ids, attention_mask, position_ids, completion_mask)
         return token_logprobs(self.lm, batch, chunk_size=self.chunk_size, impl=self.logprob_impl)
 
 
-def shard(lm: nn.Module, mesh=None, chunk_size: int = 2048, logprob_impl: str = "chunked",
-          **fsdp_kwargs: Any) -> CompletionLogProbs:
+def shard(
+    lm: nn.Module,
+    mesh=None,
+    chunk_size: int = 2048,
+    logprob_impl: str = "chunked",
+    **fsdp_kwargs: Any,
+) -> CompletionLogProbs:
     """Shard ``lm`` in place with FSDP2 over ``mesh`` (default: every rank of the default
     process group, on this process's device type) and return its :class:`CompletionLogProbs`
     root. Each decoder layer becomes one unit, then the root takes the remaining parameters
@@ -113,7 +125,7 @@ def gather_full_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The entries of ``state`` under ``prefix`` (e.g. ``"lm."``), with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def unsharded_copy(like: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -136,13 +148,18 @@ def unsharded_copy(like: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module
             owner, _, attr = name.rpartition(".")
             # through _buffers, so that the buffer stays non-persistent
             copy.get_submodule(owner)._buffers[attr] = own[name].detach().clone().cpu()
-    tied = set(getattr(copy, "_tied_weights_keys", None) or ()) \
-        if getattr(copy.config, "tie_word_embeddings", False) else set()
+    tied = (
+        set(getattr(copy, "_tied_weights_keys", None) or ())
+        if getattr(copy.config, "tie_word_embeddings", False)
+        else set()
+    )
     missing = [k for k in missing if k not in tied]
     still_meta = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
     if missing or unexpected or still_meta:
-        raise RuntimeError(f"the gathered state does not fill {type(like).__name__}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}, uninitialised {still_meta[:5]}")
+        raise RuntimeError(
+            f"the gathered state does not fill {type(like).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, uninitialised {still_meta[:5]}"
+        )
     return copy.eval()
 
 
@@ -183,17 +200,30 @@ class ShardedPolicyModule(PolicyModule):
         if self._root:  # Lightning calls this again for a later validate/test on the same module
             return
         if self.device_mesh["tensor_parallel"].size() != 1:
-            raise ValueError("the sharded policy is data-parallel only: allowed: "
-                             "trainer.strategy.tensor_parallel_size=1 (data_parallel_size = the processes)")
-        self._root.append(shard(self.policy, self.device_mesh["data_parallel"], self.chunk_size,
-                                self.logprob_impl, **self.fsdp_kwargs))
+            raise ValueError(
+                "the sharded policy is data-parallel only: allowed: "
+                "trainer.strategy.tensor_parallel_size=1 (data_parallel_size = the processes)"
+            )
+        self._root.append(
+            shard(
+                self.policy,
+                self.device_mesh["data_parallel"],
+                self.chunk_size,
+                self.logprob_impl,
+                **self.fsdp_kwargs,
+            )
+        )
 
     @property
     def root(self) -> CompletionLogProbs:
         """The FSDP2 root around the policy (exists once Lightning has configured the model)."""
         if not self._root:
-            raise RuntimeError("the policy is not sharded yet: Lightning shards it in configure_model")
+            raise RuntimeError(
+                "the policy is not sharded yet: Lightning shards it in configure_model"
+            )
         return self._root[0]
 
     def logprobs(self, tokens: Batch) -> torch.Tensor:
-        return self.root(tokens.input_ids, tokens.attention_mask, tokens.position_ids, tokens.completion_mask)
+        return self.root(
+            tokens.input_ids, tokens.attention_mask, tokens.position_ids, tokens.completion_mask
+        )

@@ -13,7 +13,9 @@ import pytest
 
 from tests.conftest import REPO
 
-INTEGRATION_CACHE = Path(os.environ.get("DISA_INTEGRATION_CACHE", "~/.cache/disa/integration")).expanduser()
+INTEGRATION_CACHE = Path(
+    os.environ.get("DISA_INTEGRATION_CACHE", "~/.cache/disa/integration")
+).expanduser()
 
 
 def smollm2_cfg(**backbone):

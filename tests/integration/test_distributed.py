@@ -65,27 +65,43 @@ def single(smollm2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     common = ["--model", smollm2_dir, *STEPS]
     launch([*common, "--out", str(root / "full"), "--mode", "single"], nproc=1, timeout=300)
-    launch([*common, "--out", str(root / "lora"), "--mode", "single", "--lora"], nproc=1, timeout=300)
+    launch(
+        [*common, "--out", str(root / "lora"), "--mode", "single", "--lora"], nproc=1, timeout=300
+    )
     return root
 
 
 def test_ddp_full_finetuning_equals_one_process(smollm2_dir, single, tmp_path):
-    launch(["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "ddp"], nproc=2, timeout=300)
+    launch(
+        ["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "ddp"],
+        nproc=2,
+        timeout=300,
+    )
     _ranks_took_halves(tmp_path)
     _within(compare(single / "full", tmp_path), FULL)
 
 
 def test_ddp_lora_equals_one_process(smollm2_dir, single, tmp_path):
-    launch(["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "ddp", "--lora"], nproc=2, timeout=300)
+    launch(
+        ["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "ddp", "--lora"],
+        nproc=2,
+        timeout=300,
+    )
     _ranks_took_halves(tmp_path)
     d = compare(single / "lora", tmp_path)
-    assert json.loads((tmp_path / "stats.json").read_text())["trainable_numel"] < 1e6  # adapters only
+    assert (
+        json.loads((tmp_path / "stats.json").read_text())["trainable_numel"] < 1e6
+    )  # adapters only
     _within(d, LORA)
 
 
 def test_fsdp2_lora_equals_one_process(smollm2_dir, single, tmp_path):
     """Frozen base weights and trainable adapters in the same FSDP2 units."""
-    launch(["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "fsdp2", "--lora"], nproc=2, timeout=300)
+    launch(
+        ["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "fsdp2", "--lora"],
+        nproc=2,
+        timeout=300,
+    )
     _ranks_took_halves(tmp_path)
     _within(compare(single / "lora", tmp_path), LORA)
 
@@ -98,8 +114,11 @@ def test_fsdp2_equals_unsharded_and_the_checkpoint_reloads(smollm2_dir, single, 
     from disa.models import load_model
     from disa.scoring import Batch, token_logprobs
 
-    launch(["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "fsdp2", "--save"], nproc=2,
-           timeout=300)
+    launch(
+        ["--model", smollm2_dir, *STEPS, "--out", str(tmp_path), "--mode", "fsdp2", "--save"],
+        nproc=2,
+        timeout=300,
+    )
     _ranks_took_halves(tmp_path)
     _within(compare(single / "full", tmp_path), FULL)
 
@@ -111,11 +130,17 @@ def test_fsdp2_equals_unsharded_and_the_checkpoint_reloads(smollm2_dir, single, 
     for name, p in params.items():
         torch.testing.assert_close(p, gathered[name], rtol=0, atol=0, msg=name)
     probe = torch.load(tmp_path / "probe.pt")
-    batch = Batch(probe["input_ids"], probe["attention_mask"], probe["position_ids"], probe["completion_mask"])
+    batch = Batch(
+        probe["input_ids"], probe["attention_mask"], probe["position_ids"], probe["completion_mask"]
+    )
     with torch.no_grad():
         logp = token_logprobs(reloaded, batch, chunk_size=64)
-        logits = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, use_cache=False).logits
+        logits = reloaded(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
     torch.testing.assert_close(logp, probe["logp"], rtol=0, atol=1e-6)  # measured: 0
     want = torch.load(single / "full" / "probe.pt")["logits"]
     mask = batch.attention_mask.bool()

@@ -29,8 +29,17 @@ def backbone(smollm2_dir, task):
     from disa.cache import Cache
     from disa.models import convert_gguf
 
-    cfg = smollm2_cfg(eos_token="\n", proposal_sft={"seed": 0, "corpus_size": 512, "p_correct": 1.0,
-                                                     "steps": 12, "batch_size": 16, "lr": 3e-5})
+    cfg = smollm2_cfg(
+        eos_token="\n",
+        proposal_sft={
+            "seed": 0,
+            "corpus_size": 512,
+            "p_correct": 1.0,
+            "steps": 12,
+            "batch_size": 16,
+            "lr": 3e-5,
+        },
+    )
     cfg = OmegaConf.merge(cfg, {"task": {"chat_template": False}})
     return convert_gguf(cfg, Cache(INTEGRATION_CACHE), task)
 
@@ -69,7 +78,9 @@ def test_sampled_rewards_agree_with_the_rewarded_set(backbone, task):
     tok, model = load_tokenizer(backbone.proposal_path), load_model(backbone.proposal_path)
     prompts = task.prompts("train")
     p_ids = [encode_prompt(tok, p) for p in prompts.prompt]
-    groups = HFSampler(batch_size=256).sample(model, tok, p_ids, 16, SamplerSettings(max_new_tokens=10), seed=0)
+    groups = HFSampler(batch_size=256).sample(
+        model, tok, p_ids, 16, SamplerSettings(max_new_tokens=10), seed=0
+    )
     p_exact, table = _exact_p_correct(model, tok, task, prompts)
     rows, prompt_ids, completions = [], [], []
     for (_, row), p, group in zip(prompts.iterrows(), p_ids, groups):
@@ -82,8 +93,12 @@ def test_sampled_rewards_agree_with_the_rewarded_set(backbone, task):
     import pandas as pd
 
     reward = task.rewards(pd.DataFrame(rows), texts)
-    answers = {(r.prompt_id, a): lp for r, a, lp in zip(table.itertuples(), table.answer, table.logp)}
-    scored = sequence_logprobs(model, prompt_ids, completions, tok.pad_token_id, batch_size=64).numpy()
+    answers = {
+        (r.prompt_id, a): lp for r, a, lp in zip(table.itertuples(), table.answer, table.logp)
+    }
+    scored = sequence_logprobs(
+        model, prompt_ids, completions, tok.pad_token_id, batch_size=64
+    ).numpy()
     canonical = 0
     for row, c, text, r, lp in zip(rows, completions, texts, reward, scored):
         in_set = (row.prompt_id, text) in answers and c[-1] == NEWLINE
@@ -91,7 +106,9 @@ def test_sampled_rewards_agree_with_the_rewarded_set(backbone, task):
         if r and c == tok(text, add_special_tokens=False).input_ids + [NEWLINE]:
             canonical += 1
             assert lp == pytest.approx(answers[(row.prompt_id, text)], abs=1e-4)
-    assert reward.sum() >= 3 and canonical >= 0.9 * reward.sum()  # measured: 6 of 144 (12-step proposal)
+    assert (
+        reward.sum() >= 3 and canonical >= 0.9 * reward.sum()
+    )  # measured: 6 of 144 (12-step proposal)
     # the sampled frequency of reward matches the exact mass (binomial 4-σ band)
     n, p = len(reward), float(np.mean(p_exact))
     assert abs(reward.mean() - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-3
@@ -106,6 +123,11 @@ def test_fine_tuned_proposal_is_stronger_on_training_prompts(backbone, task):
         return float(np.mean(_exact_p_correct(load_model(path), tok, task, task.prompts(split))[0]))
 
     with torch.no_grad():
-        ref, prop = p_correct(backbone.ref_path, "train"), p_correct(backbone.proposal_path, "train")
+        ref, prop = (
+            p_correct(backbone.ref_path, "train"),
+            p_correct(backbone.proposal_path, "train"),
+        )
     assert prop > 1.5 * ref, (ref, prop)  # measured: 0.099 against 0.051 after 12 steps
-    assert backbone.proposal_fingerprint and backbone.proposal_fingerprint != backbone.ref_fingerprint
+    assert (
+        backbone.proposal_fingerprint and backbone.proposal_fingerprint != backbone.ref_fingerprint
+    )

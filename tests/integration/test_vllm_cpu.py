@@ -75,7 +75,9 @@ def sampler(smollm2_dir):
 
     s = VLLMSampler(batch_size=256, seed=0, max_model_len=256)
     if not s.cpu:
-        pytest.skip("these checks are for vLLM's CPU build (on a GPU requests are seeded one by one)")
+        pytest.skip(
+            "these checks are for vLLM's CPU build (on a GPU requests are seeded one by one)"
+        )
     yield s
     s.close()
 
@@ -99,11 +101,14 @@ def _engine_tokens(sampler, prompts, completions) -> list[np.ndarray]:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-    out = sampler._engine.generate([{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompts, completions)],
-                                   params, use_tqdm=False)
+    out = sampler._engine.generate(
+        [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompts, completions)],
+        params,
+        use_tqdm=False,
+    )
     rows = []
     for p, c, r in zip(prompts, completions, out):
-        steps = r.prompt_logprobs[len(p):]
+        steps = r.prompt_logprobs[len(p) :]
         rows.append(np.array([step[t].logprob for t, step in zip(c, steps)], dtype=np.float64))
     return rows
 
@@ -121,7 +126,9 @@ def test_same_seed_same_completions(sampler, ref, tok):
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
     first = sampler.sample(ref, tok, prompts, 4, how, seed=7)
-    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+    assert torch.equal(
+        torch.random.get_rng_state(), state
+    )  # the caller's random stream is left alone
     again = sampler.sample(ref, tok, prompts, 4, how, seed=7)
     other = sampler.sample(ref, tok, prompts, 4, how, seed=8)
     assert first == again
@@ -143,15 +150,26 @@ def test_engine_logprobs_match_the_scorer(sampler, ref, tok, tolerance, temperat
     completions = [c for g in groups for c in g]
     reps = [p for p in prompts for _ in range(8)]
     engine = [np.array(lp) for g in sampler.last_token_logprobs for lp in g]
-    scored = _scored_tokens(ref, reps, completions, tok.pad_token_id, temperature=temperature, top_k=top_k,
-                            top_p=top_p)
+    scored = _scored_tokens(
+        ref, reps, completions, tok.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     assert all(len(e) == len(c) for e, c in zip(engine, completions))
-    assert all(np.isfinite(s).all() for s in scored)  # nothing vLLM drew is outside the scorer's top-k/top-p set
+    assert all(
+        np.isfinite(s).all() for s in scored
+    )  # nothing vLLM drew is outside the scorer's top-k/top-p set
     gap = _max_gap(engine, scored)
-    assert gap < tolerance, f"max per-token gap {gap:.2e} at T={temperature}, top_k={top_k}, top_p={top_p}"
+    assert gap < tolerance, (
+        f"max per-token gap {gap:.2e} at T={temperature}, top_k={top_k}, top_p={top_p}"
+    )
     summed = [lp for g in sampler.last_logprobs for lp in g]
-    check_agreement({"ref": logprob_agreement(summed, [s.sum() for s in scored], [len(c) for c in completions])},
-                    tolerance)
+    check_agreement(
+        {
+            "ref": logprob_agreement(
+                summed, [s.sum() for s in scored], [len(c) for c in completions]
+            )
+        },
+        tolerance,
+    )
 
 
 # -- (c) weight sync -------------------------------------------------------------------------------
@@ -173,8 +191,12 @@ def _check_sync(sampler, ref, policy, tok, tolerance) -> dict[str, float]:
     seconds = sampler.sync(policy)
     after = _engine_tokens(sampler, prompts, completions)
     new = _scored_tokens(policy, prompts, completions, tok.pad_token_id)
-    figures = {"sync_s": seconds, "engine_vs_old_before": _max_gap(before, old), "engine_vs_new": _max_gap(after, new),
-               "engine_moved": _max_gap(after, before)}
+    figures = {
+        "sync_s": seconds,
+        "engine_vs_old_before": _max_gap(before, old),
+        "engine_vs_new": _max_gap(after, new),
+        "engine_moved": _max_gap(after, before),
+    }
     assert figures["engine_vs_old_before"] < tolerance
     assert figures["engine_vs_new"] < tolerance, figures
     assert figures["engine_moved"] > 100 * tolerance, figures
@@ -189,7 +211,9 @@ def _check_sync(sampler, ref, policy, tok, tolerance) -> dict[str, float]:
     with pytest.raises(RuntimeError, match="changed since vLLM last loaded them"):
         with torch.no_grad():
             next(p for p in policy.parameters() if p.requires_grad).add_(1e-3)
-        sampler.sample(policy, tok, prompts, 1, how, seed=1)  # changed again without a sync: refused
+        sampler.sample(
+            policy, tok, prompts, 1, how, seed=1
+        )  # changed again without a sync: refused
     sampler.sync(ref)
     print(figures)
     return figures
@@ -212,8 +236,10 @@ def test_sync_lora_policy(sampler, ref, tok, smollm2_dir, tolerance):
 
     from disa.models import load_model
 
-    policy = get_peft_model(load_model(smollm2_dir, "float32"),
-                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    policy = get_peft_model(
+        load_model(smollm2_dir, "float32"),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -244,21 +270,47 @@ def test_online_grpo_two_steps_through_vllm(sampler, ref, tok, smollm2_dir, tole
     policy = load_model(smollm2_dir, "float32").train()
     grpo = get_loss("grpo")
     module = OnlinePolicyModule(
-        policy, None, tok, task, prompts, sampler, SamplerSettings(max_new_tokens=8), grpo, grpo.make_options({}),
-        lambda params: torch.optim.AdamW(params, lr=1e-4), group_size=4, updates_per_rollout=1, minibatch_size=4,
+        policy,
+        None,
+        tok,
+        task,
+        prompts,
+        sampler,
+        SamplerSettings(max_new_tokens=8),
+        grpo,
+        grpo.make_options({}),
+        lambda params: torch.optim.AdamW(params, lr=1e-4),
+        group_size=4,
+        updates_per_rollout=1,
+        minibatch_size=4,
         seed=0,
     )
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     syncs = sampler.syncs
-    trainer.fit(module, train_dataloaders=prompt_loader(module, len(prompts), 1, seed=0))  # 1 prompt × 4 per rollout
+    trainer.fit(
+        module, train_dataloaders=prompt_loader(module, len(prompts), 1, seed=0)
+    )  # 1 prompt × 4 per rollout
     assert trainer.global_step == 2
     assert sampler.syncs - syncs == 2  # before the first rollout and after the first update
     assert module.tokens_generated > 0 and "train/weight_sync_s" in trainer.callback_metrics
-    assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters()))  # it was trained
+    assert any(
+        not torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters())
+    )  # it was trained
     # the engine holds the weights of the second rollout (after one update), not π_ref's
     prompts_ids, completions = _fixed(tok)
     engine = _engine_tokens(sampler, prompts_ids, completions)
-    assert _max_gap(engine, _scored_tokens(ref, prompts_ids, completions, tok.pad_token_id)) > 10 * tolerance
+    assert (
+        _max_gap(engine, _scored_tokens(ref, prompts_ids, completions, tok.pad_token_id))
+        > 10 * tolerance
+    )
     sampler.sync(ref)
