@@ -33,7 +33,6 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     from disa.config import upgrade_overrides
 
-    sys.argv[1:] = upgrade_overrides(
-        sys.argv[1:]
-    )  # settings renamed this release keep working, with a warning
+    # settings renamed this release keep working, with a warning
+    sys.argv[1:] = upgrade_overrides(sys.argv[1:])
     main()

@@ -359,9 +359,8 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
                 "allowed: a local jsonl/json/parquet file"
             )
         entries = ([train] if train else []) + list(cfg.task.get("eval_benchmarks") or [])
-        uses_files = any(
-            isinstance(e, str) or e.get("path") for e in entries
-        )  # hub datasets need no root
+        # hub datasets need no root
+        uses_files = any(isinstance(e, str) or e.get("path") for e in entries)
         if cfg.task.get("root") and uses_files and not Path(root).is_dir():
             errors.append(
                 f"task.root={root!r} is not a directory; allowed: the folder holding the benchmark files"
@@ -614,9 +613,8 @@ def _scale_checks(cfg: DictConfig) -> list[str]:
             f"trainer.strategy.state_dict_type={st.get('state_dict_type')!r} is not supported: the trained "
             "policy is saved as one transformers checkpoint gathered on rank 0; allowed: 'full'"
         )
-    if strategy.endswith(
-        "ModelParallelStrategy"
-    ):  # FSDP2 (trainer=fsdp2_cpu): disa.training.sharded
+    # FSDP2 (trainer=fsdp2_cpu): disa.training.sharded
+    if strategy.endswith("ModelParallelStrategy"):
         errors += _fsdp2_checks(cfg, st)
     rerun = any(k in strategy for k in _RERUN_STRATEGIES) and not any(
         k in strategy for k in ("spawn", "fork")

@@ -72,9 +72,8 @@ def sample_metrics(
 def _log1mexp(x: np.ndarray) -> np.ndarray:
     """log(1 − e^x) for x ≤ 0."""
     x = np.minimum(np.asarray(x, np.float64), -1e-300)
-    with np.errstate(
-        divide="ignore"
-    ):  # np.where evaluates both branches; the unused one may be log 0
+    # np.where evaluates both branches; the unused one may be log 0
+    with np.errstate(divide="ignore"):
         return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
 
 

@@ -229,15 +229,12 @@ class _ChunkedLogProbs(torch.autograd.Function):
                     grad_out[s : s + chunk_size].float(),
                     targets[s : s + chunk_size],
                 )
-                logits = process_logits(
-                    F.linear(hc, w, b).float(), temperature, top_k, top_p
-                )  # [n, V]
-                kept = torch.isfinite(
-                    logits.gather(-1, t[:, None])
-                )  # a masked target has no gradient
-                grad = (
-                    logits.sub_(lse[s : s + chunk_size, None]).exp_().mul_(-g[:, None])
-                )  # −g·softmax
+                # [n, V]
+                logits = process_logits(F.linear(hc, w, b).float(), temperature, top_k, top_p)
+                # a masked target has no gradient
+                kept = torch.isfinite(logits.gather(-1, t[:, None]))
+                # −g·softmax
+                grad = logits.sub_(lse[s : s + chunk_size, None]).exp_().mul_(-g[:, None])
                 grad.scatter_add_(-1, t[:, None], torch.where(kept, g[:, None], 0.0))
                 if temperature != 1.0:
                     grad.div_(temperature)
@@ -329,12 +326,13 @@ def token_logprobs(
     ``impl``: a key of :data:`LOGPROB_IMPLS`. A fused backend computes the model's own density
     only; with ``temperature``/``top_k``/``top_p`` the chunked path runs whatever ``impl`` says."""
     decoder, head = _decoder_and_head(model)
+    # [B, P+T, H]
     hidden = decoder(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
-    ).last_hidden_state  # [B, P+T, H]
+    ).last_hidden_state
     P = batch.prompt_len
     mask = batch.completion_mask.bool()  # [B, T]
     h = hidden[:, P - 1 : -1][mask]  # [N, H]: the state that predicts each completion token

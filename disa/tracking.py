@@ -190,9 +190,8 @@ def log_wandb_artifacts(run: Any, artifacts: dict[str, Any], summary: dict[str, 
                 type=_BY_REFERENCE[stage],
                 metadata={"stage": stage, "key": cached.key, "spec": spec},
             )
-            art.add_reference(
-                f"file://{cached.path}", checksum=False
-            )  # large: recorded, never uploaded
+            # large: recorded, never uploaded
+            art.add_reference(f"file://{cached.path}", checksum=False)
         elif stage == "anchor":
             meta = {k: v for k, v in summary.items() if k.startswith("anchor.")}
             art = wandb.Artifact(

@@ -178,7 +178,6 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
-if (
-    __name__ == "__main__"
-):  # the vLLM engine may start worker processes: keep the module import-safe
+# the vLLM engine may start worker processes: keep the module import-safe
+if __name__ == "__main__":
     main()

@@ -698,9 +698,8 @@ def run(args) -> dict[str, Any]:
         if vl:
             res["generation"].append({**vl, "seq_len": S, "new_tokens": T, "sequences": B})
     res["targets"] = targets(res, cuda)
-    res["meta"]["load_average_at_end"] = os.getloadavg()[
-        0
-    ]  # other processes on the machine skew timings
+    # other processes on the machine skew timings
+    res["meta"]["load_average_at_end"] = os.getloadavg()[0]
     return res
 
 
@@ -725,9 +724,8 @@ def memory_comparison(args, device, amp, fused: tuple[str, ...] = ()) -> list[di
     rows = []
     for grad in (False, True):
         base = None
-        chunks = sorted(
-            {n, max(1, n // 4), min(args.chunk_size, n)}, reverse=True
-        )  # one chunk, four, the default
+        # one chunk, four, the default
+        chunks = sorted({n, max(1, n // 4), min(args.chunk_size, n)}, reverse=True)
         for name, c in [
             ("naive", None),
             *(("chunked", c) for c in chunks),

@@ -42,9 +42,8 @@ EQUIVALENTS = REPO / "experiments" / "mutation_equivalents"
 
 @dataclass(frozen=True)
 class Module:
-    mutate: tuple[
-        str, ...
-    ]  # source files (globs, relative to the repo) whose functions are mutated
+    # source files (globs, relative to the repo) whose functions are mutated
+    mutate: tuple[str, ...]
     tests: tuple[str, ...]  # the pytest selection that must kill them
     covered_only: bool = False  # mutate only lines these tests execute (for mixed files); mutants
     # that no selected test reaches are then reported apart and left out of the score

@@ -40,9 +40,8 @@ print(f"{SWEEP_DIR}: {len(runs)} runs; varying: {analysis.varying(runs)}")
 # ## The comparison table (mean ± s.e. over seeds)
 
 # %%
-written = analysis.write_comparison(
-    SWEEP_DIR
-)  # comparison.{csv,md,png} and paired.csv, as the sweep's callback does
+# comparison.{csv,md,png} and paired.csv, as the sweep's callback does
+written = analysis.write_comparison(SWEEP_DIR)
 analysis.comparison_table(runs)
 
 # %%
@@ -68,9 +67,8 @@ def part_by(frame, columns):
 # (`analysis.paired_differences`). `*` marks a difference whose CI excludes 0.
 
 # %%
-diffs = analysis.paired_comparisons(
-    SWEEP_DIR, by="algorithm"
-)  # None: the runs wrote no per-prompt metrics
+# None: the runs wrote no per-prompt metrics
+diffs = analysis.paired_comparisons(SWEEP_DIR, by="algorithm")
 settings = [
     c for c in ([] if diffs is None else diffs.columns) if c not in analysis.report.PAIRED_COLUMNS
 ]

@@ -154,9 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         frame, args.batch // world // args.accumulate, tok.pad_token_id, seed=11
     )
 
-    losses: list[
-        float
-    ] = []  # per (micro-)batch: the mean over the ranks' equal shares = the global loss
+    # per (micro-)batch: the mean over the ranks' equal shares = the global loss
+    losses: list[float] = []
     local_batch: list[int] = []
 
     class Record(L.Callback):

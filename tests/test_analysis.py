@@ -190,15 +190,15 @@ def test_paired_differences_marks_what_excludes_zero_and_skips_missing_cells():
         out.loc["same", ["diff", "ci_low", "ci_high"]].tolist() == [0, 0, 0]
         and not out.loc["same", "significant"]
     )
-    assert out.loc["holes", "diff"] == pytest.approx(
-        (0 + 0.5 + 0 + 0) / 4
-    )  # the 4 cells both arms have
+    # the 4 cells both arms have
+    assert out.loc["holes", "diff"] == pytest.approx((0 + 0.5 + 0 + 0) / 4)
     assert out.loc["holes", "ci_low"] >= 0 and out.loc["holes", "ci_high"] <= 0.5
+    # the baseline is not compared with itself
     assert sorted(out.index) == [
         "holes",
         "same",
         "shift",
-    ]  # the baseline is not compared with itself
+    ]
 
 
 def test_paired_differences_refuses_repeated_rows_and_unknown_baselines():

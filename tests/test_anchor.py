@@ -326,16 +326,18 @@ def _hand_anchor(items, beta, lam):
 
 def test_build_anchor_by_hand():
     beta = 2.0
+    # idx 2 unused
     a_ref = [
         (1.0, -1.2, -1.0, -3.0),
         (0.0, -0.7, -0.9, -2.0),
         (0.0, -9.0, -9.0, -9.0),
-    ]  # idx 2 unused
+    ]
+    # idx 2 unused
     a_prop = [
         (1.0, -1.5, -1.4, -0.4),
         (1.0, -2.5, -2.0, -0.9),
         (0.0, -1.0, -1.0, -1.0),
-    ]  # idx 2 unused
+    ]
     b_ref = [(0.0, -0.5, -0.5, -2.5), (0.0, -1.1, -1.0, -1.7), (1.0, -3.0, -3.0, -3.0)]
     b_prop = [(0.0, -2.0, -2.2, -0.3), (1.0, -4.0, -3.5, -0.2), (0.0, -3.0, -3.0, -3.0)]
     scores = pd.DataFrame(_hand_rows("a", a_ref, a_prop) + _hand_rows("b", b_ref, b_prop))

@@ -364,13 +364,14 @@ def test_row_slices_give_disjoint_sources(tmp_path):
 
 # -- malformed golds ------------------------------------------------------------------------------
 def test_malformed_golds_stop_the_load_with_their_ids(tmp_path):
+    # not LaTeX, but complete: kept
     rows = [
         {"id": "ok", "problem": "p", "answer": r"\frac{1}{2}"},
         {"id": "cut", "problem": "p", "answer": r"\frac{"},
         {"id": "closing", "problem": "p", "answer": "1}"},
         {"id": "left", "problem": "p", "answer": r"\left( 1, 2"},
         {"id": "text", "problem": "p", "answer": "62.5%"},
-    ]  # not LaTeX, but complete: kept
+    ]
     _write_jsonl(tmp_path / "m.jsonl", rows)
     with pytest.raises(ValueError) as e:
         load_benchmark(BenchmarkSpec("m", "m.jsonl", "problem", "answer", "id"), root=tmp_path)

@@ -74,9 +74,8 @@ def test_truncated_file_is_detected(tmp_path):
         art.verify()
     with pytest.raises(CacheError, match="t.parquet"):
         art.read_table("t")
-    with pytest.raises(
-        CacheError, match="t.parquet"
-    ):  # and a rebuild attempt does not reuse it silently
+    # and a rebuild attempt does not reuse it silently
+    with pytest.raises(CacheError, match="t.parquet"):
         Cache(tmp_path).build("s", {"k": 1}, _counting_builder([]))
 
 

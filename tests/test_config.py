@@ -79,9 +79,8 @@ def test_hf_backbone_with_missing_path(make_cfg, tmp_path):
     msg = _errors(make_cfg("backbone=hf", "backbone.path=/nonexistent", "proposal=ref"))
     assert "proposal.model_path" not in msg
     validate(make_cfg("backbone=hf", f"backbone.path={tmp_path}", "proposal=ref"))
-    msg = _errors(
-        make_cfg("backbone=hf", f"backbone.path={tmp_path}")
-    )  # mixture needs a proposal model
+    # mixture needs a proposal model
+    msg = _errors(make_cfg("backbone=hf", f"backbone.path={tmp_path}"))
     assert "proposal.model_path" in msg and "backbone.path" not in msg
 
 

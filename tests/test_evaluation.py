@@ -345,9 +345,8 @@ def test_per_prompt_metrics_average_to_the_reported_ones():
     pol, ref = _rewarded_frames()
     beta = math.log(2.0)
     exact = evaluation.target_distances_per_prompt(pol, ref, beta)
-    assert exact.p_correct_exact.tolist() == pytest.approx(
-        [0.4, 0.7], rel=1e-12
-    )  # by hand (see above)
+    # by hand (see above)
+    assert exact.p_correct_exact.tolist() == pytest.approx([0.4, 0.7], rel=1e-12)
     summary = evaluation.target_distances(pol, ref, beta)
     for key, value in summary.items():
         assert exact[key].mean() == pytest.approx(value, rel=1e-12), key
@@ -365,9 +364,8 @@ def test_per_prompt_metrics_joins_sample_and_exact_metrics_over_the_evaluated_pr
         }
     )
     table = evaluation.per_prompt_metrics(samples, [1], 0.7, pol, ref)
-    assert table.prompt_id.tolist() == [
-        prompts[0]
-    ]  # the exact metrics of the evaluated prompts only
+    # the exact metrics of the evaluated prompts only
+    assert table.prompt_id.tolist() == [prompts[0]]
     assert table.mean_at_k.tolist() == [1.0]  # the failed grade is left out, as in policy_metrics
     only = evaluation.target_distances_per_prompt(
         pol[pol.prompt_id == prompts[0]], ref[ref.prompt_id == prompts[0]], 0.7

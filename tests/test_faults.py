@@ -408,9 +408,10 @@ def test_changed_task_version_gives_new_rollout_keys(seed, ref, tmp_path):
     same = stages.Context(
         Settings.from_config(cfg), cfg, cache, task, backbone, tmp_path / "run", torch.device("cpu")
     )
+    # control
     assert {c: a.key for c, a in sample.run(same).items()} == {
         c: ref[f"artifact.sample.{c}"] for c in ("ref", "proposal")
-    } and same.reused["sample"]  # control
+    } and same.reused["sample"]
     v2 = dataclasses.replace(task, version=task.version + 1)
     ctx = stages.Context(
         Settings.from_config(cfg), cfg, cache, v2, backbone, tmp_path / "run", torch.device("cpu")
@@ -655,9 +656,8 @@ def test_training_on_a_full_filesystem_fails_cleanly_and_resumes_exactly(seed, r
         assert not (train_dir / "manifest.json").exists()  # nothing sealed
         assert not list(cache.rglob("*.tmp"))  # the failed write's temp file is gone
         for ckpt in train_dir.glob("checkpoints/*.ckpt"):
-            torch.load(
-                ckpt, map_location="cpu", weights_only=False
-            )  # every checkpoint left is whole
+            # every checkpoint left is whole
+            torch.load(ckpt, map_location="cpu", weights_only=False)
         subprocess.run(["mount", "-o", "remount,size=256m", str(cache)], check=True)
         run_py(cache, tmp_path / "resumed")
         got = summary(tmp_path / "resumed")

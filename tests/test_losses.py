@@ -415,6 +415,7 @@ def test_flowrl_value_weights_and_gradients():
     lengths = [3, 1, 2, 4, 2, 1]
     rows = random_rows(lengths, seed=9)
     logp, mask = padded(rows, T=4, grad=True)
+    # Σ(logp − logp_old)
     log_w = [
         math.log(2.0),
         math.log(0.5),
@@ -422,7 +423,7 @@ def test_flowrl_value_weights_and_gradients():
         0.0,
         math.log(0.9),
         30.0,
-    ]  # Σ(logp − logp_old)
+    ]
     logp_old = t([sum(r) - lw for r, lw in zip(rows, log_w)], grad=True)
     logp_ref = t([-5.0, -1.0, -2.5, -7.0, -3.0, -0.2], grad=True)
     log_z = t([0.4, -0.1, 0.9, 0.0, 0.2, -0.6], grad=True)
@@ -544,9 +545,8 @@ def test_every_loss_declares_fields_of_the_schema_and_every_algorithm_config_bui
         spec = get_loss(alg.loss)
         options = spec.make_options(OmegaConf.to_container(alg.loss_args), beta=2.0)
         assert spec.needs(options) <= set(BATCH_FIELDS), path.name
-    assert (
-        get_loss("disa").make_options({}, beta=3.0).beta == 3.0
-    )  # β reaches only the losses that take it
+    # β reaches only the losses that take it
+    assert get_loss("disa").make_options({}, beta=3.0).beta == 3.0
 
 
 def test_a_batch_without_a_needed_field_or_with_the_wrong_shape_is_refused():
@@ -686,7 +686,6 @@ def test_which_losses_read_the_reference():
     assert not grpo.reads_reference(grpo.make_options({"kl_coef": 0.0}))
     assert grpo.reads_reference(grpo.make_options({"kl_coef": 0.05}))
     assert get_loss("flowrl").reads_reference(get_loss("flowrl").make_options({}))
-    assert get_loss("disa").reads_reference(
-        get_loss("disa").make_options({}, beta=1.0)
-    )  # offline: from the cache
+    # offline: from the cache
+    assert get_loss("disa").reads_reference(get_loss("disa").make_options({}, beta=1.0))
     assert not get_loss("gspo").reads_reference(get_loss("gspo").make_options({}))

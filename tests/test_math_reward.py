@@ -173,14 +173,16 @@ def _agreement(repo, limit):
 def _check_agreement(res):
     for name, r in res.items():
         assert "skipped" not in r, (name, r)
+        # every gold is its own answer
         assert r["self_boxed"]["agree"] == r["items"], (
             name,
             r["self_boxed"],
-        )  # every gold is its own answer
+        )
+        # gold + 1 is wrong
         assert r["wrong_numeric"]["agree"] == r["wrong_numeric"]["n"], (
             name,
             r["wrong_numeric"],
-        )  # gold + 1 is wrong
+        )
 
 
 def test_benchmark_golds_grade_themselves(mv, repo):

@@ -47,9 +47,8 @@ def test_sources_have_a_parameters_cell():
     for name in NOTEBOOKS:
         nb = jupytext.read(REPO / "notebooks" / f"{name}.py")
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-        assert (
-            len(tagged) == 1 and "analysis.sweep_dirs_from_env()" in tagged[0].source
-        )  # $DISA_SWEEP_DIR
+        # $DISA_SWEEP_DIR
+        assert len(tagged) == 1 and "analysis.sweep_dirs_from_env()" in tagged[0].source
 
 
 @pytest.mark.slow  # builds a sweep and executes every notebook on it: minutes of CPU
@@ -73,11 +72,12 @@ def test_notebook_executes(tmp_path_factory, monkeypatch, name):
         if o.output_type == "error"
     ]
     assert errors == []
+    # figures shown
     assert any(
         o.output_type == "display_data" and "image/png" in o.get("data", {})
         for c in nb.cells
         if c.cell_type == "code"
         for o in c.get("outputs", [])
-    )  # figures shown
+    )
     for png in pngs:
         assert (target / png).stat().st_size > 1000, png

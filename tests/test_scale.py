@@ -118,9 +118,8 @@ def test_vllm_absent_is_a_clear_config_error(make_cfg):
     with pytest.raises(ConfigError) as e:
         validate(make_cfg("sampler=vllm"))
     lines = [ln for ln in str(e.value).splitlines() if ln.strip().startswith("- ")]
-    assert len(lines) == 1 and VLLM_HINT in lines[0], str(
-        e.value
-    )  # the vllm settings themselves are valid
+    # the vllm settings themselves are valid
+    assert len(lines) == 1 and VLLM_HINT in lines[0], str(e.value)
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
@@ -190,9 +189,8 @@ def test_vllm_completion_normalisation_and_agreement():
         [5, 6, 2],
         -3.5,
     )
-    ids, lp = _completion(
-        out([5, 6], "stop", [-1.0, -2.0]), eos=2
-    )  # stopped on EOS, token left out
+    # stopped on EOS, token left out
+    ids, lp = _completion(out([5, 6], "stop", [-1.0, -2.0]), eos=2)
     assert ids == [5, 6, 2] and lp != lp  # nan: no log-prob for the appended EOS
     assert _completion(out([5, 6], "length", None), eos=2)[0] == [5, 6]
     agree = logprob_agreement([-3.0, float("nan"), -1.0], [-3.1, -2.0, -1.0], [2, 1, 1])

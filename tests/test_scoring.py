@@ -218,10 +218,11 @@ def _chi2(counts: Counter, probs: dict, n: int) -> tuple[float, int]:
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.9)])
 def test_sampler_frequencies_match_scored_density(tiny_model, char_tok, temperature, top_k, top_p):
     eos, V, max_new, n = char_tok.eos_token_id, len(char_tok), 2, 3000
+    # unequal: left padding in generate
     prompts = [
         char_tok("ab").input_ids,
         char_tok("fcade").input_ids,
-    ]  # unequal: left padding in generate
+    ]
     settings = SamplerSettings(
         temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new
     )
@@ -245,9 +246,8 @@ def test_sampler_frequencies_match_scored_density(tiny_model, char_tok, temperat
             top_p=top_p,
         )
         probs = dict(zip(outcomes, lp.exp().tolist()))
-        assert sum(probs.values()) == pytest.approx(
-            1.0, abs=1e-5
-        )  # a proper density on the outcomes
+        # a proper density on the outcomes
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
         assert all(probs[o] > 0 for o in counts), (
             "sampled an outcome the scored density calls impossible"
         )
@@ -327,9 +327,8 @@ def test_biased_head_top_k_top_p_temperature_two_values_and_gradients(bias_model
     top_k_only = torch.isinf(
         _naive_flat(bias_model, PROMPTS, LONG_COMPLETIONS, temperature=2.0, top_k=6)
     )
-    assert (
-        lp.shape == (45,) and 0 < top_k_only.sum() < masked.sum() < 40
-    )  # top-k and top-p both bite
+    # top-k and top-p both bite
+    assert lp.shape == (45,) and 0 < top_k_only.sum() < masked.sum() < 40
     assert torch.equal(torch.isinf(lp), masked)
     torch.testing.assert_close(lp[~masked], want[~masked], atol=1e-5, rtol=0)
     coef = torch.linspace(-1.0, 2.0, 45)

@@ -57,9 +57,8 @@ def test_settings_derive_components_and_the_realised_strength(
 
 def test_settings_hold_the_loss_options_and_whether_training_loads_the_reference(make_cfg):
     disa = Settings.from_config(make_cfg("beta=3"))
-    assert (
-        disa.loss_options.beta == 3.0 and not disa.loads_reference
-    )  # DISA reads log π_ref from the cache
+    # DISA reads log π_ref from the cache
+    assert disa.loss_options.beta == 3.0 and not disa.loads_reference
     assert Settings.from_config(make_cfg("algorithm=flowrl")).loads_reference
     assert not Settings.from_config(make_cfg("algorithm=grpo")).loads_reference
     assert Settings.from_config(
@@ -69,9 +68,8 @@ def test_settings_hold_the_loss_options_and_whether_training_loads_the_reference
 
 def test_dr_grpo_norm_len_is_the_samplers_max_new_tokens_unless_set(make_cfg):
     mode = "algorithm.loss_args.loss_agg_mode=seq-mean-token-sum-norm"
-    assert (
-        Settings.from_config(make_cfg("algorithm=grpo", mode)).loss_options.norm_len == 8
-    )  # sampler=hf default
+    # sampler=hf default
+    assert Settings.from_config(make_cfg("algorithm=grpo", mode)).loss_options.norm_len == 8
     assert (
         Settings.from_config(
             make_cfg("algorithm=grpo", mode, "sampler.max_new_tokens=24")

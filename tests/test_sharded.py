@@ -32,9 +32,8 @@ def test_decoder_layers_are_read_from_the_model():
 
     model = tiny_llama(8)
     assert decoder_layer_classes(model) == (LlamaDecoderLayer,)
-    assert decoder_layer_classes(_with_lora(tiny_llama(8), LORA)) == (
-        LlamaDecoderLayer,
-    )  # through peft
+    # through peft
+    assert decoder_layer_classes(_with_lora(tiny_llama(8), LORA)) == (LlamaDecoderLayer,)
     model._no_split_modules = None  # no declaration: the decoder's `layers` list tells
     assert decoder_layer_classes(model) == (LlamaDecoderLayer,)
     with pytest.raises(ValueError, match="cannot find the decoder layers"):
@@ -224,12 +223,10 @@ def test_fsdp2_cpu_run_one_run_dir_one_summary(tmp_path, algorithm):
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train.steps"] == 5 and "policy.mean_at_k" in summary
-    assert (
-        run / "checkpoints" / "last.ckpt"
-    ).is_file()  # one file: save_distributed_checkpoint=false
-    assert (
-        summary["policy.tv_target"] != summary["ref.tv_target"]
-    )  # the trained weights were gathered
+    # one file: save_distributed_checkpoint=false
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # the trained weights were gathered
+    assert summary["policy.tv_target"] != summary["ref.tv_target"]
 
 
 @pytest.mark.slow

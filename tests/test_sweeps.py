@@ -164,9 +164,8 @@ def test_multirun_gives_each_job_its_dir_and_wandb_run(tmp_path_factory):
         run_ids.add(run.name.rsplit("-", 1)[1])
         record = next(run.glob("*.wandb")).read_bytes()
         assert f"{SWEEP_NAME}/{job.name}".encode() in record  # the run's name: <group>/<job num>
-        assert re.search(
-            rb"(?<![/\w])" + SWEEP_NAME.encode() + rb"(?![/\w])", record
-        )  # group: the sweep dir's name
+        # group: the sweep dir's name
+        assert re.search(rb"(?<![/\w])" + SWEEP_NAME.encode() + rb"(?![/\w])", record)
         for key in (
             "artifact.anchor",
             "artifact.score",
@@ -263,9 +262,8 @@ def test_experiment_composes(name):
             params["proposal.num_samples"] == "8,32,128,512"
             and params["eval.split"] == "train,test"
         )
-        assert (
-            cfg.algorithm.name == "disa" and "_k_convergence_" in path.read_text()
-        )  # the sweep dir
+        # the sweep dir
+        assert cfg.algorithm.name == "disa" and "_k_convergence_" in path.read_text()
 
 
 @pytest.mark.slow
@@ -276,9 +274,8 @@ def test_experiment_runs_with_debug_fast(tmp_path_factory, name):
     if name == "anchor_bias_variance":
         run_dir = study_run(tmp_path_factory)
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert (
-            "artifact.anchor" in summary and "artifact.train" not in summary
-        )  # the study ends the job
+        # the study ends the job
+        assert "artifact.anchor" in summary and "artifact.train" not in summary
         assert (
             "policy.mean_at_k" not in summary
             and not (run_dir / "eval_samples_ref.parquet").exists()
@@ -333,9 +330,8 @@ def test_joblib_multirun_runs_jobs_in_parallel(tmp_path_factory):
         f"cache_dir={shared_cache(tmp_path_factory)}",
         wandb_mode="disabled",
     )
-    (multirun,) = root.glob(
-        "multirun/*/*/multirun.yaml"
-    )  # the default sweep dir, with its unique suffix
+    # the default sweep dir, with its unique suffix
+    (multirun,) = root.glob("multirun/*/*/multirun.yaml")
     assert sorted(
         json.loads(p.read_text())["beta"] for p in multirun.parent.glob("*/summary.json")
     ) == [1.0, 2.0]

@@ -89,9 +89,8 @@ def test_log_z_calibration_reads_what_the_loss_trains(char_tok):
     import numpy as np
 
     policy = tiny_llama(len(char_tok), seed=3)
-    head = LogZHead(
-        policy.config.hidden_size, num_layers=2, dropout=0.5
-    )  # dropout: eval mode must switch it off
+    # dropout: eval mode must switch it off
+    head = LogZHead(policy.config.hidden_size, num_layers=2, dropout=0.5)
     task = type("T", (), {"rewards": lambda self, rows, texts: [float("a" in t) for t in texts]})()
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1", "p2"], "prompt": ["ab", "c", "fed"]})
     exact = torch.tensor([0.3, 1.1, 0.2], dtype=torch.float64)
@@ -294,9 +293,8 @@ def test_lr_schedule_steps_once_per_optimizer_step_and_is_logged(tmp_path, algor
     expected = [1e-3 * _lr_by_hand("linear", 2, 5, k) for k in range(5)]
     if algorithm == "grpo":  # one logged row per rollout of 2 updates: their mean
         expected = [sum(expected[i : i + 2]) / len(expected[i : i + 2]) for i in range(0, 5, 2)]
-    assert metrics["train/lr"].tolist() == [
-        pytest.approx(x, rel=1e-7, abs=1e-12) for x in expected
-    ]  # float32 logs
+    # float32 logs
+    assert metrics["train/lr"].tolist() == [pytest.approx(x, rel=1e-7, abs=1e-12) for x in expected]
 
 
 def test_online_algorithm_trains_the_lora_adapters(tmp_path):

@@ -24,9 +24,8 @@ def test_agreement_per_token_and_impossible_samples():
         [-3.0004, -2.0, -1.0, float("-inf"), -1.0],
         [4, 1, 1, 2, 3],
     )
-    assert (
-        a["compared"] == 3 and a["scorer_impossible"] == 1
-    )  # the nan one is not reported by the engine
+    # the nan one is not reported by the engine
+    assert a["compared"] == 3 and a["scorer_impossible"] == 1
     assert a["max_abs_diff"] == pytest.approx(4e-4) and a[
         "max_abs_diff_per_token"
     ] == pytest.approx(1e-4)
@@ -109,9 +108,8 @@ def test_policy_weights_of_a_plain_model_are_its_state_dict(char_tok):
     model = tiny_llama(len(char_tok))
     got = dict(policy_weights(model))
     assert got.keys() == model.state_dict().keys()
-    assert all(
-        got[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items()
-    )  # no copies
+    # no copies
+    assert all(got[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items())
 
 
 def test_policy_weights_of_a_lora_model_are_merged_under_base_names(char_tok):
@@ -197,6 +195,5 @@ def test_vllm_cpu_settings_are_checked(make_cfg, override, setting):
 def test_vllm_config_carries_a_tolerance(make_cfg):
     cfg = make_cfg("sampler=vllm")
     assert 0 < cfg.sampler.logprob_tolerance < 0.01 and cfg.sampler.cpu_kv_cache_gib > 0
-    assert (
-        make_cfg().sampler.logprob_tolerance is None
-    )  # sampler=hf reports no log-probs of its own
+    # sampler=hf reports no log-probs of its own
+    assert make_cfg().sampler.logprob_tolerance is None

@@ -46,9 +46,8 @@ def write_comparison(sweep_dir: str | Path) -> dict[str, Path]:
                 f"{k}={v}" for k, v in zip(within, key if isinstance(key, tuple) else (key,))
             )
             for baseline in (BASELINE_ARM, REF_ARM):
-                rows = part[
-                    (part.baseline == baseline) & (part.arm != REF_ARM)
-                ]  # π_ref − DISA: −(DISA − π_ref)
+                # π_ref − DISA: −(DISA − π_ref)
+                rows = part[(part.baseline == baseline) & (part.arm != REF_ARM)]
                 if len(rows):
                     text += (
                         f"\nPaired difference from {baseline}{f' ({setting})' if setting else ''}: per-prompt "

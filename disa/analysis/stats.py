@@ -174,20 +174,17 @@ def paired_differences(
         for m in metrics:
             if m not in table:
                 continue
-            d = (
-                other[m] - base[m]
-            ).dropna()  # aligned on (seed, prompt); a missing side drops the cell
+            # aligned on (seed, prompt); a missing side drops the cell
+            d = (other[m] - base[m]).dropna()
             if d.empty:
                 continue
             grid = d.unstack(keys[1])  # [S, P], NaN where a cell is missing
             D, M = np.nan_to_num(grid.to_numpy(np.float64)), (~grid.isna()).to_numpy(np.float64)
             S, P = D.shape
-            ws = rng.multinomial(S, np.full(S, 1 / S), size=n_boot).astype(
-                np.float64
-            )  # [B, S] seed counts
-            wp = rng.multinomial(P, np.full(P, 1 / P), size=n_boot).astype(
-                np.float64
-            )  # [B, P] prompt counts
+            # [B, S] seed counts
+            ws = rng.multinomial(S, np.full(S, 1 / S), size=n_boot).astype(np.float64)
+            # [B, P] prompt counts
+            wp = rng.multinomial(P, np.full(P, 1 / P), size=n_boot).astype(np.float64)
             num = np.einsum("bs,sp,bp->b", ws, D * M, wp)
             den = np.einsum("bs,sp,bp->b", ws, M, wp)
             means = num[den > 0] / den[den > 0]

@@ -43,9 +43,8 @@ def build_sampler(cfg):
         from disa.sampling.hf import HFSampler
 
         return HFSampler(batch_size=int(cfg.sampler.batch_size))
-    if (
-        cfg.sampler.engine == "vllm"
-    ):  # raises VLLMMissing with the install hint where vllm is absent
+    # raises VLLMMissing with the install hint where vllm is absent
+    if cfg.sampler.engine == "vllm":
         from disa.sampling.vllm import VLLMSampler
 
         return VLLMSampler.from_cfg(cfg)

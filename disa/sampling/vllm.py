@@ -197,9 +197,8 @@ def _push_weights(worker, weights) -> int:
     reload = getattr(worker, "reload_weights", None) or getattr(
         getattr(worker, "worker", None), "reload_weights", None
     )
-    if (
-        reload is not None
-    ):  # vLLM's in-place reload: re-runs the post-load processing (CPU GEMM repacking)
+    # vLLM's in-place reload: re-runs the post-load processing (CPU GEMM repacking)
+    if reload is not None:
         reload(weights_iterator=iter(weights), is_checkpoint_format=True)
     else:  # older vLLM: the model keeps its weights as loaded (CUDA)
         worker.model_runner.model.load_weights(iter(weights))
@@ -243,9 +242,8 @@ class VLLMSampler:
             "enforce_eager": bool(enforce_eager),
             "generation_config": "vllm",  # ignore the checkpoint's sampling defaults (see module doc)
         }
-        if (
-            self.cpu
-        ):  # see the module doc: a share of host memory is the wrong knob on a shared machine
+        # see the module doc: a share of host memory is the wrong knob on a shared machine
+        if self.cpu:
             self.engine_args["kv_cache_memory_bytes"] = int(float(cpu_kv_cache_gib) * 2**30)
         else:
             self.engine_args["gpu_memory_utilization"] = float(gpu_memory_utilization)
@@ -331,9 +329,8 @@ class VLLMSampler:
             )
         path = model_path(model)
         fresh = self._engine_key is None or self._engine_key[0] != path
-        llm = (
-            self._build_for(model) if fresh else self._engine
-        )  # a fresh engine's weights are replaced below
+        # a fresh engine's weights are replaced below
+        llm = self._build_for(model) if fresh else self._engine
         t0 = time.perf_counter()  # the push only, not an engine's start-up
         llm.collective_rpc(_push_weights, args=(policy_weights(model),))
         llm.reset_prefix_cache()

@@ -16,9 +16,8 @@ from disa.tokenization import completion_text, encode_prompt, load_tokenizer
 
 @dataclass(frozen=True)
 class Evaluation:
-    models: dict[
-        str, dict[str, Artifact]
-    ]  #: "ref", "policy" → {"samples", and "rewarded" where enumerable}
+    #: "ref", "policy" → {"samples", and "rewarded" where enumerable}
+    models: dict[str, dict[str, Artifact]]
     oracle: Artifact | None  #: π_ref's rewarded-set table: the exact target p*, where enumerable
 
 

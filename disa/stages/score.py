@@ -82,9 +82,8 @@ def fill(ctx: Context, art: Artifact, rollouts: dict[str, Artifact]) -> int:
         part = rows.read(cut[i].start, cut[i].stop)
         comp, how = plan[column]
         if comp is None:  # refused before it is cached: a fixed verifier then rewards again
-            reward = ctx.rewards()(
-                ctx.prompt_rows(part.prompt_id), part.text.tolist()
-            )  # checked numbers
+            # checked numbers
+            reward = ctx.rewards()(ctx.prompt_rows(part.prompt_id), part.text.tolist())
             anchoring.check_finite(
                 pd.DataFrame({"prompt_id": part.prompt_id.to_numpy(), "reward": reward}), ["reward"]
             )

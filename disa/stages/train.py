@@ -60,9 +60,8 @@ def run(
         if s.online:
             return fit(ctx, art, None, log_z)
         data = training_data(ctx, scores, anchor)
-        return fit(ctx, art, data, log_z) | {
-            "store": data.path.name
-        }  # the trajectories artifact's key
+        # the trajectories artifact's key
+        return fit(ctx, art, data, log_z) | {"store": data.path.name}
 
     return ctx.build("train", spec, build, collective=True)
 
@@ -109,9 +108,8 @@ def report(ctx: Context, trained: Artifact) -> dict:
     """Training figures; the checkpoint and the trained policy are linked into the run directory."""
     info = trained.manifest()
     out = {"artifact.train": trained.key}
-    if (
-        "store" in info
-    ):  # (offline algorithms) recorded when it was built, so a reuse reports it too
+    # (offline algorithms) recorded when it was built, so a reuse reports it too
+    if "store" in info:
         out["artifact.trajectories"] = info["store"]
     out |= {
         f"train.{k}": info[k]

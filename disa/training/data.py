@@ -93,9 +93,8 @@ def write_store(directory: Path, scores: Path, rows: np.ndarray, batch_rows: int
                 elif not np.array_equal(prompt_tokens[row], ids):
                     raise ValueError(f"{scores}: prompt {pid!r} has two different token sequences")
                 index.append(row)
-            completions = pc.cast(
-                batch.column("completion_ids"), TOKENS
-            )  # a value past int32 is an error
+            # a value past int32 is an error
+            completions = pc.cast(batch.column("completion_ids"), TOKENS)
             tokens += int(pc.sum(pc.list_value_length(completions)).as_py() or 0)
             values = [pc.cast(batch.column(name), pa.float64()) for name in STORE_VALUES]
             writer.write_batch(

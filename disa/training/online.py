@@ -335,9 +335,8 @@ class OnlinePolicyModule(L.LightningModule):
             position_ids=tokens.position_ids[:, :P],
             use_cache=False,
         ).last_hidden_state
-        phi = (
-            self.log_z_head(hidden.float(), tokens.attention_mask[:, :P]).double().cpu()
-        )  # [n_prompts]
+        # [n_prompts]
+        phi = self.log_z_head(hidden.float(), tokens.attention_mask[:, :P]).double().cpu()
         self.policy.train(was_training[0]), self.log_z_head.train(was_training[1])
         exact = self.log_z_exact.double().cpu()
         error = phi - exact

@@ -47,9 +47,8 @@ def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[
     alg = cfg.algorithm
     L.seed_everything(s.seed, workers=True, verbose=False)
     policy = load_model(ctx.backbone.ref_path, "float32").train()  # the trainer's precision casts
-    if (
-        cfg.checkpoint.activations
-    ):  # recompute layer activations in backward (transformers 5: activation_…)
+    # recompute layer activations in backward (transformers 5: activation_…)
+    if cfg.checkpoint.activations:
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)(
             {"use_reentrant": False}
         )
@@ -130,9 +129,8 @@ def fit(ctx, art: Artifact, data, log_z_exact: pd.Series | None = None) -> dict[
     else:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resumed else None)
     wall = time.perf_counter() - t0
-    final = _trained_policy(
-        ctx, trainer, module
-    )  # a collective under sharding: every rank calls it
+    # a collective under sharding: every rank calls it
+    final = _trained_policy(ctx, trainer, module)
     if trainer.global_rank == 0:
         if last.exists():  # sealed into the artifact with it: whole and finite, or the build fails
             verify_checkpoint(last)

@@ -106,9 +106,8 @@ def test_sampled_rewards_agree_with_the_rewarded_set(backbone, task):
         if r and c == tok(text, add_special_tokens=False).input_ids + [NEWLINE]:
             canonical += 1
             assert lp == pytest.approx(answers[(row.prompt_id, text)], abs=1e-4)
-    assert (
-        reward.sum() >= 3 and canonical >= 0.9 * reward.sum()
-    )  # measured: 6 of 144 (12-step proposal)
+    # measured: 6 of 144 (12-step proposal)
+    assert reward.sum() >= 3 and canonical >= 0.9 * reward.sum()
     # the sampled frequency of reward matches the exact mass (binomial 4-σ band)
     n, p = len(reward), float(np.mean(p_exact))
     assert abs(reward.mean() - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-3

@@ -126,9 +126,8 @@ def test_same_seed_same_completions(sampler, ref, tok):
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
     first = sampler.sample(ref, tok, prompts, 4, how, seed=7)
-    assert torch.equal(
-        torch.random.get_rng_state(), state
-    )  # the caller's random stream is left alone
+    # the caller's random stream is left alone
+    assert torch.equal(torch.random.get_rng_state(), state)
     again = sampler.sample(ref, tok, prompts, 4, how, seed=7)
     other = sampler.sample(ref, tok, prompts, 4, how, seed=8)
     assert first == again
@@ -154,9 +153,8 @@ def test_engine_logprobs_match_the_scorer(sampler, ref, tok, tolerance, temperat
         ref, reps, completions, tok.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p
     )
     assert all(len(e) == len(c) for e, c in zip(engine, completions))
-    assert all(
-        np.isfinite(s).all() for s in scored
-    )  # nothing vLLM drew is outside the scorer's top-k/top-p set
+    # nothing vLLM drew is outside the scorer's top-k/top-p set
+    assert all(np.isfinite(s).all() for s in scored)
     gap = _max_gap(engine, scored)
     assert gap < tolerance, (
         f"max per-token gap {gap:.2e} at T={temperature}, top_k={top_k}, top_p={top_p}"
@@ -211,9 +209,8 @@ def _check_sync(sampler, ref, policy, tok, tolerance) -> dict[str, float]:
     with pytest.raises(RuntimeError, match="changed since vLLM last loaded them"):
         with torch.no_grad():
             next(p for p in policy.parameters() if p.requires_grad).add_(1e-3)
-        sampler.sample(
-            policy, tok, prompts, 1, how, seed=1
-        )  # changed again without a sync: refused
+        # changed again without a sync: refused
+        sampler.sample(policy, tok, prompts, 1, how, seed=1)
     sampler.sync(ref)
     print(figures)
     return figures
@@ -297,15 +294,13 @@ def test_online_grpo_two_steps_through_vllm(sampler, ref, tok, smollm2_dir, tole
         default_root_dir=str(tmp_path),
     )
     syncs = sampler.syncs
-    trainer.fit(
-        module, train_dataloaders=prompt_loader(module, len(prompts), 1, seed=0)
-    )  # 1 prompt × 4 per rollout
+    # 1 prompt × 4 per rollout
+    trainer.fit(module, train_dataloaders=prompt_loader(module, len(prompts), 1, seed=0))
     assert trainer.global_step == 2
     assert sampler.syncs - syncs == 2  # before the first rollout and after the first update
     assert module.tokens_generated > 0 and "train/weight_sync_s" in trainer.callback_metrics
-    assert any(
-        not torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters())
-    )  # it was trained
+    # it was trained
+    assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters()))
     # the engine holds the weights of the second rollout (after one update), not π_ref's
     prompts_ids, completions = _fixed(tok)
     engine = _engine_tokens(sampler, prompts_ids, completions)
