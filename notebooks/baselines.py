@@ -69,9 +69,7 @@ def part_by(frame, columns):
 # %%
 # None: the runs wrote no per-prompt metrics
 diffs = analysis.paired_comparisons(SWEEP_DIR, by="algorithm")
-settings = [
-    c for c in ([] if diffs is None else diffs.columns) if c not in analysis.report.PAIRED_COLUMNS
-]
+settings = [c for c in ([] if diffs is None else diffs.columns) if c not in analysis.PAIRED_COLUMNS]
 for key, part in [] if diffs is None else part_by(diffs, settings):
     for baseline, rows in part[part.arm != analysis.REF_ARM].groupby("baseline"):
         print(f"against {baseline} {key}:")

@@ -40,6 +40,7 @@ from disa.analysis.plots import anchor_calibration, plot_comparison, plot_log_z_
 from disa.analysis.report import paired_comparisons, write_comparison
 from disa.analysis.stats import (
     COMPARISON_METRICS,
+    PAIRED_COLUMNS,
     PAIRED_METRICS,
     REF_ARM,
     comparison_table,
@@ -54,6 +55,7 @@ __all__ = [
     "anchor_calibration",
     "COMPARISON_METRICS",
     "CONFIG_KEYS",
+    "PAIRED_COLUMNS",
     "PAIRED_METRICS",
     "REF_ARM",
     "comparison_table",

@@ -12,6 +12,7 @@ from disa.analysis.io import load_per_prompt, load_sweep, varying
 from disa.analysis.plots import plot_comparison
 from disa.analysis.stats import (
     COMPARISON_METRICS,
+    PAIRED_COLUMNS,
     PAIRED_METRICS,
     REF_ARM,
     comparison_table,
@@ -59,20 +60,6 @@ def write_comparison(sweep_dir: str | Path) -> dict[str, Path]:
     out["md"].write_text(text)
     plot_comparison(df, out["png"])
     return out
-
-
-#: the columns of :func:`disa.analysis.stats.paired_differences` (the rest name a setting)
-PAIRED_COLUMNS = (
-    "arm",
-    "baseline",
-    "metric",
-    "diff",
-    "ci_low",
-    "ci_high",
-    "significant",
-    "seeds",
-    "prompts",
-)
 
 
 def paired_comparisons(

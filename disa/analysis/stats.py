@@ -125,6 +125,20 @@ def with_arms(
     return pd.concat([policy, ref], ignore_index=True)
 
 
+#: the columns of :func:`paired_differences` (a table of several settings adds theirs)
+PAIRED_COLUMNS = (
+    "arm",
+    "baseline",
+    "metric",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "significant",
+    "seeds",
+    "prompts",
+)
+
+
 def paired_differences(
     table: pd.DataFrame,
     baseline: str,
@@ -202,20 +216,7 @@ def paired_differences(
                     "prompts": P,
                 }
             )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "arm",
-            "baseline",
-            "metric",
-            "diff",
-            "ci_low",
-            "ci_high",
-            "significant",
-            "seeds",
-            "prompts",
-        ],
-    )
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
 def paired_table(diffs: pd.DataFrame) -> pd.DataFrame:
