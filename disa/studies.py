@@ -38,17 +38,6 @@ import pandas as pd
 from disa import anchor as anchoring
 from disa.anchor import theory
 
-#: columns of the scores table a study reads
-_SCORE_COLUMNS = (
-    "prompt_id",
-    "component",
-    "sample_idx",
-    "reward",
-    "logp_ref",
-    "logq_ref",
-    "logq_proposal",
-)
-
 
 def _available(scores: pd.DataFrame) -> dict[str, int]:
     """Samples per prompt from each component (the fewest over prompts)."""
@@ -141,7 +130,7 @@ def bias_variance_table(
     pred_var, pred_var_iid`` and, for plain Monte Carlo (λ = 0 with μ = π_ref and a binary
     reward), the exact ``exact_bias, exact_var`` (NaN otherwise).
     """
-    scores = scores[[c for c in _SCORE_COLUMNS if c in scores]]
+    scores = scores[[c for c in anchoring.SCORE_COLUMNS if c in scores]]
     binary_ref = bool(
         scores.reward.isin([0, 1]).all() and np.allclose(scores.logq_ref, scores.logp_ref)
     )

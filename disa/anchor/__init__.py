@@ -35,7 +35,7 @@ from disa.anchor.estimator import (
     select_trajectories,
     split_counts,
 )
-from disa.anchor.table import anchor_summary, build_anchor, check_finite
+from disa.anchor.table import SCORE_COLUMNS, anchor_summary, build_anchor, check_finite
 from disa.anchor.theory import (
     binary_ess_frac,
     binary_mc_moments,
@@ -47,6 +47,7 @@ from disa.anchor.theory import (
 )
 
 __all__ = [
+    "SCORE_COLUMNS",
     "anchor_summary",
     "binary_ess_frac",
     "binary_mc_moments",

@@ -14,6 +14,17 @@ from disa.anchor.estimator import (
 )
 from disa.anchor.theory import exact_log_z
 
+#: the columns of the scores table the anchor reads (token lists stay on disk)
+SCORE_COLUMNS = (
+    "prompt_id",
+    "component",
+    "sample_idx",
+    "reward",
+    "logp_ref",
+    "logq_ref",
+    "logq_proposal",
+)
+
 
 def check_finite(df: pd.DataFrame, columns: list[str]) -> None:
     """Refuse NaN or infinite values, naming the column and the first prompt ids."""
@@ -39,8 +50,8 @@ def build_anchor(
     """One row per prompt: ``log_z_hat`` and its diagnostics (and the exact ``log_z`` when
     ``log_p_correct``, indexed by prompt id, is given).
 
-    ``scores`` columns: ``prompt_id, component, sample_idx, reward, logp_ref, logq_ref,
-    logq_proposal`` (the last may be absent when only π_ref was sampled).
+    ``scores`` columns: :data:`SCORE_COLUMNS` (``logq_proposal`` may be absent when only
+    π_ref was sampled).
     """
     traj, lam = select_trajectories(scores, K, strength)
     logq_prop = traj["logq_proposal"] if lam > 0 else None

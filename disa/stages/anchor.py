@@ -8,17 +8,6 @@ from disa import anchor as anchoring
 from disa.cache import Artifact
 from disa.stages.context import Context
 
-#: what the anchor reads of the scores (the token lists are left on disk)
-SCORE_COLUMNS = [
-    "prompt_id",
-    "component",
-    "sample_idx",
-    "reward",
-    "logp_ref",
-    "logq_ref",
-    "logq_proposal",
-]
-
 
 def run(ctx: Context, scores: Artifact, oracle: Artifact | None) -> Artifact:
     """Depends on β, K and λ (and the scores): cheap to recompute for every point of a sweep."""
@@ -37,7 +26,7 @@ def run(ctx: Context, scores: Artifact, oracle: Artifact | None) -> Artifact:
 
         lpc = log_p_correct(oracle.read_table("rewarded")) if oracle else None
         table = anchoring.build_anchor(
-            scores.read_table("scores", SCORE_COLUMNS),
+            scores.read_table("scores", list(anchoring.SCORE_COLUMNS)),
             beta=s.beta,
             K=s.num_samples,
             strength=s.strength,
