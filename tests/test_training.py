@@ -29,6 +29,30 @@ def _batch(char_tok):
     }
 
 
+def _online_module(policy, ref, char_tok, task, prompts, algorithm, options=None, **kwargs):
+    """An online module on the character tokenizer (3-token completions, SGD at 0.1, one
+    update per rollout), with a stand-in trainer: ``global_step`` reads nothing else here."""
+    loss = get_loss(algorithm)
+    kwargs = {"group_size": 4, "minibatch_size": 8} | kwargs
+    module = OnlinePolicyModule(
+        policy,
+        ref,
+        char_tok,
+        task,
+        prompts,
+        HFSampler(64),
+        SamplerSettings(max_new_tokens=3),
+        loss,
+        loss.make_options(options or {}),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        updates_per_rollout=1,
+        **kwargs,
+    )
+    module.trainer = type("Tr", (), {"max_steps": 10})()
+    module._trainer = None
+    return module
+
+
 def test_disa_step_grad_reaches_policy_not_anchor(char_tok):
     policy = tiny_llama(len(char_tok))
     disa = get_loss("disa")
@@ -53,29 +77,21 @@ def test_flowrl_grad_reaches_log_z_head_not_reference(char_tok):
     head = LogZHead(policy.config.hidden_size, num_layers=3, dropout=0.0)
     task = type("T", (), {"rewards": lambda self, rows, texts: [float("a" in t) for t in texts]})()
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["ab", "c"]})
-    flowrl = get_loss("flowrl")
-    module = OnlinePolicyModule(
+    module = _online_module(
         policy,
         ref,
         char_tok,
         task,
         prompts,
-        HFSampler(64),
-        SamplerSettings(max_new_tokens=3),
-        flowrl,
-        flowrl.make_options({"beta_f": 15.0, "clip_eps": 0.2}),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-        group_size=4,
-        updates_per_rollout=1,
-        minibatch_size=8,
+        "flowrl",
+        {"beta_f": 15.0, "clip_eps": 0.2},
         log_z_head=head,
     )
-    module.trainer = type("Tr", (), {"max_steps": 10})()  # global_step reads nothing else here
-    module._trainer = None
     roll = module.rollout([0, 1])
     assert "logp_ref_seq" in roll and not roll["logp_ref_seq"].requires_grad
     logp, mask, batch = module.loss_inputs(roll, torch.arange(8))
-    assert set(batch) == set(flowrl.needs(module.options))  # exactly the fields the loss reads
+    # exactly the fields the loss reads
+    assert set(batch) == set(get_loss("flowrl").needs(module.options))
     loss, _ = module.loss(logp, mask, batch, module.options)
     loss.backward()
     assert all(p.grad is None for p in ref.parameters())
@@ -94,26 +110,18 @@ def test_log_z_calibration_reads_what_the_loss_trains(char_tok):
     task = type("T", (), {"rewards": lambda self, rows, texts: [float("a" in t) for t in texts]})()
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1", "p2"], "prompt": ["ab", "c", "fed"]})
     exact = torch.tensor([0.3, 1.1, 0.2], dtype=torch.float64)
-    flowrl = get_loss("flowrl")
-    module = OnlinePolicyModule(
+    module = _online_module(
         policy.train(),
         tiny_llama(len(char_tok), seed=4),
         char_tok,
         task,
         prompts,
-        HFSampler(64),
-        SamplerSettings(max_new_tokens=3),
-        flowrl,
-        flowrl.make_options({}),
-        lambda p: torch.optim.SGD(p, lr=0.1),
+        "flowrl",
         group_size=2,
-        updates_per_rollout=1,
         minibatch_size=6,
         log_z_head=head,
         log_z_exact=exact,
     )
-    module.trainer = type("Tr", (), {"max_steps": 10})()
-    module._trainer = None
     cal = module.log_z_calibration()
     assert policy.training and head.training  # modes restored
     roll = module.rollout([0, 1, 2])
@@ -148,24 +156,7 @@ def test_a_group_with_a_missing_reward_is_dropped_whole(char_tok):
 
     task = type("T", (), {"rewards": lambda self, rows, texts: rewards(rows, texts)})()
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["ab", "c"]})
-    grpo = get_loss("grpo")
-    module = OnlinePolicyModule(
-        policy,
-        None,
-        char_tok,
-        task,
-        prompts,
-        HFSampler(64),
-        SamplerSettings(max_new_tokens=3),
-        grpo,
-        grpo.make_options({}),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-        group_size=4,
-        updates_per_rollout=1,
-        minibatch_size=8,
-    )
-    module.trainer = type("Tr", (), {"max_steps": 10})()
-    module._trainer = None
+    module = _online_module(policy, None, char_tok, task, prompts, "grpo")
     roll = module.rollout([0, 1])
     assert module.groups_dropped == 1 and module.rollouts_done == 1
     assert roll["input_ids"].shape[0] == 4 and roll["group_ids"].tolist() == [0, 0, 0, 0]
