@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -14,6 +16,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 600):
+    """``python run.py *args`` in a subprocess started in ``cwd``, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_llama(vocab_size: int, *, seed: int = 0, init_std: float = 0.1, special=(0, 1, 2)):

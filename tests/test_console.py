@@ -7,18 +7,14 @@ import io
 import logging
 import os
 import re
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import run_cli
 
 from disa.training.console import StepProgressBar, route_lightning_logs
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -125,20 +121,13 @@ def test_wandb_logger_is_built_without_the_deprecated_anonymous_setting(
 def test_a_run_prints_each_line_once_with_a_step_bar_and_the_summary_table(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     env.pop("TQDM_DISABLE", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            "debug=fast",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            "trainer.enable_progress_bar=true",
-        ],
+    proc = run_cli(
+        "debug=fast",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.enable_progress_bar=true",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr

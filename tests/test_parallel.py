@@ -17,8 +17,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import pandas as pd
 import pytest
 import shard_workers
 import torch
+from conftest import run_cli
 
 from disa.cache import Cache, CacheError
 
@@ -109,21 +108,14 @@ def _workers_import_shard_workers(monkeypatch):
 def seed(tmp_path_factory) -> Path:
     """One process through every stage (the reference rollouts, scores and anchor)."""
     tmp = tmp_path_factory.mktemp("seed")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            *BASE,
-            "trainer.max_steps=2",
-            "logger=none",
-            f"cache_dir={tmp / 'cache'}",
-            f"hydra.run.dir={tmp / 'run'}",
-        ],
+    proc = run_cli(
+        *BASE,
+        "trainer.max_steps=2",
+        "logger=none",
+        f"cache_dir={tmp / 'cache'}",
+        f"hydra.run.dir={tmp / 'run'}",
         cwd=tmp,
         env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp

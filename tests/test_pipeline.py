@@ -5,28 +5,25 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_cli
 
 
 def run_py(
     tmp_path: Path, name: str, *overrides: str, check: bool = True
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "TQDM_DISABLE": "1", "HYDRA_FULL_ERROR": "1"}
-    cmd = [
-        sys.executable,
-        str(REPO / "run.py"),
+    proc = run_cli(
         "debug=fast",
         f"cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / name}",
         *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path,
+        env=env,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -8,7 +8,6 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import run_cli, tiny_llama
 from hydra.utils import instantiate
 
 from disa.config import ConfigError, validate
@@ -87,21 +86,15 @@ def test_fsdp_wraps_decoder_layers(make_cfg):
 
 
 def test_multi_process_strategy_refused_in_local_sweep(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            "-m",
-            "debug=fast",
-            "trainer=ddp_sim",
-            "seed=0,1",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
+    proc = run_cli(
+        "-m",
+        "debug=fast",
+        "trainer=ddp_sim",
+        "seed=0,1",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode != 0
@@ -133,18 +126,12 @@ def test_vllm_absent_at_build_time(make_cfg):
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
 def test_vllm_absent_from_the_command_line(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            "sampler=vllm",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
+    proc = run_cli(
+        "sampler=vllm",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode != 0 and VLLM_HINT in proc.stderr
@@ -354,19 +341,13 @@ def test_ddp_sim_one_run_dir_one_summary(tmp_path):
     """``trainer=ddp_sim``: Lightning re-runs run.py for rank 1 in rank 0's run directory; rank 1
     trains and stops, rank 0 alone evaluates and writes summary.json."""
     env = {**_env(), "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            "debug=fast",
-            "trainer=ddp_sim",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
+    proc = run_cli(
+        "debug=fast",
+        "trainer=ddp_sim",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     log = proc.stdout + proc.stderr
@@ -386,23 +367,17 @@ def test_local_sweep_with_ddp_spawn(tmp_path):
     """A local ``-m`` sweep with a 2-process trainer (``trainer.strategy=ddp_spawn``): one run
     directory and summary per job, offline and online algorithms, with the step and token
     counts of the spawned training processes (not the main process's idle trainer)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            "-m",
-            "debug=fast",
-            "trainer=ddp_sim",
-            "trainer.strategy=ddp_spawn",
-            "algorithm=disa,grpo",
-            "logger=csv",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
+    proc = run_cli(
+        "-m",
+        "debug=fast",
+        "trainer=ddp_sim",
+        "trainer.strategy=ddp_spawn",
+        "algorithm=disa,grpo",
+        "logger=csv",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
         env={**_env(), "HYDRA_FULL_ERROR": "1"},
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_llama
+from conftest import REPO, run_cli, tiny_llama
 from distributed_worker import compare, launch, main
 from omegaconf import OmegaConf
 
@@ -197,21 +195,14 @@ def test_fsdp2_cpu_run_one_run_dir_one_summary(tmp_path, algorithm):
         "OMP_NUM_THREADS": "1",
         "HYDRA_FULL_ERROR": "1",
     }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            "debug=fast",
-            "trainer=fsdp2_cpu",
-            f"algorithm={algorithm}",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
+    proc = run_cli(
+        "debug=fast",
+        "trainer=fsdp2_cpu",
+        f"algorithm={algorithm}",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]

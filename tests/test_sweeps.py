@@ -12,11 +12,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -51,14 +51,7 @@ def run_py(cwd: Path, *args: str, wandb_mode: str = "offline") -> subprocess.Com
         "HYDRA_FULL_ERROR": "1",
         "WANDB_SILENT": "true",
     }
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "run.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli(*args, cwd=cwd, env=env)
     if proc.returncode != 0:
         raise AssertionError(
             f"run.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
