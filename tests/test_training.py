@@ -249,6 +249,22 @@ def test_lr_schedule_shapes_by_hand(decay, warmup):
         assert used == [base] * total  # exactly: the behaviour of a run without a schedule
 
 
+def test_the_validator_accepts_exactly_the_schedulers_decays(make_cfg):
+    """disa.config may not import the training unit (tests/test_architecture.py), so it lists
+    the decays itself; that list must stay the scheduler's."""
+    from disa.config import ConfigError, validate
+    from disa.training.schedule import DECAYS
+
+    for decay in DECAYS:
+        validate(make_cfg(f"lr_schedule.decay={decay}", "lr_schedule.warmup_steps=1"))
+    with pytest.raises(
+        ConfigError, match=r"lr_schedule.decay.*allowed: one of \['constant', 'linear', 'cosine'\]"
+    ):
+        validate(make_cfg("lr_schedule.decay=step"))
+    with pytest.raises(ConfigError, match=r"lr_schedule.warmup_steps=.*below trainer.max_steps"):
+        validate(make_cfg("lr_schedule.warmup_steps=100000"))
+
+
 def test_lr_schedule_refuses_unknown_decay_and_long_warmup():
     from disa.training.schedule import lr_scheduler
 
