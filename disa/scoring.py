@@ -303,7 +303,8 @@ def _fused(
     return -nll.float()
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
+    """The causal LM's decoder (hidden states) and output embedding, through a peft wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     return inner.get_decoder(), inner.get_output_embeddings()
 
@@ -325,7 +326,7 @@ def token_logprobs(
 
     ``impl``: a key of :data:`LOGPROB_IMPLS`. A fused backend computes the model's own density
     only; with ``temperature``/``top_k``/``top_p`` the chunked path runs whatever ``impl`` says."""
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     # [B, P+T, H]
     hidden = decoder(
         input_ids=batch.input_ids,

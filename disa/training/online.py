@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from disa.losses import LossSpec, group_normalize
 from disa.sampling import SamplerSettings
-from disa.scoring import Batch, pack, token_logprobs
+from disa.scoring import Batch, decoder_and_head, pack, token_logprobs
 from disa.settings import derive_seed
 from disa.tokenization import completion_text, encode_prompt
 from disa.training.module import with_schedule
@@ -325,9 +325,7 @@ class OnlinePolicyModule(L.LightningModule):
         tokens = pack(self.prompt_ids, [[] for _ in self.prompt_ids], self.tok.pad_token_id).to(
             self.device
         )
-        decoder = (
-            self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
-        ).get_decoder()
+        decoder, _ = decoder_and_head(self.policy)
         P = tokens.prompt_len
         hidden = decoder(
             input_ids=tokens.input_ids[:, :P],
