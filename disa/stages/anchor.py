@@ -7,6 +7,7 @@ import shutil
 from disa import anchor as anchoring
 from disa.cache import Artifact
 from disa.stages.context import Context
+from disa.stages.oracle import ref_log_p_correct
 
 
 def run(ctx: Context, scores: Artifact, oracle: Artifact | None) -> Artifact:
@@ -22,9 +23,7 @@ def run(ctx: Context, scores: Artifact, oracle: Artifact | None) -> Artifact:
     }
 
     def build(art: Artifact) -> dict:
-        from disa.oracle import log_p_correct
-
-        lpc = log_p_correct(oracle.read_table("rewarded")) if oracle else None
+        lpc = ref_log_p_correct(oracle)
         table = anchoring.build_anchor(
             scores.read_table("scores", list(anchoring.SCORE_COLUMNS)),
             beta=s.beta,

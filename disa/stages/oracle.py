@@ -11,7 +11,8 @@ from disa.stages.context import Context
 from disa.tokenization import load_tokenizer
 
 #: the stages whose job builds π_ref's rewarded-set table: it is part of anchoring (exact
-#: log Z), of training (nothing reads it there, but a train job's anchor needs it) and of evaluation
+#: log Z), of training (a learned log Z_φ is logged against the exact log Z, and a train job's
+#: anchor needs it) and of evaluation
 BUILT_WITH = ("anchor", "train", "evaluate")
 
 
@@ -26,6 +27,16 @@ def run(ctx: Context) -> Artifact | None:
     return rewarded_table(
         ctx, ctx.backbone.ref_path, ctx.backbone.ref_fingerprint, BUILT_WITH, label="oracle.ref"
     )
+
+
+def ref_log_p_correct(oracle: Artifact | None):
+    """π_ref's exact ``log P(correct|q)`` by prompt id, from the oracle's table (None without
+    an oracle): the exact log Z of every prompt at any β (:func:`disa.anchor.exact_log_z`)."""
+    if oracle is None:
+        return None
+    from disa.oracle import log_p_correct
+
+    return log_p_correct(oracle.read_table("rewarded"))
 
 
 def rewarded_table(

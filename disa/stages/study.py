@@ -14,6 +14,7 @@ import numpy as np
 from disa import studies
 from disa.cache import Artifact
 from disa.stages.context import Context
+from disa.stages.oracle import ref_log_p_correct
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,6 @@ log = logging.getLogger(__name__)
 def bias_variance(ctx: Context, scores: Artifact | None, oracle: Artifact | None) -> dict[str, Any]:
     """The IS estimator against the exact log Z over K × β × λ (:func:`disa.studies.bias_variance_table`):
     writes ``bias_variance.parquet`` (tidy) and ``bias_variance_agg.{parquet,csv}``."""
-    from disa.oracle import log_p_correct
-
     if scores is None:
         raise ValueError(
             "study.name=bias_variance needs the scored proposal rollouts; "
@@ -36,7 +35,7 @@ def bias_variance(ctx: Context, scores: Artifact | None, oracle: Artifact | None
     s = ctx.cfg.study
     table, skipped = studies.bias_variance_table(
         scores.read_table("scores"),
-        log_p_correct(oracle.read_table("rewarded")),
+        ref_log_p_correct(oracle),
         K=[int(k) for k in s.K],
         beta=[float(b) for b in s.beta],
         strength=[float(x) for x in s.strength],

@@ -14,6 +14,7 @@ from disa import anchor as anchoring
 from disa.cache import Artifact
 from disa.sampling import SamplerSettings
 from disa.stages.context import Context
+from disa.stages.oracle import ref_log_p_correct
 
 #: trainer settings that change the trained weights (devices and logging cadence do not)
 TRAINER_KEYS_THAT_MATTER = (
@@ -96,11 +97,9 @@ def training_data(ctx: Context, scores: Artifact, anchor: Artifact):
 
 def exact_log_z(ctx: Context, oracle: Artifact | None) -> pd.Series | None:
     """The exact log Z of every prompt at the run's β, by prompt id (None without an oracle)."""
-    if oracle is None:
+    lpc = ref_log_p_correct(oracle)
+    if lpc is None:
         return None
-    from disa.oracle import log_p_correct
-
-    lpc = log_p_correct(oracle.read_table("rewarded"))
     return pd.Series(anchoring.exact_log_z(lpc.to_numpy(), ctx.settings.beta), index=lpc.index)
 
 
