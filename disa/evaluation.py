@@ -47,24 +47,21 @@ def sample_metrics(
     - ``coverage``: distinct correct / size of the rewarded set, averaged over prompts
       (needs ``set_sizes``, indexed by prompt id);
     - ``distinct_2``: character distinct-2 over all completions.
+
+    The per-prompt figures are :func:`sample_metrics_per_prompt`'s, averaged over prompts.
     """
-    per = samples.groupby("prompt_id", sort=False)
-    n = int(per.size().min())
-    correct = samples[samples.reward > 0]
-    uniq = correct.groupby("prompt_id").text.nunique().reindex(per.size().index, fill_value=0)
-    out = {"mean_at_k": float(samples.reward.mean()), "k": n}
-    for j in ks:
-        if j <= n:
-            out[f"pass_at_{j}"] = float(
-                np.mean([pass_at_k(len(g), int((g.reward > 0).sum()), j) for _, g in per])
-            )
-    solved = uniq[uniq > 0]
-    out["solved_frac"] = float((uniq > 0).mean())
+    per = sample_metrics_per_prompt(samples, ks, set_sizes)
+    out = {
+        "mean_at_k": float(samples.reward.mean()),
+        "k": int(samples.groupby("prompt_id", sort=False).size().min()),
+    }
+    out |= {f"pass_at_{j}": float(per[f"pass_at_{j}"].mean()) for j in ks if f"pass_at_{j}" in per}
+    out["solved_frac"] = float(per.solved.mean())
     # no solved prompt means no unique-correct figure, not a zero: leave it out of the result
-    if len(solved):
-        out["unique_correct"] = float(solved.mean())
+    if per.unique_correct.notna().any():
+        out["unique_correct"] = float(per.unique_correct.mean())
     if set_sizes is not None:
-        out["coverage"] = float((uniq / set_sizes.reindex(uniq.index)).mean())
+        out["coverage"] = float(per.coverage.mean())
     out["distinct_2"] = distinct_n(samples.text, 2, unit="char")
     return out
 
@@ -86,8 +83,8 @@ def sample_metrics_per_prompt(
     What paired comparisons of two policies resample (:func:`disa.analysis.stats.paired_differences`)."""
     per = samples.groupby("prompt_id", sort=False)
     n = int(per.size().min())
-    out = pd.DataFrame({"prompt_id": list(per.groups)})
-    out["mean_at_k"] = per.reward.mean().to_numpy()
+    mean = per.reward.mean()  # in the groups' order, as the loops below
+    out = pd.DataFrame({"prompt_id": mean.index, "mean_at_k": mean.to_numpy()})
     for j in ks:
         if j <= n:
             out[f"pass_at_{j}"] = [pass_at_k(len(g), int((g.reward > 0).sum()), j) for _, g in per]
