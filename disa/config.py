@@ -304,6 +304,14 @@ def _cross_checks(cfg: DictConfig, bad: set[str]) -> list[str]:
             f"invalid; allowed: {fixed} (proposal={cfg.proposal.kind} samples with λ = {fixed:g}; "
             "use proposal=mixture to choose λ)"
         )
+    if cfg.backbone.kind == "embedded" and "backbone.kind" not in bad:
+        from disa.models import EMBEDDED_SOURCES
+
+        if cfg.backbone.get("source") not in EMBEDDED_SOURCES:
+            errors.append(
+                f"backbone.source={cfg.backbone.get('source')!r} is invalid; allowed: one of "
+                f"{list(EMBEDDED_SOURCES)} (the checkpoints shipped with the package, or pre-trained here)"
+            )
     if cfg.backbone.kind == "hf" and "backbone.kind" not in bad:
         from disa.models import HUB_ID
 

@@ -53,6 +53,12 @@ def test_bogus_device_is_refused(make_cfg, device):
     assert "device=" in msg and "'cuda:N'" in msg, msg
 
 
+def test_unknown_embedded_backbone_source_is_refused_at_validation(make_cfg):
+    msg = _errors(make_cfg("backbone.source=bogus"))
+    assert "backbone.source='bogus' is invalid; allowed: one of ['shipped', 'pretrain']" in msg, msg
+    validate(make_cfg("backbone.source=pretrain"))
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_device_without_cuda_is_refused(make_cfg):
     assert "no CUDA device" in _errors(make_cfg("device=cuda"))
